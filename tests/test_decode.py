@@ -1,0 +1,424 @@
+"""Tests for vitflow.decode: every image is generated in memory."""
+
+from __future__ import annotations
+
+import io
+import re
+import struct
+import time
+import warnings
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFile
+
+from vitflow.decode import (
+    DEFAULT_MAX_PIXELS,
+    SUPPORTED_FORMATS,
+    DecodeError,
+    decode_image,
+)
+
+RED, GREEN, BLUE, YELLOW = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)
+
+
+def encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kwargs)
+    return buf.getvalue()
+
+
+def blocks(w: int = 40, h: int = 20) -> np.ndarray:
+    """Four flat quadrants of distinct colours: survives JPEG and shows any rotation."""
+    arr = np.zeros((h, w, 3), dtype=np.uint8)
+    arr[: h // 2, : w // 2] = RED
+    arr[: h // 2, w // 2 :] = GREEN
+    arr[h // 2 :, : w // 2] = BLUE
+    arr[h // 2 :, w // 2 :] = YELLOW
+    return arr
+
+
+def _chunk(tag: bytes, body: bytes) -> bytes:
+    crc = zlib.crc32(tag + body) & 0xFFFFFFFF
+    return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", crc)
+
+
+def png_raw(width: int, height: int, depth: int, color_type: int, idat: bytes) -> bytes:
+    """A hand-built PNG, for what Pillow cannot write (16-bit colour, lying headers)."""
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, color_type, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
+    )
+
+
+def png16(arr: np.ndarray, color_type: int) -> bytes:
+    h, w = arr.shape[:2]
+    rows = b"".join(b"\x00" + arr[y].astype(">u2").tobytes() for y in range(h))
+    return png_raw(w, h, 16, color_type, zlib.compress(rows))
+
+
+def rgb_array(img: Image.Image) -> np.ndarray:
+    assert img.mode == "RGB"
+    arr = np.asarray(img)
+    assert arr.dtype == np.uint8 and arr.shape == (img.height, img.width, 3)
+    return arr.astype(int)
+
+
+# --- supported formats -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fmt", "kwargs"),
+    [
+        ("PNG", {}),
+        ("BMP", {}),
+        ("TIFF", {}),
+        ("WEBP", {"lossless": True}),
+        ("GIF", {}),  # four colours fit a palette exactly
+    ],
+)
+def test_lossless_formats_round_trip_exactly(fmt, kwargs):
+    src = blocks(37, 23)
+    out = decode_image(encode(Image.fromarray(src), fmt, **kwargs))
+    assert out.size == (37, 23)
+    np.testing.assert_array_equal(rgb_array(out), src)
+
+
+def test_jpeg_round_trips_approximately():
+    src = blocks(64, 32)
+    out = decode_image(encode(Image.fromarray(src), "JPEG", quality=95))
+    assert out.size == (64, 32)
+    assert np.abs(rgb_array(out) - src).mean() < 4
+
+
+def test_mpo_first_picture_is_decoded():
+    first = Image.new("RGB", (16, 8), RED)
+    data = encode(first, "MPO", save_all=True, append_images=[Image.new("RGB", (16, 8), BLUE)])
+    assert Image.open(io.BytesIO(data)).format == "MPO"
+    out = decode_image(data)
+    assert out.size == (16, 8)
+    assert np.abs(rgb_array(out) - RED).max() < 8
+
+
+def test_supported_formats_and_default_limit():
+    assert {"JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF", "GIF"} == SUPPORTED_FORMATS
+    assert DEFAULT_MAX_PIXELS == 89_478_485
+
+
+def test_result_is_loaded_and_detached_from_input():
+    src = blocks(8, 8)
+    data = bytearray(encode(Image.fromarray(src), "PNG"))
+    out = decode_image(data)
+    data[:] = b"\x00" * len(data)  # the caller may reuse its buffer
+    assert not isinstance(out, ImageFile.ImageFile)
+    np.testing.assert_array_equal(rgb_array(out), src)
+
+
+# --- orientation -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("orientation", "k"), [(6, -1), (8, 1), (3, 2)])
+def test_exif_orientation_is_applied(orientation, k):
+    src = blocks(40, 20)
+    img = Image.fromarray(src)
+    exif = img.getexif()
+    exif[0x0112] = orientation
+    data = encode(img, "JPEG", quality=100, subsampling=0, exif=exif)
+    out = rgb_array(decode_image(data))
+    expected = np.rot90(src, k=k).astype(int)
+    assert out.shape == expected.shape
+    # Compare away from the block edges, where JPEG rings.
+    h, w = expected.shape[:2]
+    for y in (h // 4, 3 * h // 4):
+        for x in (w // 4, 3 * w // 4):
+            assert np.abs(out[y, x] - expected[y, x]).max() <= 6, (y, x)
+
+
+# --- alpha and transparency --------------------------------------------------
+
+
+def test_rgba_is_composited_on_white():
+    arr = np.array(
+        [[[10, 20, 30, 0], [0, 0, 0, 128], [200, 100, 0, 128], [1, 2, 3, 255]]],
+        dtype=np.uint8,
+    )
+    out = rgb_array(decode_image(encode(Image.fromarray(arr), "PNG")))
+    a = arr[..., 3:].astype(float) / 255
+    expected = a * arr[..., :3] + (1 - a) * 255
+    assert out[0, 0].tolist() == [255, 255, 255]
+    assert out[0, 3].tolist() == [1, 2, 3]
+    assert np.abs(out - expected).max() <= 1
+
+
+def test_la_is_composited_on_white():
+    arr = np.array([[[0, 0], [0, 255], [100, 128]]], dtype=np.uint8)
+    img = Image.fromarray(arr, "LA")
+    out = rgb_array(decode_image(encode(img, "PNG")))
+    assert out[0, 0].tolist() == [255, 255, 255]
+    assert out[0, 1].tolist() == [0, 0, 0]
+    assert np.abs(out[0, 2] - (128 / 255 * 100 + 127 / 255 * 255)).max() <= 1
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "GIF"])
+def test_palette_transparency_index_becomes_white(fmt):
+    img = Image.new("P", (4, 1))
+    img.putpalette([0, 0, 0, 255, 0, 0, 0, 0, 255] + [0] * (256 * 3 - 9))
+    img.putdata([0, 1, 2, 1])
+    out = rgb_array(decode_image(encode(img, fmt, transparency=1)))
+    assert out[0].tolist() == [[0, 0, 0], [255, 255, 255], [0, 0, 255], [255, 255, 255]]
+
+
+def test_grayscale_colour_key_becomes_white():
+    img = Image.fromarray(np.array([[0, 50, 100]], dtype=np.uint8))
+    out = rgb_array(decode_image(encode(img, "PNG", transparency=50)))
+    assert out[0].tolist() == [[0, 0, 0], [255, 255, 255], [100, 100, 100]]
+
+
+def test_rgba_tiff_is_composited_on_white():
+    img = Image.new("RGBA", (3, 3), (0, 0, 0, 0))
+    out = rgb_array(decode_image(encode(img, "TIFF")))
+    assert (out == 255).all()
+
+
+# --- modes -------------------------------------------------------------------
+
+
+def test_grayscale_is_replicated():
+    arr = np.arange(0, 256, 17, dtype=np.uint8).reshape(2, 8)
+    out = rgb_array(decode_image(encode(Image.fromarray(arr), "PNG")))
+    for c in range(3):
+        np.testing.assert_array_equal(out[..., c], arr)
+
+
+def test_bilevel_is_black_and_white():
+    img = Image.new("1", (4, 2), 0)
+    img.putpixel((1, 0), 1)
+    out = rgb_array(decode_image(encode(img, "PNG")))
+    assert out[0, 1].tolist() == [255, 255, 255]
+    assert out[0, 0].tolist() == [0, 0, 0]
+
+
+def test_16bit_grayscale_png_is_scaled():
+    arr = np.array([[0, 128, 129, 1000, 32768, 65535, 257 * 100, 257 * 200 + 128]], dtype=np.uint16)
+    img = Image.fromarray(arr)
+    assert img.mode == "I;16"
+    out = rgb_array(decode_image(encode(img, "PNG")))
+    expected = np.rint(arr / 257).astype(int)
+    for c in range(3):
+        np.testing.assert_array_equal(out[..., c], expected)
+
+
+def test_16bit_grayscale_colour_key_becomes_white():
+    arr = np.array([[0, 40000, 65535]], dtype=np.uint16)
+    out = rgb_array(decode_image(encode(Image.fromarray(arr), "PNG", transparency=40000)))
+    assert out[0, :, 0].tolist() == [0, 255, 255]
+    assert out[0, 0].tolist() == [0, 0, 0]
+
+
+def test_32bit_integer_tiff_is_scaled_and_clipped():
+    arr = np.array([[-5, 0, 1000, 65535, 70000]], dtype=np.int32)
+    img = Image.fromarray(arr)
+    assert img.mode == "I"
+    out = rgb_array(decode_image(encode(img, "TIFF")))
+    assert out[0, :, 1].tolist() == [0, 0, 4, 255, 255]
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ([0.0, 0.5, 1.0], [0, 128, 255]),  # normalised
+        ([-3.0, 100.4, 300.0], [0, 100, 255]),  # already 0..255, clipped
+        ([np.nan, 0.25, 1.0], [0, 64, 255]),
+    ],
+)
+def test_float_tiff(values, expected):
+    img = Image.fromarray(np.array([values], dtype=np.float32))
+    assert img.mode == "F"
+    out = rgb_array(decode_image(encode(img, "TIFF")))
+    assert out[0, :, 2].tolist() == expected
+
+
+def test_16bit_rgb_png_is_reduced_to_8bit():
+    arr = np.array([[[0, 32768, 65535], [257 * 100 + 200, 1000, 65000]]], dtype=np.uint16)
+    out = rgb_array(decode_image(png16(arr, color_type=2)))
+    assert out.shape == (1, 2, 3)
+    assert np.abs(out - np.rint(arr / 257)).max() <= 1
+
+
+def test_16bit_rgba_png_is_reduced_and_composited():
+    arr = np.array([[[0, 0, 0, 65535], [0, 0, 0, 0], [65535, 0, 0, 32896]]], dtype=np.uint16)
+    out = rgb_array(decode_image(png16(arr, color_type=6)))
+    assert out[0, 0].tolist() == [0, 0, 0]
+    assert out[0, 1].tolist() == [255, 255, 255]
+    assert np.abs(out[0, 2] - [255, 127.5, 127.5]).max() <= 1
+
+
+def test_cmyk_jpeg_becomes_rgb():
+    data = encode(Image.new("CMYK", (16, 16), (0, 255, 255, 0)), "JPEG")
+    out = rgb_array(decode_image(data))
+    assert np.abs(out - RED).max() < 8
+
+
+@pytest.mark.parametrize(
+    ("mode", "colour", "expected"),
+    [("LAB", (255, 128, 128), (255, 255, 255)), ("YCbCr", (76, 85, 255), RED)],
+)
+def test_other_colour_spaces_convert(mode, colour, expected):
+    out = rgb_array(decode_image(encode(Image.new(mode, (4, 4), colour), "TIFF")))
+    assert np.abs(out - expected).max() <= 3
+
+
+@pytest.mark.parametrize(("fmt", "kwargs"), [("GIF", {}), ("WEBP", {"lossless": True})])
+def test_animation_gives_first_frame(fmt, kwargs):
+    frames = [Image.new("RGB", (8, 8), c) for c in (RED, GREEN, BLUE)]
+    data = encode(frames[0], fmt, save_all=True, append_images=frames[1:], duration=50, **kwargs)
+    assert Image.open(io.BytesIO(data)).n_frames == 3
+    out = rgb_array(decode_image(data))
+    assert (out == RED).all()
+
+
+def test_multipage_tiff_gives_first_page():
+    pages = [Image.new("RGB", (8, 8), c) for c in (GREEN, BLUE)]
+    out = rgb_array(decode_image(encode(pages[0], "TIFF", save_all=True, append_images=pages[1:])))
+    assert (out == GREEN).all()
+
+
+# --- refusals ----------------------------------------------------------------
+
+
+def test_empty_file():
+    with pytest.raises(DecodeError, match=r"empty file \(0 bytes\)"):
+        decode_image(b"")
+
+
+def test_text_is_not_an_image():
+    with pytest.raises(DecodeError, match="not a recognised image format"):
+        decode_image(b"this is a text file that someone saved as photo.jpg\n" * 3)
+
+
+def test_truncated_jpeg():
+    rng = np.random.default_rng(0)
+    data = encode(Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)), "JPEG")
+    with pytest.raises(DecodeError, match="corrupt or truncated JPEG: image file is truncated"):
+        decode_image(data[: len(data) // 2])
+
+
+def test_corrupt_png():
+    rng = np.random.default_rng(0)
+    data = bytearray(encode(Image.fromarray(rng.integers(0, 256, (32, 32, 3), np.uint8)), "PNG"))
+    start = data.index(b"IDAT") + 4 + 100
+    data[start : start + 16] = bytes(b ^ 0xFF for b in data[start : start + 16])
+    with pytest.raises(DecodeError, match="corrupt or truncated PNG"):
+        decode_image(bytes(data))
+
+
+@pytest.mark.parametrize("fmt", ["ICO", "PPM", "TGA"])
+def test_unsupported_format_is_named(fmt):
+    data = encode(Image.new("RGB", (16, 16), RED), fmt)
+    with pytest.raises(DecodeError, match=f"unsupported image format {fmt}") as info:
+        decode_image(data)
+    for name in SUPPORTED_FORMATS:
+        assert name in str(info.value)
+
+
+def _bomb(width: int, height: int) -> bytes:
+    # A header that claims a huge 1-bit image over a tiny IDAT: decoding it
+    # would fail as truncated, so a size refusal proves nothing was decoded.
+    return png_raw(width, height, 1, 0, zlib.compress(b"\x00" * 64))
+
+
+def test_bomb_refused_from_header_without_decoding():
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PIL's DecompressionBombWarning must not escape
+        with pytest.raises(DecodeError, match="source.max_pixels") as info:
+            decode_image(_bomb(10_000, 10_000))
+    assert time.perf_counter() - start < 1
+    message = str(info.value)
+    assert "10000x10000" in message and str(DEFAULT_MAX_PIXELS) in message
+
+
+def test_bomb_beyond_pillow_hard_limit_is_a_decode_error():
+    with pytest.raises(DecodeError, match="source.max_pixels") as info:
+        decode_image(_bomb(20_000, 20_000))
+    assert isinstance(info.value.__cause__, Image.DecompressionBombError)
+
+
+def test_max_pixels_is_honoured_both_ways():
+    data = encode(Image.new("RGB", (20, 10), BLUE), "PNG")
+    with pytest.raises(DecodeError, match=r"20x10 = 200 pixels exceeds the limit of 199"):
+        decode_image(data, max_pixels=199)
+    assert decode_image(data, max_pixels=200).size == (20, 10)
+
+
+def test_raised_limit_lets_a_large_header_through_to_decoding():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(DecodeError, match="corrupt or truncated PNG"):
+            decode_image(_bomb(10_000, 10_000), max_pixels=150_000_000)
+
+
+def _mutations(data: bytes, rng: np.random.Generator, n: int):
+    for _ in range(n):
+        cut = int(rng.integers(1, len(data)))
+        yield data[:cut]
+        flipped = bytearray(data)
+        for pos in rng.integers(0, len(data), size=4):
+            flipped[pos] ^= int(rng.integers(1, 256))
+        yield bytes(flipped)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow's own notes on corrupt metadata
+@pytest.mark.parametrize(
+    ("fmt", "kwargs"),
+    [("JPEG", {}), ("PNG", {}), ("GIF", {}), ("WEBP", {}), ("TIFF", {}), ("BMP", {})],
+)
+def test_damaged_files_only_ever_raise_decode_error(fmt, kwargs):
+    rng = np.random.default_rng(42)
+    src = Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8))
+    for data in _mutations(encode(src, fmt, **kwargs), rng, 40):
+        try:
+            out = decode_image(data)
+        except DecodeError as e:
+            assert str(e)
+        else:
+            assert out.mode == "RGB" and out.size[0] > 0
+
+
+def _raise(exc):
+    def raiser(*args, **kwargs):
+        raise exc
+
+    return raiser
+
+
+@pytest.mark.parametrize(
+    ("target", "name", "expected"),
+    [
+        (Image, "open", "unreadable image header"),
+        (ImageFile.ImageFile, "load", "corrupt or truncated PNG"),
+        (Image.Image, "convert", "cannot convert PNG image (mode L) to RGB"),
+    ],
+)
+@pytest.mark.parametrize(
+    "exc",
+    [struct.error("unpack requires a buffer"), EOFError("eof"), SyntaxError("bad"), MemoryError()],
+)
+def test_any_pillow_exception_becomes_decode_error(monkeypatch, target, name, expected, exc):
+    data = encode(Image.new("L", (4, 4), 7), "PNG")
+    monkeypatch.setattr(target, name, _raise(exc))
+    with pytest.raises(DecodeError, match=re.escape(expected)) as info:
+        decode_image(data)
+    assert info.value.__cause__ is exc
+    if isinstance(exc, MemoryError):
+        assert "out of memory" in str(info.value)
+
+
+def test_pillow_globals_are_untouched():
+    before = (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES)
+    for data in (b"", _bomb(20_000, 20_000), _bomb(10_000, 10_000)):
+        with pytest.raises(DecodeError):
+            decode_image(data, max_pixels=150_000_000)
+    assert (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES) == before
+    assert issubclass(DecodeError, ValueError)

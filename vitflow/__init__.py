@@ -1,0 +1,34 @@
+"""vitflow: image collections to embeddings at any scale (Ray Data + timm layer hooks).
+
+Public entry points::
+
+    from vitflow import load_config, run_embed, load_embeddings
+"""
+
+from __future__ import annotations
+
+from importlib import metadata
+
+try:
+    __version__ = metadata.version("vitflow")
+except metadata.PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0+local"
+
+__all__ = ["__version__", "load_config", "load_embeddings", "run_embed", "prepare_embed"]
+
+
+def __getattr__(name: str):
+    # Lazy: `import vitflow` stays fast (no torch/ray) for the CLI's --help and for readers.
+    if name in ("load_config",):
+        from vitflow.config import load_config
+
+        return load_config
+    if name in ("run_embed", "prepare_embed"):
+        from vitflow import embed
+
+        return getattr(embed, name)
+    if name == "load_embeddings":
+        from vitflow.loading import load_embeddings
+
+        return load_embeddings
+    raise AttributeError(f"module 'vitflow' has no attribute {name!r}")

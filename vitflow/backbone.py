@@ -1,0 +1,224 @@
+"""Build a timm backbone from a :class:`~vitflow.config.ModelConfig` and load its weights.
+
+The backbone is always created without its classifier (``num_classes=0``): embeddings
+never need it, and a whole-model checkpoint's head keys are then recognised and skipped.
+Checkpoints are read with safetensors or ``torch.load(weights_only=True)`` only, so a
+checkpoint file can never run code.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import io
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import timm
+import torch
+from safetensors.torch import load as load_safetensors_bytes
+from timm.data import resolve_model_data_config
+
+from vitflow.config import ModelConfig
+from vitflow.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+# Wrapper keys under which training scripts (timm, Lightning, DeiT, MAE) nest the weights.
+_NESTED_KEYS = ("state_dict", "model", "module", "state_dict_ema", "model_ema")
+_STRIP_PREFIXES = ("module.", "_orig_mod.", "model.", "backbone.")
+_MAX_KEYS_SHOWN = 8
+
+
+@dataclass
+class Checkpoint:
+    """A state dict read from disk or object storage, with the file's sha256."""
+
+    state_dict: dict[str, torch.Tensor]
+    sha256: str
+    metadata: dict[str, str]
+
+
+def read_checkpoint(uri: str) -> Checkpoint:
+    """Read a ``.safetensors`` or ``.pth``/``.pt``/``.bin`` state dict from a path or URL."""
+    try:
+        with fsspec.open(uri, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError as e:
+        raise ModelError(f"checkpoint {uri!r} does not exist; fix model.checkpoint") from e
+    except OSError as e:
+        raise ModelError(f"checkpoint {uri!r} cannot be read: {e}") from e
+    sha = hashlib.sha256(raw).hexdigest()
+    metadata: dict[str, str] = {}
+    if uri.endswith(".safetensors"):
+        try:
+            state = load_safetensors_bytes(raw)
+            metadata = _safetensors_metadata(raw)
+        except Exception as e:  # safetensors raises its own SafetensorError
+            raise ModelError(f"checkpoint {uri!r} is not a valid safetensors file: {e}") from e
+    else:
+        try:
+            state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ModelError(
+                f"checkpoint {uri!r} cannot be loaded with torch.load(weights_only=True): {e}. "
+                "Only plain state dicts (tensors in dicts) are accepted; re-save it as one or "
+                "as .safetensors"
+            ) from e
+    return Checkpoint(state_dict=_unwrap(state, uri), sha256=sha, metadata=metadata)
+
+
+def _safetensors_metadata(raw: bytes) -> dict[str, str]:
+    import json
+    import struct
+
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    return dict(header.get("__metadata__") or {})
+
+
+def _unwrap(state: Any, uri: str) -> dict[str, torch.Tensor]:
+    for _ in range(3):
+        if isinstance(state, dict) and not _is_tensor_dict(state):
+            nested = next((state[k] for k in _NESTED_KEYS if isinstance(state.get(k), dict)), None)
+            if nested is None:
+                break
+            state = nested
+    if not isinstance(state, dict) or not _is_tensor_dict(state):
+        raise ModelError(
+            f"checkpoint {uri!r} does not hold a state dict of tensors "
+            f"(top-level keys: {list(state)[:_MAX_KEYS_SHOWN] if isinstance(state, dict) else type(state).__name__})"
+        )
+    return dict(state)
+
+
+def _is_tensor_dict(d: dict) -> bool:
+    return bool(d) and all(isinstance(v, torch.Tensor) for v in d.values())
+
+
+def _classifier_prefixes(model: torch.nn.Module) -> tuple[str, ...]:
+    names = model.pretrained_cfg.get("classifier") or ()
+    if isinstance(names, str):
+        names = (names,)
+    return tuple(n + "." for n in names)
+
+
+def match_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], uri: str) -> dict:
+    """Return the subset of ``state`` that loads into ``model``, or raise naming every mismatch.
+
+    Keys of the model's classifier head are dropped (the backbone has none); common wrapper
+    prefixes (``module.`` from DDP, ``_orig_mod.`` from torch.compile) are stripped when that
+    makes the keys match.
+    """
+    expected = model.state_dict()
+    state = _strip_prefixes(state, set(expected))
+    head = _classifier_prefixes(model)
+    dropped = [k for k in state if k not in expected and k.startswith(head)]
+    kept = {k: v for k, v in state.items() if k not in dropped}
+    missing = sorted(set(expected) - set(kept))
+    unexpected = sorted(set(kept) - set(expected))
+    shapes = sorted(
+        f"{k} {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+        for k, v in kept.items()
+        if k in expected and tuple(v.shape) != tuple(expected[k].shape)
+    )
+    if missing or unexpected or shapes:
+        parts = []
+        for label, keys in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches", shapes),
+        ):
+            if keys:
+                more = (
+                    f" (+{len(keys) - _MAX_KEYS_SHOWN} more)" if len(keys) > _MAX_KEYS_SHOWN else ""
+                )
+                parts.append(f"{label}: {', '.join(keys[:_MAX_KEYS_SHOWN])}{more}")
+        raise ModelError(
+            f"checkpoint {uri!r} does not fit model {model.pretrained_cfg.get('architecture')!r}: "
+            + "; ".join(parts)
+            + ". Check model.name (and model.kwargs) match the architecture the checkpoint was saved from"
+        )
+    if dropped:
+        log.info("checkpoint %s: ignoring %d classifier-head keys", uri, len(dropped))
+    return kept
+
+
+def _strip_prefixes(state: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
+    for prefix in _STRIP_PREFIXES:
+        if all(k.startswith(prefix) for k in state) and not any(k in expected for k in state):
+            state = {k[len(prefix) :]: v for k, v in state.items()}
+    return state
+
+
+def create_model(cfg: ModelConfig) -> torch.nn.Module:
+    """Create the timm architecture named by ``cfg`` (without classifier), in eval mode."""
+    if not timm.is_model(cfg.name):
+        close = difflib.get_close_matches(cfg.name.split(".")[0], timm.list_models(), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
+        raise ModelError(f"unknown timm model {cfg.name!r}{hint}")
+    kwargs = {**cfg.kwargs, "num_classes": 0}
+    try:
+        model = timm.create_model(cfg.name, pretrained=cfg.pretrained, **kwargs)
+    except TypeError as e:
+        raise ModelError(
+            f"timm cannot build {cfg.name!r} with model.kwargs {cfg.kwargs}: {e}"
+        ) from e
+    except Exception as e:
+        if cfg.pretrained:
+            raise ModelError(
+                f"could not fetch pretrained weights for {cfg.name!r}: {e}. Without internet, "
+                "set model.pretrained: false and pass the weights file as model.checkpoint"
+            ) from e
+        raise
+    return model.eval()
+
+
+def data_config(model: torch.nn.Module) -> dict[str, Any]:
+    """The model's timm eval preprocessing (input size, interpolation, mean/std, crop)."""
+    cfg = dict(resolve_model_data_config(model))
+    # A ViT built with img_size=... keeps its pretrained cfg's input size; the patch embed
+    # only accepts its own size, so that size wins.
+    pe = getattr(model, "patch_embed", None)
+    img_size = getattr(pe, "img_size", None)
+    if img_size is not None and not getattr(pe, "dynamic_img_size", False):
+        cfg["input_size"] = (3, int(img_size[0]), int(img_size[1]))
+    return cfg
+
+
+@dataclass
+class Backbone:
+    """A loaded backbone, its preprocessing, and where its weights came from."""
+
+    model: torch.nn.Module
+    data_config: dict[str, Any]
+    checkpoint_sha256: str | None = None
+
+
+def create_backbone(
+    cfg: ModelConfig, state_dict: dict[str, torch.Tensor] | None = None
+) -> Backbone:
+    """Build the backbone and load its weights.
+
+    Args:
+        cfg: the model section of the job config.
+        state_dict: weights to load instead of reading ``cfg.checkpoint`` (model actors get
+            the driver's validated weights this way, so every replica is identical).
+
+    Example:
+        >>> from vitflow.config import ModelConfig
+        >>> bb = create_backbone(ModelConfig(name="resnet18"))
+        >>> bb.data_config["input_size"]
+        (3, 224, 224)
+    """
+    model = create_model(cfg)
+    sha = None
+    if state_dict is not None:
+        model.load_state_dict(state_dict, strict=True)
+    elif cfg.checkpoint:
+        ckpt = read_checkpoint(cfg.checkpoint)
+        model.load_state_dict(match_state_dict(model, ckpt.state_dict, cfg.checkpoint), strict=True)
+        sha = ckpt.sha256
+    return Backbone(model=model.eval(), data_config=data_config(model), checkpoint_sha256=sha)

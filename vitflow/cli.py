@@ -1,0 +1,152 @@
+"""The ``vitflow`` command line. Commands only parse arguments and call plain functions;
+job errors become one sentence on stderr and exit code 1 here, and nowhere else."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from vitflow.errors import VitflowError
+
+app = typer.Typer(
+    name="vitflow",
+    help="Image collections to embeddings at any scale (Ray Data + timm).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# Shared option types, defined once.
+ConfigArg = Annotated[
+    Path | None,
+    typer.Argument(help="Job config YAML. Optional when --input/--output/--model are given."),
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set", "-s", help="Override a config key: --set compute.batch_size=16 (repeatable)."
+    ),
+]
+AddressOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--address",
+        help="Ray cluster to attach to (e.g. ray://HEAD:10001 or auto). Default: a local Ray.",
+    ),
+]
+VerboseOpt = Annotated[
+    bool, typer.Option("--verbose", "-v", help="Log what vitflow decides (actor sizing, etc.).")
+]
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code=1)
+
+
+@app.command()
+def embed(
+    config: ConfigArg = None,
+    set_: SetOpt = None,
+    input_: Annotated[
+        str | None, typer.Option("--input", "-i", help="Image folder or URL (source.uri).")
+    ] = None,
+    output: Annotated[
+        str | None, typer.Option("--output", "-o", help="Output folder or URL (output.uri).")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="timm model name (model.name).")
+    ] = None,
+    checkpoint: Annotated[
+        str | None,
+        typer.Option("--checkpoint", help="Weights file, .safetensors or .pth (model.checkpoint)."),
+    ] = None,
+    pretrained: Annotated[
+        bool | None,
+        typer.Option(
+            "--pretrained/--no-pretrained",
+            help="Use the hub's pretrained weights (model.pretrained).",
+        ),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing output.")
+    ] = False,
+    address: AddressOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Embed a folder of images into sharded parquet.
+
+    Example: vitflow embed --input ./images --output ./embeddings --model resnet18 --no-pretrained
+    """
+    from vitflow.config import load_config, read_yaml, set_path
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
+    shortcuts = {
+        "source.uri": input_,
+        "output.uri": output,
+        "model.name": model,
+        "model.checkpoint": checkpoint,
+        "model.pretrained": pretrained,
+    }
+    try:
+        data = read_yaml(config) if config is not None else {}
+        for key, value in shortcuts.items():
+            if value is not None:
+                set_path(data, key, value)
+        cfg = load_config(base=data, overrides=set_ or [])
+        from vitflow.embed import prepare_embed, run_embed
+
+        plan = prepare_embed(cfg, overwrite=overwrite)
+        typer.echo(
+            f"vitflow embed: {len(plan.listing)} images from {cfg.source.uri} -> {cfg.output.uri} "
+            f"| model {cfg.model.name} | features "
+            + ", ".join(f"{n}[{d}]" for n, d in plan.dims.items())
+        )
+        result = run_embed(cfg, overwrite=overwrite, address=address, plan=plan)
+    except VitflowError as e:
+        _fail(str(e))
+        return
+    _print_summary(result)
+
+
+def _print_summary(result) -> None:
+    m = result.manifest
+    lines = [
+        "",
+        "vitflow embed: done",
+        f"  images listed : {result.listed}",
+        f"  ok            : {result.ok}",
+        f"  errors        : {result.error}",
+        f"  accounted for : {result.ok + result.error} of {result.listed} "
+        + ("(every file has a row)" if result.ok + result.error == result.listed else "(MISMATCH)"),
+        f"  wall time     : {result.seconds:.1f} s ({result.images_per_second:.1f} images/s)",
+        "  features      : " + ", ".join(f"{k} [{v['dim']}]" for k, v in m["features"].items()),
+        f"  output        : {result.output_uri}",
+        f"  load it with  : vitflow.load_embeddings({str(result.output_uri)!r})",
+    ]
+    typer.echo("\n".join(lines))
+
+
+@app.command()
+def version() -> None:
+    """Print the versions of vitflow and the libraries it runs on."""
+    from vitflow.manifest import versions
+
+    for k, v in versions().items():
+        typer.echo(f"{k} {v}")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

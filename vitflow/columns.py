@@ -1,0 +1,24 @@
+"""Column names of the embeddings table: the one place they are spelled out."""
+
+from __future__ import annotations
+
+ID = "id"
+PATH = "path"
+LABEL = "label"
+SPLIT = "split"
+STATUS = "status"
+ERROR = "error"
+WIDTH = "width"
+HEIGHT = "height"
+
+STATUS_OK = "ok"
+STATUS_ERROR = "error"
+
+# Columns every row carries, in output order; one vector column per feature set follows.
+META_COLUMNS = (ID, PATH, LABEL, SPLIT, STATUS, ERROR, WIDTH, HEIGHT)
+
+# Internal column carrying preprocessed pixels from decode tasks to the model actors;
+# never written to the output.
+PIXELS = "__pixels"
+
+MANIFEST_NAME = "_manifest.json"

@@ -1,0 +1,288 @@
+"""The embed job's configuration: YAML file + ``--set`` overrides -> a frozen pydantic model.
+
+Every section rejects unknown keys, so a typo (``pool: clss``, ``batchsize: 8``) fails at
+load time with a message naming the key, instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from vitflow import columns
+from vitflow.errors import ConfigError
+
+TOKEN_POOLS = ("cls", "mean", "cls_mean")
+MAP_POOLS = ("avg", "max", "gem")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+_FEATURE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SourceConfig(_Section):
+    uri: str = Field(description="Folder (searched recursively) or fsspec URL of the images.")
+    labels: Literal["folder", "none"] = Field(
+        "folder", description="folder: label = the image's parent folder name; none: no label."
+    )
+    split: Literal["auto"] | None = Field(
+        "auto",
+        description="auto: a path part named train/validation/val/test is the split; null: none.",
+    )
+    extensions: tuple[str, ...] = Field(
+        IMAGE_EXTENSIONS, description="File name endings (case-insensitive) that are listed."
+    )
+    max_pixels: int = Field(
+        89_478_485,
+        gt=0,
+        description="Images with more pixels are error rows (decompression-bomb guard).",
+    )
+
+    @field_validator("extensions")
+    @classmethod
+    def _lower_dotted(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in v)
+
+
+class ModelConfig(_Section):
+    name: str = Field(description="Any timm model name, e.g. vit_small_patch14_dinov2.lvd142m.")
+    pretrained: bool = Field(False, description="Download the hub weights (needs internet).")
+    checkpoint: str | None = Field(
+        None, description="Local path or URL of a .safetensors or .pth state dict to load."
+    )
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extra keyword arguments for timm.create_model (e.g. img_size, depth).",
+    )
+    extractor: Literal["auto", "intermediates", "hooks"] = Field(
+        "auto",
+        description="auto: timm forward_intermediates when the model has it, else forward hooks.",
+    )
+
+
+class FeatureConfig(_Section):
+    name: str = Field("emb", description="Output column name of this feature set.")
+    layers: int | list[int] = Field(
+        default_factory=lambda: [-1],
+        description="int k = the last k blocks; list = block indices (negatives from the end).",
+    )
+    pool: Literal["cls", "mean", "cls_mean", "avg", "max", "gem"] = Field(
+        "mean",
+        description="Tokens: cls | mean (patch tokens only) | cls_mean. Maps: avg | max | gem.",
+    )
+    aggregate: Literal["concat", "mean"] = Field("concat", description="Across the layers.")
+    norm: bool = Field(False, description="Apply the model's final norm to each intermediate.")
+    normalize: Literal["l2", "none"] = Field("l2", description="Applied last.")
+
+    @field_validator("name")
+    @classmethod
+    def _identifier(cls, v: str) -> str:
+        if not _FEATURE_NAME.match(v):
+            raise ValueError(
+                f"feature name must be a plain identifier (letters, digits, _), got {v!r}"
+            )
+        if v in columns.META_COLUMNS:
+            raise ValueError(f"feature name {v!r} clashes with the built-in column of that name")
+        return v
+
+    @field_validator("layers")
+    @classmethod
+    def _layers(cls, v: int | list[int]) -> int | list[int]:
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f"layers as an int is 'the last k blocks' and must be >= 1, got {v}")
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("layers list is empty; use e.g. [-1] for the last block")
+            if len(set(v)) != len(v):
+                raise ValueError(f"layers list has repeated indices: {v}")
+        return v
+
+
+class OutputConfig(_Section):
+    uri: str = Field(description="Folder or fsspec URL the parquet shards are written under.")
+    rows_per_file: int = Field(50_000, gt=0, description="Approximate rows per parquet shard.")
+
+
+class ComputeConfig(_Section):
+    batch_size: int = Field(32, gt=0, description="Images per model forward pass.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: one GPU per actor where the cluster has GPUs, else CPU."
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="Autocast dtype for the forward pass (fp16 needs CUDA)."
+    )
+    num_actors: int | None = Field(
+        None, gt=0, description="Model replicas; null = sized from the cluster's resources."
+    )
+    actor_num_cpus: float | None = Field(
+        None, gt=0, description="CPUs reserved per model actor; null = sized from the cluster."
+    )
+    num_gpus_per_actor: float | None = Field(
+        None, ge=0, description="GPUs per model actor; null = 1 where GPUs exist, else 0."
+    )
+    torch_threads: int | None = Field(
+        None, gt=0, description="torch intra-op threads in a CPU actor; null = sized from the node."
+    )
+    decode_num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per read+decode task.")
+
+
+class EmbedConfig(_Section):
+    """One embed job. Load it with :func:`load_config`."""
+
+    source: SourceConfig
+    model: ModelConfig
+    features: list[FeatureConfig] = Field(
+        default_factory=lambda: [FeatureConfig()],
+        description="Named feature sets, all computed from one forward pass.",
+    )
+    output: OutputConfig
+    compute: ComputeConfig = Field(default_factory=ComputeConfig)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> EmbedConfig:
+        names = [f.name for f in self.features]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"feature names must be unique; repeated: {', '.join(dupes)}")
+        if not names:
+            raise ValueError("features is empty; give at least one feature set")
+        return self
+
+
+def _parse_value(text: str) -> Any:
+    # YAML scalars give the natural types: 16 -> int, true -> bool, [1, 2] -> list, null -> None.
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one ``dotted.path=value`` override (value parsed as YAML) to ``data`` in place.
+
+    List items are addressed by index (``features.0.pool=cls``); the index one past the end
+    appends a new item.
+    """
+    if "=" not in assignment:
+        raise ConfigError(
+            f"--set expects key=value, got {assignment!r} (e.g. --set compute.batch_size=16)"
+        )
+    key, raw = assignment.split("=", 1)
+    set_path(data, key.strip(), _parse_value(raw))
+
+
+def set_path(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``value`` at the dotted ``key`` of a nested dict/list, creating sections on the way."""
+    parts = key.split(".")
+    if not all(parts):
+        raise ConfigError(f"config key {key!r} has an empty part")
+    node: Any = data
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        parent = ".".join(parts[:i]) or "config"
+        if isinstance(node, list):
+            if not part.isdigit():
+                raise ConfigError(
+                    f"{key}: {parent} is a list; address its items by index, not {part!r}"
+                )
+            idx = int(part)
+            if idx > len(node):
+                raise ConfigError(f"{key}: index {idx} is past the end of a list of {len(node)}")
+            if idx == len(node):
+                node.append({})
+        elif isinstance(node, dict):
+            idx = part
+            if not last and node.get(part) is None:
+                # Only `features` is a list section; everything else is a mapping.
+                node[part] = [] if ".".join(parts[: i + 1]) == "features" else {}
+        else:
+            raise ConfigError(f"{key}: {parent} is a value, not a section")
+        if last:
+            node[idx] = value
+        else:
+            node = node[idx]
+
+
+def describe_validation_error(err: ValidationError, model: type[BaseModel]) -> str:
+    """One readable line per problem, naming the key and, for unknown keys, the allowed ones."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "config"
+        if e["type"] == "extra_forbidden":
+            section = _section_for(model, e["loc"][:-1])
+            allowed = ", ".join(section.model_fields) if section else ""
+            lines.append(
+                f"unknown key '{loc}'" + (f" (allowed here: {allowed})" if allowed else "")
+            )
+        elif e["type"] == "missing":
+            lines.append(f"missing required key '{loc}'")
+        else:
+            got = e.get("input")
+            got_s = f" (got {got!r})" if not isinstance(got, dict | list) else ""
+            lines.append(f"{loc}: {e['msg']}{got_s}")
+    return "; ".join(lines)
+
+
+def _section_for(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    cur: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = cur.model_fields.get(part) if isinstance(cur, type) else None
+        if field is None:
+            return None
+        ann = field.annotation
+        args = getattr(ann, "__args__", ())
+        cur = next(
+            (a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)), None
+        )
+        if cur is None:
+            return None
+    return cur if isinstance(cur, type) and issubclass(cur, BaseModel) else None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level")
+    return data
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    base: dict[str, Any] | None = None,
+) -> EmbedConfig:
+    """Build an :class:`EmbedConfig` from a YAML file, a dict, and ``key=value`` overrides.
+
+    Args:
+        path: YAML job file, or None.
+        overrides: ``dotted.key=value`` strings applied in order (values parsed as YAML).
+        base: a dict used when there is no file.
+
+    Example:
+        >>> cfg = load_config(base={"source": {"uri": "imgs"}, "model": {"name": "resnet18"},
+        ...                         "output": {"uri": "out"}}, overrides=["compute.batch_size=8"])
+        >>> cfg.compute.batch_size
+        8
+    """
+    data: dict[str, Any] = read_yaml(path) if path is not None else copy.deepcopy(base or {})
+    for o in overrides:
+        apply_override(data, o)
+    try:
+        return EmbedConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError("invalid job config: " + describe_validation_error(e, EmbedConfig)) from e

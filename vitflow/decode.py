@@ -1,0 +1,169 @@
+"""Turn the raw bytes of an image file into an 8-bit RGB PIL image.
+
+Every file a pipeline reads goes through :func:`decode_image`. Anything that cannot
+become an RGB image raises :class:`DecodeError`, whose text is stored in the
+error row, so one bad file never takes a whole batch down with an unexpected
+exception type.
+
+The module changes no global state: Pillow's ``MAX_IMAGE_PIXELS`` and
+``ImageFile.LOAD_TRUNCATED_IMAGES`` are read, never written, because decoding
+runs in worker processes that other code shares.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps
+
+SUPPORTED_FORMATS: frozenset[str] = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF", "GIF"})
+DEFAULT_MAX_PIXELS: int = 89_478_485
+
+_ORIENTATION_TAG = 0x0112
+# Integer modes Pillow uses for 16-bit grayscale (PNG, TIFF); "I" also holds them.
+_INT_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
+
+
+class DecodeError(ValueError):
+    """A file that cannot become an RGB image; str(e) is the readable reason stored in the error row."""
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, MemoryError):
+        return "out of memory while decoding"
+    return str(e).strip() or type(e).__name__
+
+
+def _too_large(size: tuple[int, int], max_pixels: int) -> DecodeError:
+    w, h = size
+    return DecodeError(
+        f"image too large: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} "
+        "pixels (possible decompression bomb); raise source.max_pixels to accept it"
+    )
+
+
+def _pillow_refused(e: Exception, max_pixels: int) -> DecodeError:
+    # Pillow's hard cap (twice MAX_IMAGE_PIXELS) fires inside Image.open, before
+    # our own check, and cannot be lifted without mutating Pillow's global.
+    return DecodeError(
+        f"image too large: {_reason(e)} (source.max_pixels is {max_pixels}; Pillow refuses "
+        "images this size whatever source.max_pixels says)"
+    )
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """Applies the EXIF orientation tag, so the image is as a viewer displays it."""
+    try:
+        orientation = img.getexif().get(_ORIENTATION_TAG, 1)
+    except Exception:
+        # A corrupt EXIF block should not cost an otherwise decodable image.
+        return img
+    if orientation in range(2, 9):
+        return ImageOps.exif_transpose(img)
+    return img
+
+
+def _int_to_rgb(img: Image.Image) -> Image.Image:
+    """Scales 16-bit grayscale 0..65535 onto 0..255, rounding like value / 257."""
+    raw = np.asarray(img)
+    vals = np.clip(raw, 0, 65535).astype(np.int32)
+    # (v + 128) // 257 == round(v / 257) for integers (257 is odd, so no ties),
+    # and stays in int32 instead of allocating a float64 copy of a large image.
+    gray = ((vals + 128) // 257).astype(np.uint8)
+    transparency = img.info.get("transparency")
+    if isinstance(transparency, int):
+        # A tRNS colour key is binary alpha, so compositing on white is a fill.
+        gray[raw == transparency] = 255
+    return Image.fromarray(gray).convert("RGB")
+
+
+def _float_to_rgb(img: Image.Image) -> Image.Image:
+    """Maps float data to 0..255: [0, 1] is taken as normalised, anything else is clipped."""
+    arr = np.nan_to_num(np.asarray(img, dtype=np.float32), nan=0.0, posinf=255.0, neginf=0.0)
+    if arr.size and arr.min() >= 0.0 and arr.max() <= 1.0:
+        arr = arr * 255.0
+    gray = np.rint(np.clip(arr, 0.0, 255.0)).astype(np.uint8)
+    return Image.fromarray(gray).convert("RGB")
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Converts any loaded Pillow mode to RGB, compositing transparency onto white."""
+    if img.mode in _INT_MODES:
+        return _int_to_rgb(img)
+    if img.mode == "F":
+        return _float_to_rgb(img)
+    if img.has_transparency_data:
+        # Models never saw a black background behind transparent pixels, which
+        # is what a plain convert("RGB") would produce; white matches viewers.
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if img.mode == "RGB":
+        return img
+    return img.convert("RGB")
+
+
+def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decodes image bytes into an 8-bit RGB image in displayed orientation.
+
+    Args:
+        data: The complete contents of an image file.
+        max_pixels: Largest width * height accepted. It is checked against the
+            header, before any pixel is decoded. Pillow itself refuses images
+            above twice its ``MAX_IMAGE_PIXELS`` whatever this value is.
+
+    Returns:
+        A fully loaded mode "RGB" image that no longer refers to ``data``. Only
+        the first frame of animated or multi-page files is returned.
+
+    Raises:
+        DecodeError: If the bytes are empty, not an image, in a format outside
+            ``SUPPORTED_FORMATS``, too large, corrupt or truncated, or in a
+            mode that cannot be converted to RGB.
+    """
+    if len(data) == 0:
+        raise DecodeError("empty file (0 bytes)")
+    with warnings.catch_warnings():
+        # The max_pixels check below replaces Pillow's warning, which would
+        # otherwise be printed once per large image.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data))
+        except Image.UnidentifiedImageError as e:
+            raise DecodeError(
+                f"bytes are not a recognised image format ({len(data)} bytes, "
+                f"starting {bytes(data[:8])!r}), or the image header is corrupt"
+            ) from e
+        except Image.DecompressionBombError as e:
+            raise _pillow_refused(e, max_pixels) from e
+        except Exception as e:
+            raise DecodeError(f"unreadable image header: {_reason(e)}") from e
+
+        with img:
+            fmt = img.format
+            if fmt not in SUPPORTED_FORMATS:
+                raise DecodeError(
+                    f"unsupported image format {fmt}; supported formats: "
+                    f"{', '.join(sorted(SUPPORTED_FORMATS))}"
+                )
+            if img.width * img.height > max_pixels:
+                raise _too_large(img.size, max_pixels)
+            try:
+                # Decoding is lazy: force it here so truncation surfaces now.
+                img.load()
+            except Image.DecompressionBombError as e:
+                raise _pillow_refused(e, max_pixels) from e
+            except Exception as e:
+                raise DecodeError(f"corrupt or truncated {fmt}: {_reason(e)}") from e
+            try:
+                rgb = _to_rgb(_upright(img))
+                if rgb is img:
+                    # Closing the file object destroys its pixel core: detach a copy.
+                    rgb = img.copy()
+            except Exception as e:
+                raise DecodeError(
+                    f"cannot convert {fmt} image (mode {img.mode}) to RGB: {_reason(e)}"
+                ) from e
+    return rgb

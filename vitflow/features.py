@@ -1,0 +1,254 @@
+"""Layer hooks: every requested feature set from ONE forward pass of the backbone.
+
+A :class:`FeatureExtractor` resolves each :class:`~vitflow.config.FeatureConfig` against the
+model once (layer indices, pooling, output width), then per batch runs the backbone a single
+time for the union of requested layers and pools, aggregates and normalises per feature set.
+
+Block outputs come from timm's ``forward_intermediates`` (un-normed; ``norm: true`` applies
+the model's final norm afterwards, per token, which is what timm's ``norm=True`` does); a
+model without that API falls back to forward hooks on the modules its ``feature_info`` names.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, replace
+
+import torch
+
+from vitflow.config import MAP_POOLS, TOKEN_POOLS, FeatureConfig
+from vitflow.errors import ModelError
+from vitflow.pooling import aggregate_layers, normalize_vectors, pool_map, pool_tokens
+
+
+def num_layers(model: torch.nn.Module) -> int:
+    """How many intermediates the model exposes (timm's ``feature_take_indices`` domain)."""
+    info = getattr(model, "feature_info", None)
+    if info is not None and len(info) > 0:
+        return len(info)
+    for attr in ("blocks", "stages", "layers"):
+        seq = getattr(model, attr, None)
+        if isinstance(seq, torch.nn.Sequential | torch.nn.ModuleList):
+            return len(seq)
+    raise ModelError(
+        f"cannot tell the layers of {type(model).__name__}: it has no feature_info, blocks or stages"
+    )
+
+
+def resolve_layers(layers: int | list[int], n: int, feature: str) -> tuple[int, ...]:
+    """Resolve a layer spec exactly as timm's ``feature_take_indices`` does, with a clear error.
+
+    An int ``k`` means the last ``k`` layers; a list holds indices, negatives from the end.
+    """
+    if isinstance(layers, int):
+        if layers > n:
+            raise ModelError(
+                f"feature {feature!r} asks for the last {layers} layers, but the model has {n}; "
+                f"use layers <= {n}"
+            )
+        return tuple(range(n - layers, n))
+    out = []
+    for i in layers:
+        j = i + n if i < 0 else i
+        if not 0 <= j < n:
+            raise ModelError(
+                f"feature {feature!r}: layer index {i} is out of range for a model with {n} "
+                f"layers (valid: {-n}..{n - 1})"
+            )
+        out.append(j)
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class FeaturePlan:
+    """One feature set resolved against a model."""
+
+    name: str
+    indices: tuple[int, ...]
+    pool: str
+    aggregate: str
+    norm: bool
+    normalize: str
+    dim: int = 0
+
+
+def _has_cls(model: torch.nn.Module) -> bool:
+    flag = getattr(model, "has_class_token", None)
+    if flag is not None:
+        return bool(flag)
+    return getattr(model, "cls_token", None) is not None
+
+
+class FeatureExtractor(torch.nn.Module):
+    """Computes named feature vectors from one backbone forward pass.
+
+    Args:
+        model: a timm backbone in eval mode.
+        features: the feature sets to compute.
+        input_size: ``(C, H, W)`` the model is fed; used once for a dry run that checks the
+            spec fits and measures each feature's width.
+        extractor: ``auto`` | ``intermediates`` | ``hooks``.
+
+    Example:
+        >>> import timm, torch
+        >>> from vitflow.config import FeatureConfig
+        >>> m = timm.create_model("resnet18", num_classes=0).eval()
+        >>> fx = FeatureExtractor(m, [FeatureConfig(name="emb", pool="gem")], (3, 64, 64))
+        >>> fx(torch.zeros(2, 3, 64, 64))["emb"].shape
+        torch.Size([2, 512])
+    """
+
+    def __init__(self, model, features: list[FeatureConfig], input_size, extractor: str = "auto"):
+        super().__init__()
+        self.model = model.eval()
+        if extractor == "auto":
+            extractor = "intermediates" if hasattr(model, "forward_intermediates") else "hooks"
+        if extractor == "intermediates" and not hasattr(model, "forward_intermediates"):
+            raise ModelError(
+                f"{type(model).__name__} has no forward_intermediates; use model.extractor: hooks"
+            )
+        self.mode = extractor
+        self.n_layers = num_layers(model)
+        self.prefix_tokens = int(getattr(model, "num_prefix_tokens", 0) or 0)
+        plans = [
+            FeaturePlan(
+                f.name,
+                resolve_layers(f.layers, self.n_layers, f.name),
+                f.pool,
+                f.aggregate,
+                f.norm,
+                f.normalize,
+            )
+            for f in features
+        ]
+        self.take = tuple(sorted({i for p in plans for i in p.indices}))
+        self._final_norm = getattr(model, "norm", None)
+        if self.mode == "hooks":
+            self._hook_modules = self._feature_modules()
+        with torch.inference_mode():
+            probe = self._intermediates(torch.zeros(1, *input_size))
+            self.kind = "map" if probe[self.take[0]][0].ndim == 4 else "tokens"
+            self.plans = [self._check(p, probe) for p in plans]
+
+    # -- planning -------------------------------------------------------------------------
+
+    def _check(self, plan: FeaturePlan, probe) -> FeaturePlan:
+        pool = plan.pool
+        if self.kind == "map":
+            pool = "avg" if pool == "mean" else pool
+            if pool not in MAP_POOLS:
+                raise ModelError(
+                    f"feature {plan.name!r}: pool {plan.pool!r} needs tokens, but "
+                    f"{self._arch()} gives spatial feature maps; use pool: avg, max or gem"
+                )
+            if plan.norm:
+                raise ModelError(
+                    f"feature {plan.name!r}: norm: true applies a ViT's final norm to tokens; "
+                    f"{self._arch()} gives feature maps, so set norm: false"
+                )
+        else:
+            if pool not in TOKEN_POOLS:
+                raise ModelError(
+                    f"feature {plan.name!r}: pool {pool!r} is for CNN feature maps, but "
+                    f"{self._arch()} gives tokens; use pool: cls, mean or cls_mean"
+                )
+            if "cls" in pool and not _has_cls(self.model):
+                raise ModelError(
+                    f"feature {plan.name!r}: pool {pool!r} needs a CLS token, but {self._arch()} "
+                    f"has none ({self.prefix_tokens} prefix tokens; its global pool is "
+                    f"{getattr(self.model, 'global_pool', None)!r}); use pool: mean"
+                )
+            if plan.norm and not isinstance(self._final_norm, torch.nn.Module):
+                raise ModelError(
+                    f"feature {plan.name!r}: norm: true, but {self._arch()} has no final norm"
+                )
+        plan = replace(plan, pool=pool)
+        try:
+            vec = self._pool_one(plan, probe)
+        except ValueError as e:
+            raise ModelError(f"feature {plan.name!r}: {e}") from e
+        return replace(plan, dim=int(vec.shape[-1]))
+
+    def _arch(self) -> str:
+        cfg = getattr(self.model, "pretrained_cfg", None) or {}
+        return repr(cfg.get("architecture") or type(self.model).__name__)
+
+    def _feature_modules(self) -> list[torch.nn.Module]:
+        info = getattr(self.model, "feature_info", None)
+        if info is None:
+            raise ModelError(
+                f"{self._arch()} has neither forward_intermediates nor feature_info to hook"
+            )
+        names = [i["module"] for i in info] if isinstance(info, list) else info.module_name()
+        return [self.model.get_submodule(n) for n in names]
+
+    # -- forward --------------------------------------------------------------------------
+
+    def _intermediates(
+        self, x: torch.Tensor
+    ) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
+        """Block outputs for ``self.take``: ``{index: (main, prefix_or_None)}``."""
+        if self.mode == "hooks":
+            return self._hooked(x)
+        params = inspect.signature(self.model.forward_intermediates).parameters
+        kwargs = {"indices": list(self.take), "intermediates_only": True}
+        if "stop_early" in params:
+            kwargs["stop_early"] = True
+        if "norm" in params:
+            kwargs["norm"] = False
+        if "return_prefix_tokens" in params:
+            kwargs["return_prefix_tokens"] = True
+            kwargs["output_fmt"] = "NLC"
+        outs = self.model.forward_intermediates(x, **kwargs)
+        res = {}
+        for i, o in zip(self.take, outs, strict=True):
+            res[i] = (o[0], o[1]) if isinstance(o, tuple) else (o, None)
+        return res
+
+    def _hooked(self, x: torch.Tensor):
+        captured: dict[int, torch.Tensor] = {}
+        handles = [
+            self._hook_modules[i].register_forward_hook(
+                lambda _m, _inp, out, i=i: captured.__setitem__(i, out)
+            )
+            for i in self.take
+        ]
+        try:
+            fwd = getattr(self.model, "forward_features", self.model)
+            fwd(x)
+        finally:
+            for h in handles:
+                h.remove()
+        res = {}
+        for i in self.take:
+            out = captured[i]
+            if out.ndim == 3 and self.prefix_tokens:
+                res[i] = (out[:, self.prefix_tokens :], out[:, : self.prefix_tokens])
+            else:
+                res[i] = (out, None)
+        return res
+
+    def _pool_one(self, plan: FeaturePlan, inter) -> torch.Tensor:
+        pooled = []
+        for i in plan.indices:
+            main, prefix = inter[i]
+            if self.kind == "map":
+                pooled.append(pool_map(main.float(), plan.pool))
+                continue
+            if plan.norm:
+                main = self._final_norm(main)
+                prefix = self._final_norm(prefix) if prefix is not None else None
+            pooled.append(
+                pool_tokens(main.float(), None if prefix is None else prefix.float(), plan.pool)
+            )
+        return normalize_vectors(aggregate_layers(pooled, plan.aggregate), plan.normalize)
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``(B, C, H, W)`` input -> ``{feature name: (B, dim) float32}``."""
+        inter = self._intermediates(x)
+        return {p.name: self._pool_one(p, inter).float() for p in self.plans}
+
+    @property
+    def dims(self) -> dict[str, int]:
+        return {p.name: p.dim for p in self.plans}

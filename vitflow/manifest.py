@@ -1,0 +1,79 @@
+"""``_manifest.json``: what produced an embeddings output, so it can be trusted and reproduced."""
+
+from __future__ import annotations
+
+import json
+import platform
+from datetime import datetime, timezone
+from importlib import metadata
+from typing import Any
+
+from vitflow import columns
+
+_PACKAGES = ("vitflow", "timm", "torch", "ray", "pyarrow", "pillow")
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def build_manifest(cfg, backbone, features, *, counts, seconds, stats, actors) -> dict[str, Any]:
+    """Everything needed to reproduce and trust an output: config, model, features, counts."""
+    model = backbone.model
+    return {
+        "format": "vitflow.embeddings/1",
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "config": cfg.model_dump(mode="json"),
+        "model": {
+            "name": cfg.model.name,
+            "architecture": (getattr(model, "pretrained_cfg", None) or {}).get("architecture"),
+            "pretrained": cfg.model.pretrained,
+            "checkpoint": cfg.model.checkpoint,
+            "checkpoint_sha256": backbone.checkpoint_sha256,
+            "num_params": sum(p.numel() for p in model.parameters()),
+            "data_config": {
+                k: list(v) if isinstance(v, tuple) else v for k, v in backbone.data_config.items()
+            },
+        },
+        "features": {
+            p.name: {
+                "dim": p.dim,
+                "layers": list(p.indices),
+                "pool": p.pool,
+                "aggregate": p.aggregate,
+                "norm": p.norm,
+                "normalize": p.normalize,
+            }
+            for p in features
+        },
+        "columns": [*columns.META_COLUMNS, *(p.name for p in features)],
+        "counts": counts,
+        "timing": {
+            "wall_seconds": round(seconds, 3),
+            "images_per_second": round(counts["listed"] / seconds, 2) if seconds else None,
+            "model_seconds": round(stats.get("model_seconds", 0.0), 3),
+        },
+        "execution": {"actors": actors, **{k: v for k, v in stats.items() if k != "model_seconds"}},
+        "versions": versions(),
+    }
+
+
+def write_manifest(fs, output_path: str, manifest: dict[str, Any]) -> None:
+    with fs.open(f"{output_path.rstrip('/')}/{columns.MANIFEST_NAME}", "w") as f:
+        json.dump(manifest, f, indent=2, sort_keys=False)
+        f.write("\n")
+
+
+def read_manifest(uri: str) -> dict[str, Any]:
+    """The manifest of an embeddings output (local path or fsspec URL)."""
+    from vitflow.sources import open_fs
+
+    fs, path = open_fs(uri)
+    with fs.open(f"{path.rstrip('/')}/{columns.MANIFEST_NAME}", "r") as f:
+        return json.load(f)

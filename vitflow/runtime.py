@@ -1,0 +1,113 @@
+"""Starting or attaching to Ray, and sizing the model actor pool from the cluster.
+
+Sizing rules (each overridable in ``compute:``):
+
+- GPUs in the cluster: one actor per GPU, ``num_gpus=1`` each, 1 CPU each; decode runs as
+  CPU tasks on the remaining cores.
+- CPU only: one actor per 8 cores of the cluster (at least one). On a small node (<= 4
+  cores) an actor reserves only half a CPU, so Ray always has whole CPUs left for the
+  read+decode tasks: an actor that reserves a whole core on a 2-core machine can starve
+  decode and stall the pipeline. torch inside the actor still uses the node's cores
+  (``torch_threads``), since Ray would otherwise pin it to its reservation.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from vitflow.config import ComputeConfig
+from vitflow.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+CPUS_PER_CPU_ACTOR = 8
+SMALL_NODE_CPUS = 4
+
+
+@dataclass(frozen=True)
+class ActorPlan:
+    """How the model actor pool is laid out."""
+
+    num_actors: int
+    num_cpus: float
+    num_gpus: float
+    torch_threads: int
+    device: str  # "cuda" | "cpu"
+
+
+def plan_actors(cluster: dict[str, float], node_cpus: float, compute: ComputeConfig) -> ActorPlan:
+    """Size the actor pool from ``ray.cluster_resources()`` and the largest node's CPU count."""
+    cpus = float(cluster.get("CPU", 0))
+    gpus = float(cluster.get("GPU", 0))
+    if cpus <= 0:
+        raise ConfigError("the Ray cluster reports no CPUs; decode tasks cannot run")
+    use_gpu = compute.device == "cuda" or (compute.device == "auto" and gpus > 0)
+    if compute.device == "cuda" and gpus == 0:
+        raise ConfigError(
+            "compute.device is cuda, but the Ray cluster has no GPUs; use auto or cpu"
+        )
+    if compute.precision == "fp16" and not use_gpu:
+        raise ConfigError("compute.precision fp16 needs CUDA; on CPU use bf16 or fp32")
+    if use_gpu:
+        per_gpu = compute.num_gpus_per_actor or 1.0
+        n = compute.num_actors or max(1, int(gpus // per_gpu))
+        num_cpus = compute.actor_num_cpus or 1.0
+        threads = compute.torch_threads or max(1, int(node_cpus // max(1, n)))
+        return ActorPlan(n, num_cpus, per_gpu, threads, "cuda")
+    n = compute.num_actors or max(1, int(cpus // CPUS_PER_CPU_ACTOR))
+    per_node = max(1, math.ceil(n * node_cpus / cpus))
+    if compute.actor_num_cpus is not None:
+        num_cpus = compute.actor_num_cpus
+    elif node_cpus <= SMALL_NODE_CPUS:
+        num_cpus = 0.5
+    else:
+        # Half the node's cores go to its actors' reservations, half stay for decode.
+        num_cpus = max(0.5, node_cpus / per_node / 2)
+    threads = compute.torch_threads or max(1, int(node_cpus // per_node))
+    return ActorPlan(n, num_cpus, compute.num_gpus_per_actor or 0.0, threads, "cpu")
+
+
+def _object_store_bytes() -> int:
+    # Ray's default is 30% of RAM; embedding batches are small, so cap it for laptops.
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 2 << 30
+    return int(min(0.3 * total, 8 << 30))
+
+
+@contextmanager
+def ray_session(address: str | None = None):
+    """Use the Ray already initialised in this process, attach to ``address``, or start one.
+
+    A Ray started here is shut down on exit; one that was running already is left alone.
+    """
+    import ray
+
+    if ray.is_initialized():
+        yield ray
+        return
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:
+        ray.init(
+            num_cpus=os.cpu_count(),
+            object_store_memory=_object_store_bytes(),
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+        )
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def largest_node_cpus() -> float:
+    import ray
+
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    return max((float(n["Resources"].get("CPU", 0)) for n in alive), default=1.0)

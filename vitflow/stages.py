@@ -1,0 +1,220 @@
+"""The two Ray Data stages of the embed job: read+decode (CPU tasks) and embed (model actors).
+
+Both are plain Python, importable and testable without Ray. A file that cannot be read,
+decoded or preprocessed leaves the decode stage as a row with ``status='error'`` and the
+reason; the embed stage passes such rows through with null vectors.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from vitflow import columns
+from vitflow.decode import DecodeError, decode_image
+from vitflow.preprocess import Preprocessor
+
+_PASSTHROUGH = (columns.ID, columns.PATH, columns.LABEL, columns.SPLIT)
+
+
+@functools.lru_cache(maxsize=4)
+def _preprocessor(data_config_json: str) -> Preprocessor:
+    return Preprocessor(json.loads(data_config_json))
+
+
+@functools.lru_cache(maxsize=8)
+def _filesystem(protocol: str, storage_options_json: str):
+    import fsspec
+
+    return fsspec.filesystem(protocol, **json.loads(storage_options_json))
+
+
+def read_bytes(path: str, storage_options: dict[str, Any] | None = None) -> bytes:
+    """Read a whole file from a local path or fsspec URL."""
+    if "://" not in path:
+        with open(path, "rb") as f:
+            return f.read()
+    protocol = path.split("://", 1)[0]
+    fs = _filesystem(protocol, json.dumps(storage_options or {}, sort_keys=True))
+    return fs.cat_file(path)
+
+
+def decode_batch(
+    batch: dict[str, np.ndarray],
+    *,
+    data_config_json: str,
+    max_pixels: int,
+    storage_options: dict[str, Any] | None = None,
+) -> dict[str, np.ndarray]:
+    """Read, decode and resize/crop a batch of listed files (a Ray Data ``map_batches`` UDF).
+
+    Returns the pass-through columns plus ``status``, ``error``, ``width``, ``height`` and
+    ``uint8`` pixels ``(B, H, W, 3)`` (zeros on error rows).
+    """
+    pre = _preprocessor(data_config_json)
+    _, h, w = pre.input_size
+    n = len(batch[columns.PATH])
+    pixels = np.zeros((n, h, w, 3), dtype=np.uint8)
+    status = np.full(n, columns.STATUS_OK, dtype=object)
+    error = np.full(n, None, dtype=object)
+    width = np.full(n, -1, dtype=np.int32)
+    height = np.full(n, -1, dtype=np.int32)
+    for i, path in enumerate(batch[columns.PATH]):
+        try:
+            data = read_bytes(path, storage_options)
+        except Exception as e:  # any read failure is this file's, not the job's
+            status[i], error[i] = columns.STATUS_ERROR, f"read failed: {type(e).__name__}: {e}"
+            continue
+        try:
+            img = decode_image(data, max_pixels=max_pixels)
+            width[i], height[i] = img.size
+            pixels[i] = pre.resize_crop(img)
+        except DecodeError as e:
+            status[i], error[i] = columns.STATUS_ERROR, str(e)
+        except Exception as e:
+            status[i], error[i] = (
+                columns.STATUS_ERROR,
+                f"preprocessing failed: {type(e).__name__}: {e}",
+            )
+    out = {c: batch[c] for c in _PASSTHROUGH}
+    out.update(
+        {
+            columns.STATUS: status,
+            columns.ERROR: error,
+            columns.WIDTH: width,
+            columns.HEIGHT: height,
+            columns.PIXELS: pixels,
+        }
+    )
+    return out
+
+
+def output_schema(dims: dict[str, int]) -> pa.Schema:
+    """Arrow schema of the embeddings table: meta columns, then one vector column per feature."""
+    fields = [
+        pa.field(columns.ID, pa.string(), nullable=False),
+        pa.field(columns.PATH, pa.string(), nullable=False),
+        pa.field(columns.LABEL, pa.string()),
+        pa.field(columns.SPLIT, pa.string()),
+        pa.field(columns.STATUS, pa.string(), nullable=False),
+        pa.field(columns.ERROR, pa.string()),
+        pa.field(columns.WIDTH, pa.int32()),
+        pa.field(columns.HEIGHT, pa.int32()),
+    ]
+    fields += [pa.field(name, pa.list_(pa.float32(), d)) for name, d in dims.items()]
+    return pa.schema(fields)
+
+
+def vectors_to_arrow(vectors: np.ndarray, valid: np.ndarray, dim: int) -> pa.FixedSizeListArray:
+    """``(N, dim)`` float32 with a validity mask -> ``fixed_size_list<float32>[dim]`` (nulls where invalid)."""
+    flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1))
+    return pa.FixedSizeListArray.from_arrays(flat, dim, mask=pa.array(~valid))
+
+
+def _strings(values) -> list[str | None]:
+    # Ray hands an all-null string column back as float NaNs or bytes; normalise to str/None.
+    out = []
+    for v in values:
+        if v is None or (isinstance(v, float) and v != v):
+            out.append(None)
+        else:
+            out.append(v.decode() if isinstance(v, bytes) else str(v))
+    return out
+
+
+def rows_table(
+    batch: dict[str, np.ndarray], vectors: dict[str, np.ndarray], dims: dict[str, int]
+) -> pa.Table:
+    """Assemble the output table of one batch; ``vectors`` hold rows for the ok images only."""
+    ok = batch[columns.STATUS] == columns.STATUS_OK
+    n = len(ok)
+    schema = output_schema(dims)
+    cols = {
+        c: pa.array(_strings(batch[c]), type=pa.string())
+        for c in (*_PASSTHROUGH, columns.STATUS, columns.ERROR)
+    }
+    for c in (columns.WIDTH, columns.HEIGHT):
+        cols[c] = pa.array(np.asarray(batch[c], dtype=np.int32), mask=~ok, type=pa.int32())
+    for name, d in dims.items():
+        full = np.zeros((n, d), dtype=np.float32)
+        if ok.any():
+            full[ok] = vectors[name]
+        cols[name] = vectors_to_arrow(full, ok, d)
+    return pa.table(cols, schema=schema)
+
+
+class EmbedWorker:
+    """Model actor: one backbone per process, all feature sets from one forward pass per batch.
+
+    Args:
+        job: the validated job config as a plain dict (re-validated here).
+        weights: ``[ObjectRef]`` to the driver's state dict as safetensors bytes, so every
+            replica runs the exact weights the driver checked (and random-init runs agree).
+        device: ``cuda`` or ``cpu``.
+        torch_threads: intra-op threads for CPU inference.
+        stats_actor: name of the run's stats actor, or None.
+    """
+
+    def __init__(
+        self, job: dict, weights: list, device: str, torch_threads: int, stats_actor: str | None
+    ):
+        import ray
+        from safetensors.torch import load as load_bytes
+
+        from vitflow.backbone import create_backbone
+        from vitflow.config import EmbedConfig
+        from vitflow.features import FeatureExtractor
+
+        torch.set_num_threads(torch_threads)
+        cfg = EmbedConfig.model_validate(job)
+        self.device = torch.device(
+            device if device != "cuda" or torch.cuda.is_available() else "cpu"
+        )
+        bb = create_backbone(cfg.model, state_dict=load_bytes(ray.get(weights[0])))
+        self.pre = Preprocessor(bb.data_config)
+        self.extractor = FeatureExtractor(
+            bb.model, cfg.features, self.pre.input_size, cfg.model.extractor
+        )
+        self.extractor.to(self.device)
+        self.dims = self.extractor.dims
+        self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.compute.precision)
+        self.stats = ray.get_actor(stats_actor) if stats_actor else None
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        ok = batch[columns.STATUS] == columns.STATUS_OK
+        vectors: dict[str, np.ndarray] = {}
+        seconds = 0.0
+        if ok.any():
+            t0 = time.perf_counter()
+            x = self.pre.to_tensor(batch[columns.PIXELS][ok], self.device)
+            with torch.autocast(
+                self.device.type, dtype=self.autocast, enabled=self.autocast is not None
+            ):
+                out = self.extractor(x)
+            vectors = {k: v.float().cpu().numpy() for k, v in out.items()}
+            seconds = time.perf_counter() - t0
+        if self.stats is not None:
+            self.stats.add.remote(
+                batches=1, forwards=int(ok.any()), images=int(ok.sum()), model_seconds=seconds
+            )
+        return rows_table(batch, vectors, self.dims)
+
+
+class EmbedStats:
+    """Counters the model actors report to (a tiny Ray actor, one per run)."""
+
+    def __init__(self):
+        self.totals = {"batches": 0, "forwards": 0, "images": 0, "model_seconds": 0.0}
+
+    def add(self, **kw):
+        for k, v in kw.items():
+            self.totals[k] += v
+
+    def get(self) -> dict:
+        return dict(self.totals)
