@@ -185,11 +185,17 @@ class EmbedWorker:
         self.dims = self.extractor.dims
         self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.compute.precision)
         self.stats = ray.get_actor(stats_actor) if stats_actor else None
+        # Count real backbone passes at its stem (first child module), so the run's stats
+        # show one pass per batch however many feature sets are requested.
+        self.stem_calls = 0
+        stem = next(bb.model.children())
+        stem.register_forward_pre_hook(lambda *_: setattr(self, "stem_calls", self.stem_calls + 1))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         ok = batch[columns.STATUS] == columns.STATUS_OK
         vectors: dict[str, np.ndarray] = {}
         seconds = 0.0
+        calls_before = self.stem_calls
         if ok.any():
             t0 = time.perf_counter()
             x = self.pre.to_tensor(batch[columns.PIXELS][ok], self.device)
@@ -201,7 +207,11 @@ class EmbedWorker:
             seconds = time.perf_counter() - t0
         if self.stats is not None:
             self.stats.add.remote(
-                batches=1, forwards=int(ok.any()), images=int(ok.sum()), model_seconds=seconds
+                batches=1,
+                batches_with_images=int(ok.any()),
+                forwards=self.stem_calls - calls_before,
+                images=int(ok.sum()),
+                model_seconds=seconds,
             )
         return rows_table(batch, vectors, self.dims)
 
@@ -210,7 +220,8 @@ class EmbedStats:
     """Counters the model actors report to (a tiny Ray actor, one per run)."""
 
     def __init__(self):
-        self.totals = {"batches": 0, "forwards": 0, "images": 0, "model_seconds": 0.0}
+        self.totals = dict.fromkeys(("batches", "batches_with_images", "forwards", "images"), 0)
+        self.totals["model_seconds"] = 0.0
 
     def add(self, **kw):
         for k, v in kw.items():

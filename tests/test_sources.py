@@ -1,0 +1,292 @@
+"""Tests for vitflow.sources: labels and splits from paths, stable ids, listing a folder."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import fsspec
+import pytest
+
+from vitflow import columns
+from vitflow.config import IMAGE_EXTENSIONS, SourceConfig
+from vitflow.errors import ConfigError
+from vitflow.sources import image_id, label_and_split, list_images
+from vitflow.synthetic import make_image_folder
+
+# --- label_and_split -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "relpath, expected",
+    [
+        ("train/cat/a.jpg", ("cat", "train")),
+        ("validation/dog/a.jpg", ("dog", "validation")),
+        ("val/dog/a.jpg", ("dog", "val")),
+        ("test/fox/a.jpg", ("fox", "test")),
+        ("cat/a.jpg", ("cat", None)),
+        ("a.jpg", (None, None)),
+        ("train/a.jpg", (None, "train")),  # the split folder is never the label
+        ("cat/train/a.jpg", ("cat", "train")),  # split below the class folder
+        ("a/b/c/x.jpg", ("c", None)),  # nearest parent
+        ("val/dog/sub/x.jpg", ("sub", "val")),
+        ("data/test/train/cat/x.jpg", ("cat", "test")),  # the first split-named folder
+        ("trains/cat/x.jpg", ("cat", None)),  # only exact names
+        ("Train/cat/x.jpg", ("cat", "Train")),  # names match case-insensitively
+    ],
+)
+def test_label_and_split_auto(relpath, expected):
+    assert label_and_split(relpath, "folder", "auto") == expected
+
+
+@pytest.mark.parametrize(
+    "relpath, expected",
+    [
+        ("train/cat/a.jpg", ("cat", None)),
+        ("train/a.jpg", ("train", None)),  # no split folder: the parent is the label
+        ("a.jpg", (None, None)),
+    ],
+)
+def test_split_off(relpath, expected):
+    assert label_and_split(relpath, "folder", None) == expected
+
+
+@pytest.mark.parametrize(
+    "relpath, split", [("train/cat/a.jpg", "train"), ("cat/a.jpg", None), ("a.jpg", None)]
+)
+def test_labels_off(relpath, split):
+    assert label_and_split(relpath, "none", "auto") == (None, split)
+    assert label_and_split(relpath, "none", None) == (None, None)
+
+
+# --- image_id ------------------------------------------------------------------------------------
+
+
+def test_image_id_format_and_golden_value():
+    # Ids are the job's ledger keys: a change of algorithm would orphan every existing output.
+    assert image_id("train/cat/000.jpg") == "e9a4abb7eb2ef93d"
+    for rel in ("a.jpg", "train/cat/000.jpg", "ünïcode/ß.png"):
+        assert re.fullmatch(r"[0-9a-f]{16}", image_id(rel))
+        assert image_id(rel) == image_id("".join(rel))  # pure function of the text
+
+
+def test_image_id_distinguishes_paths():
+    rels = [f"{s}/{c}/{i:03d}.jpg" for s in ("train", "val") for c in "abc" for i in range(50)]
+    assert len({image_id(r) for r in rels}) == len(rels)
+
+
+def test_ids_depend_only_on_relative_path(tmp_path):
+    make_image_folder(tmp_path / "one" / "images", per_class=2, size=(16, 12))
+    shutil.copytree(tmp_path / "one" / "images", tmp_path / "elsewhere" / "deeper" / "copy")
+    a = list_images(SourceConfig(uri=str(tmp_path / "one" / "images"))).table
+    b = list_images(SourceConfig(uri=str(tmp_path / "elsewhere" / "deeper" / "copy"))).table
+    assert a.column("path").to_pylist() != b.column("path").to_pylist()
+    assert a.column("id").to_pylist() == b.column("id").to_pylist()
+    assert a.column("relpath").to_pylist() == b.column("relpath").to_pylist()
+    assert a.column("id").to_pylist() == [image_id(r) for r in a.column("relpath").to_pylist()]
+
+
+# --- list_images ---------------------------------------------------------------------------------
+
+
+def test_lists_generated_tree_with_labels_and_splits(tmp_path):
+    counts = make_image_folder(
+        tmp_path, classes=("cat", "dog"), per_class=3, size=(16, 12), formats=("JPEG", "PNG")
+    )
+    listing = list_images(SourceConfig(uri=str(tmp_path)))
+    t = listing.table
+    assert len(listing) == counts["good"] == 12
+    assert listing.protocol == "file"
+    assert listing.root == str(tmp_path)
+    assert t.column_names == [
+        columns.ID,
+        columns.PATH,
+        "relpath",
+        columns.LABEL,
+        columns.SPLIT,
+        "size",
+        "mtime",
+    ]
+    rows = t.to_pylist()
+    expected = sorted(
+        str(p.relative_to(tmp_path)).replace(os.sep, "/") for p in tmp_path.rglob("*") if p.is_file()
+    )
+    assert [r["relpath"] for r in rows] == expected
+    for r in rows:
+        split, label, _ = r["relpath"].split("/")
+        assert (r[columns.SPLIT], r[columns.LABEL]) == (split, label)
+        assert r[columns.PATH] == str(tmp_path / r["relpath"])
+        assert r["size"] == (tmp_path / r["relpath"]).stat().st_size > 0
+        assert r["mtime"] is not None
+    assert len(set(t.column("id").to_pylist())) == 12
+
+
+def test_no_split_folders(tmp_path):
+    make_image_folder(tmp_path, classes=("a", "b"), per_class=2, splits=None, size=(16, 12))
+    t = list_images(SourceConfig(uri=str(tmp_path))).table
+    assert t.column(columns.SPLIT).to_pylist() == [None] * 4
+    assert t.column(columns.LABEL).to_pylist() == ["a", "a", "b", "b"]
+
+
+def test_labels_none_and_split_null_in_listing(tmp_path):
+    make_image_folder(tmp_path, classes=("a",), per_class=2, size=(16, 12))
+    t = list_images(SourceConfig(uri=str(tmp_path), labels="none", split=None)).table
+    assert len(t) == 4
+    assert t.column(columns.LABEL).to_pylist() == [None] * 4
+    assert t.column(columns.SPLIT).to_pylist() == [None] * 4
+
+
+def _touch(path: Path, data: bytes = b"x") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+@pytest.fixture
+def messy_tree(tmp_path) -> Path:
+    root = tmp_path / "src"
+    files = {
+        "z.jpg": b"1",
+        "A.JPG": b"12",  # upper-case extension counts
+        "b.Jpeg": b"123",
+        "deep/er/still/c.png": b"1234",
+        "deep/d.webp": b"12345",
+        "e.tiff": b"1",
+        "f.bmp": b"1",
+        "g.gif": b"1",
+        "h.tif": b"1",
+        "folder.jpg/inside.png": b"1",  # a folder with an image-like name is not a file
+        # skipped:
+        "notes.txt": b"1",
+        "jpg": b"1",  # no dot: not an extension
+        "image.jpg.bak": b"1",
+        ".hidden.jpg": b"1",
+        ".cache/x.jpg": b"1",
+        "deep/.thumbs/y.png": b"1",
+    }
+    for rel, data in files.items():
+        _touch(root / rel, data)
+    return root
+
+
+def test_filters_recursive_sorted_case_insensitive_skips_hidden(messy_tree):
+    t = list_images(SourceConfig(uri=str(messy_tree))).table
+    rel = t.column("relpath").to_pylist()
+    assert sorted(rel) == sorted(
+        [
+            "z.jpg",
+            "A.JPG",
+            "b.Jpeg",
+            "deep/er/still/c.png",
+            "deep/d.webp",
+            "e.tiff",
+            "f.bmp",
+            "g.gif",
+            "h.tif",
+            "folder.jpg/inside.png",
+        ]
+    )
+    paths = t.column("path").to_pylist()
+    assert paths == sorted(paths)
+    sizes = dict(zip(rel, t.column("size").to_pylist()))
+    assert sizes["A.JPG"] == 2
+    assert sizes["deep/er/still/c.png"] == 4
+    assert sizes["deep/d.webp"] == 5
+    # Every listed path reads back as the file at root/relpath.
+    for p, r in zip(paths, rel):
+        assert Path(p).read_bytes() == (messy_tree / r).read_bytes()
+
+
+def test_every_default_extension_is_listed(tmp_path):
+    for i, ext in enumerate(IMAGE_EXTENSIONS):
+        _touch(tmp_path / f"{i}{ext.upper()}")
+    t = list_images(SourceConfig(uri=str(tmp_path))).table
+    assert len(t) == len(IMAGE_EXTENSIONS)
+
+
+def test_custom_extensions(messy_tree):
+    t = list_images(SourceConfig(uri=str(messy_tree), extensions=("PNG",))).table
+    assert sorted(t.column("relpath").to_pylist()) == [
+        "deep/er/still/c.png",
+        "folder.jpg/inside.png",
+    ]
+
+
+def test_hidden_folder_above_root_is_fine(tmp_path):
+    root = tmp_path / ".data" / "imgs"
+    _touch(root / "cat" / "a.jpg")
+    t = list_images(SourceConfig(uri=str(root))).table
+    assert t.column("relpath").to_pylist() == ["cat/a.jpg"]
+
+
+def test_trailing_slash_and_relative_uri_give_same_listing(messy_tree, monkeypatch):
+    plain = list_images(SourceConfig(uri=str(messy_tree))).table
+    slashed = list_images(SourceConfig(uri=str(messy_tree) + "/")).table
+    monkeypatch.chdir(messy_tree.parent)
+    relative = list_images(SourceConfig(uri="./src")).table
+    assert slashed.equals(plain)
+    assert relative.column("id").equals(plain.column("id"))
+    assert relative.column("path").equals(plain.column("path"))
+
+
+def test_fsspec_url_source():
+    # A non-local filesystem: paths come back as URLs, ids still from the relative path.
+    fs = fsspec.filesystem("memory")
+    root = "/vitflow-test-sources"
+    fs.pipe(
+        {
+            f"{root}/imgs/train/cat/a.jpg": b"123",
+            f"{root}/imgs/b.png": b"1",
+            f"{root}/imgs/.hidden/c.jpg": b"1",
+            f"{root}/imgs2/d.jpg": b"1",  # a sibling sharing the prefix is not listed
+        }
+    )
+    try:
+        listing = list_images(SourceConfig(uri=f"memory://{root}/imgs"))
+        rows = listing.table.to_pylist()
+        assert listing.protocol == "memory"
+        assert [r["relpath"] for r in rows] == ["b.png", "train/cat/a.jpg"]
+        assert [r["id"] for r in rows] == [image_id("b.png"), image_id("train/cat/a.jpg")]
+        assert rows[1][columns.LABEL] == "cat"
+        assert rows[1][columns.SPLIT] == "train"
+        assert rows[1]["size"] == 3
+        for r in rows:
+            assert r[columns.PATH].startswith("memory://")
+            with fsspec.open(r[columns.PATH], "rb") as f:
+                assert f.read() == fs.cat_file(f"{root}/imgs/{r['relpath']}")
+    finally:
+        fs.rm(root, recursive=True)
+
+
+# --- errors --------------------------------------------------------------------------------------
+
+
+def test_missing_folder(tmp_path):
+    uri = str(tmp_path / "nope")
+    with pytest.raises(ConfigError, match="source.uri") as info:
+        list_images(SourceConfig(uri=uri))
+    assert uri in str(info.value)
+    assert "does not exist" in str(info.value)
+
+
+def test_file_instead_of_folder(tmp_path):
+    f = tmp_path / "one.jpg"
+    f.write_bytes(b"1")
+    with pytest.raises(ConfigError, match="source.uri") as info:
+        list_images(SourceConfig(uri=str(f)))
+    assert "is a file" in str(info.value)
+
+
+def test_folder_without_images(tmp_path):
+    _touch(tmp_path / "readme.txt")
+    _touch(tmp_path / ".hidden" / "a.jpg")
+    with pytest.raises(ConfigError, match="source.uri") as info:
+        list_images(SourceConfig(uri=str(tmp_path)))
+    assert "no images" in str(info.value)
+    assert str(tmp_path) in str(info.value)
+
+
+def test_empty_folder(tmp_path):
+    with pytest.raises(ConfigError, match="no images"):
+        list_images(SourceConfig(uri=str(tmp_path)))
