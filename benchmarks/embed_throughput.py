@@ -79,7 +79,9 @@ def generate_images(root: Path, n: int, w: int, h: int) -> list[Path]:
         print(f"generated {n} images in {root} ({time.perf_counter() - t0:.0f} s)")
     paths = sorted(root.glob("*/*.jpg"))
     mb = sum(p.stat().st_size for p in paths) / 1e6
-    print(f"  {len(paths)} JPEGs, {w}x{h}, {mb:.0f} MB, {1e3 * mb / len(paths):.0f} KB each on average")
+    print(
+        f"  {len(paths)} JPEGs, {w}x{h}, {mb:.0f} MB, {1e3 * mb / len(paths):.0f} KB each on average"
+    )
     return paths
 
 
@@ -93,8 +95,15 @@ def machine(device: torch.device) -> str:
     except OSError:
         cpu = platform.processor() or cpu
     gpu = torch.cuda.get_device_name(0) if device.type == "cuda" else "none"
-    return (f"{os.cpu_count()} cores ({cpu}), torch {torch.__version__} with "
-            f"{torch.get_num_threads()} threads, GPU: {gpu}")
+    return (
+        f"{os.cpu_count()} cores ({cpu}), torch {torch.__version__} with "
+        f"{torch.get_num_threads()} threads, GPU: {gpu}"
+    )
+
+
+def load() -> str:
+    # Other processes on the machine skew every number; the load average shows whether any ran.
+    return "/".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
 
 
 def plain_loop(paths, extractor, transform, bs, device):
@@ -140,6 +149,7 @@ def main() -> None:
         args.num_images = min(args.num_images, 200)
     logging.basicConfig(level=logging.WARNING)
 
+    load_before = load()
     work = Path(args.workdir).resolve()
     image_dir = work / f"images-{args.num_images}-{args.width}x{args.height}"
     paths = generate_images(image_dir, args.num_images, args.width, args.height)
@@ -162,12 +172,14 @@ def main() -> None:
 
     print("(c) vitflow run_embed (starts its own local Ray) ...", flush=True)
     out_dir = work / "embeddings"
-    cfg = load_config(base={
-        "source": {"uri": str(image_dir)},
-        "model": {"name": args.model},
-        "output": {"uri": str(out_dir)},
-        "compute": {"batch_size": bs},
-    })
+    cfg = load_config(
+        base={
+            "source": {"uri": str(image_dir)},
+            "model": {"name": args.model},
+            "output": {"uri": str(out_dir)},
+            "compute": {"batch_size": bs},
+        }
+    )
     t0 = time.perf_counter()
     result = run_embed(cfg, overwrite=True)
     sec_c = time.perf_counter() - t0
@@ -183,22 +195,33 @@ def main() -> None:
     print("\n" + "=" * 78)
     print("embed throughput benchmark")
     print(f"machine     : {machine(device)}")
-    print(f"model       : {args.model}, input {tuple(dcfg['input_size'])}, batch size {bs}, "
-          f"random weights, feature: last block, mean pool, L2")
+    print(f"load avg    : {load_before} (1/5/15 min) at start, {load()} at end")
+    print(
+        f"model       : {args.model}, input {tuple(dcfg['input_size'])}, batch size {bs}, "
+        f"random weights, feature: last block, mean pool, L2"
+    )
     print(f"images      : {n} JPEG q90, {args.width}x{args.height}, {len(CLASSES)} class folders")
     print("-" * 78)
     print(f"(a) plain PyTorch loop (1 process)   : {rate_a:7.2f} img/s  ({sec_a:6.1f} s)")
     print(f"(b) bare forward, pre-decoded        : {rate_b:7.2f} img/s  ({sec_b:6.1f} s)")
-    print(f"(c) vitflow run_embed, end to end    : {rate_c:7.2f} img/s  ({sec_c:6.1f} s, "
-          f"incl. Ray start/stop)")
-    print(f"    vitflow's own wall_seconds       : {timing['wall_seconds']:7.1f} s  "
-          f"({timing['images_per_second']} img/s in the manifest)")
-    print(f"    model actors' forward time       : {model_s:7.1f} s  -> {steady:.2f} img/s "
-          f"(steady-state limit of (c))")
-    print(f"    rows ok/error                    : {result.ok}/{result.error}; actors: "
-          f"{actors['num_actors']} x {actors['num_cpus']} CPU, {actors['num_gpus']} GPU, "
-          f"{actors['torch_threads']} torch threads, {actors['device']}; "
-          f"batches {execution.get('batches')}")
+    print(
+        f"(c) vitflow run_embed, end to end    : {rate_c:7.2f} img/s  ({sec_c:6.1f} s, "
+        f"incl. Ray start/stop)"
+    )
+    print(
+        f"    vitflow's own wall_seconds       : {timing['wall_seconds']:7.1f} s  "
+        f"({timing['images_per_second']} img/s in the manifest)"
+    )
+    print(
+        f"    model actors' forward time       : {model_s:7.1f} s  -> {steady:.2f} img/s "
+        f"(steady-state limit of (c))"
+    )
+    print(
+        f"    rows ok/error                    : {result.ok}/{result.error}; actors: "
+        f"{actors['num_actors']} x {actors['num_cpus']} CPU, {actors['num_gpus']} GPU, "
+        f"{actors['torch_threads']} torch threads, {actors['device']}; "
+        f"batches {execution.get('batches')}"
+    )
     print("-" * 78)
     print(f"c/a (vitflow vs plain loop)          : {rate_c / rate_a:6.2f}x")
     print(f"c/b (vitflow vs bare forward)        : {rate_c / rate_b:6.2f}x")

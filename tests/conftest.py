@@ -16,7 +16,10 @@ TINY = {
         "vit_small_patch14_reg4_dinov2.lvd142m",
         dict(img_size=28, embed_dim=32, depth=4, num_heads=2),
     ),
-    "clip": ("vit_base_patch32_clip_224.openai", dict(img_size=64, embed_dim=32, depth=3, num_heads=2)),
+    "clip": (
+        "vit_base_patch32_clip_224.openai",
+        dict(img_size=64, embed_dim=32, depth=3, num_heads=2),
+    ),
     "siglip": (
         "vit_base_patch16_siglip_224.v2_webli",
         dict(img_size=32, embed_dim=32, depth=3, num_heads=2),

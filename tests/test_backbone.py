@@ -55,7 +55,9 @@ def test_whole_model_pth_with_classifier_head_loads_head_unused(tmp_path):
 def test_training_checkpoint_wrappers_are_unwrapped(tmp_path):
     src = _vit(num_classes=0)
     path = tmp_path / "ddp.pth"
-    torch.save({"epoch": 3, "state_dict": {"module." + k: v for k, v in src.state_dict().items()}}, path)
+    torch.save(
+        {"epoch": 3, "state_dict": {"module." + k: v for k, v in src.state_dict().items()}}, path
+    )
     _same_weights(create_backbone(_cfg(path)).model, src)
 
 
@@ -86,7 +88,10 @@ def test_missing_and_unexpected_keys_are_named(tmp_path):
 def test_shape_mismatch_is_named(tmp_path):
     path = tmp_path / "wide.pth"
     torch.save(_vit(num_classes=0, embed_dim=48, num_heads=2).state_dict(), path)
-    with pytest.raises(ModelError, match=r"shape mismatches: blocks.0.attn.proj.bias \(48,\) vs model \(32,\).*\(\+46 more\)"):
+    with pytest.raises(
+        ModelError,
+        match=r"shape mismatches: blocks.0.attn.proj.bias \(48,\) vs model \(32,\).*\(\+46 more\)",
+    ):
         create_backbone(_cfg(path))
 
 

@@ -39,12 +39,18 @@ def reference_tokens(model, x, spec: FeatureConfig) -> np.ndarray:
     """Plain timm + numpy: the definition of each token feature."""
     with torch.no_grad():
         inter = model.forward_intermediates(
-            x, indices=spec.layers, norm=spec.norm, return_prefix_tokens=True,
-            output_fmt="NLC", intermediates_only=True,
+            x,
+            indices=spec.layers,
+            norm=spec.norm,
+            return_prefix_tokens=True,
+            output_fmt="NLC",
+            intermediates_only=True,
         )
     pooled = []
     for out in inter:
-        patch, prefix = (out[0].numpy(), out[1].numpy()) if isinstance(out, tuple) else (out.numpy(), None)
+        patch, prefix = (
+            (out[0].numpy(), out[1].numpy()) if isinstance(out, tuple) else (out.numpy(), None)
+        )
         mean = patch.mean(axis=1)
         if spec.pool == "mean":
             pooled.append(mean)
@@ -80,7 +86,9 @@ def finish(pooled: list[np.ndarray], spec: FeatureConfig) -> np.ndarray:
 def all_specs(pools, aggregates=("concat", "mean"), norms=(False, True)) -> list[FeatureConfig]:
     combos = itertools.product(LAYER_SPECS, pools, aggregates, norms, ("l2", "none"))
     return [
-        FeatureConfig(name=f"f{i}", layers=layers, pool=pool, aggregate=agg, norm=norm, normalize=nz)
+        FeatureConfig(
+            name=f"f{i}", layers=layers, pool=pool, aggregate=agg, norm=norm, normalize=nz
+        )
         for i, (layers, pool, agg, norm, nz) in enumerate(combos)
     ]
 
@@ -103,7 +111,9 @@ def test_token_models_match_plain_timm(family, pools):
     out = fx(x)
     for spec in specs:
         expected = reference_tokens(model, x, spec)
-        np.testing.assert_allclose(out[spec.name].numpy(), expected, rtol=1e-4, atol=1e-5, err_msg=str(spec))
+        np.testing.assert_allclose(
+            out[spec.name].numpy(), expected, rtol=1e-4, atol=1e-5, err_msg=str(spec)
+        )
         assert fx.dims[spec.name] == expected.shape[1]
 
 
@@ -114,14 +124,20 @@ def test_cnn_stages_match_plain_timm():
     specs = [
         FeatureConfig(name=f"f{i}", layers=layers, pool=pool, aggregate=agg, normalize=nz)
         for i, (layers, pool, agg, nz) in enumerate(
-            itertools.product([1, 2, [0, -1], [-2]], ["avg", "max", "gem", "mean"], ["concat"], ["l2", "none"])
+            itertools.product(
+                [1, 2, [0, -1], [-2]], ["avg", "max", "gem", "mean"], ["concat"], ["l2", "none"]
+            )
         )
     ] + [FeatureConfig(name="single_mean", layers=[-1], pool="gem", aggregate="mean")]
     fx = FeatureExtractor(model, specs, tuple(x.shape[1:]))
     out = fx(x)
     for spec in specs:
         np.testing.assert_allclose(
-            out[spec.name].numpy(), reference_maps(model, x, spec), rtol=1e-4, atol=1e-5, err_msg=str(spec)
+            out[spec.name].numpy(),
+            reference_maps(model, x, spec),
+            rtol=1e-4,
+            atol=1e-5,
+            err_msg=str(spec),
         )
     dims = {str(s.layers): fx.dims[s.name] for s in specs}
     assert dims == {"1": 512, "2": 256 + 512, "[0, -1]": 64 + 512, "[-2]": 256, "[-1]": 512}
@@ -151,7 +167,10 @@ def test_one_backbone_pass_for_many_feature_sets(family):
     calls = []
     next(model.children()).register_forward_pre_hook(lambda *_: calls.append(1))
     pool = "mean" if family == "vit" else "gem"
-    specs = [FeatureConfig(name=f"f{i}", layers=layers, pool=pool) for i, layers in enumerate([1, 2, [0], [-1, 1]])]
+    specs = [
+        FeatureConfig(name=f"f{i}", layers=layers, pool=pool)
+        for i, layers in enumerate([1, 2, [0], [-1, 1]])
+    ]
     fx = FeatureExtractor(model, specs, tuple(x.shape[1:]))
     calls.clear()
     fx(x)
@@ -163,7 +182,10 @@ def test_hook_fallback_equals_forward_intermediates(family):
     model = tiny(family)
     x = input_for(model)
     pool = "cls_mean" if family == "vit" else "max"
-    specs = [FeatureConfig(name="a", layers=3, pool=pool), FeatureConfig(name="b", layers=[0], pool=pool)]
+    specs = [
+        FeatureConfig(name="a", layers=3, pool=pool),
+        FeatureConfig(name="b", layers=[0], pool=pool),
+    ]
     via_api = FeatureExtractor(model, specs, tuple(x.shape[1:]), extractor="intermediates")(x)
     via_hooks = FeatureExtractor(model, specs, tuple(x.shape[1:]), extractor="hooks")(x)
     for k in via_api:
@@ -187,7 +209,9 @@ def test_hooks_used_when_model_lacks_forward_intermediates():
     spec = [FeatureConfig(name="a", layers=2, pool="avg")]
     fx = FeatureExtractor(Legacy(inner), spec, tuple(x.shape[1:]))
     assert fx.mode == "hooks"
-    torch.testing.assert_close(fx(x)["a"], FeatureExtractor(inner, spec, tuple(x.shape[1:]))(x)["a"])
+    torch.testing.assert_close(
+        fx(x)["a"], FeatureExtractor(inner, spec, tuple(x.shape[1:]))(x)["a"]
+    )
 
 
 def test_layer_resolution_matches_timm_feature_take_indices():

@@ -66,9 +66,7 @@ def test_larger_single_node_leaves_decode_cpus(node_cpus):
     assert p.torch_threads * p.num_actors <= node_cpus
 
 
-@pytest.mark.parametrize(
-    "nodes, node_cpus", [(4, 16), (16, 4), (3, 2), (2, 64), (8, 8)]
-)
+@pytest.mark.parametrize("nodes, node_cpus", [(4, 16), (16, 4), (3, 2), (2, 64), (8, 8)])
 def test_multi_node_each_node_keeps_decode_cpus(nodes, node_cpus):
     cpus = nodes * node_cpus
     p = plan(cpus=cpus, node_cpus=node_cpus)
@@ -154,9 +152,7 @@ def test_cpu_overrides_win_on_small_node():
 
 
 def test_gpu_overrides_win():
-    p = plan(
-        cpus=32, gpus=4, num_actors=2, actor_num_cpus=4, torch_threads=3, num_gpus_per_actor=2
-    )
+    p = plan(cpus=32, gpus=4, num_actors=2, actor_num_cpus=4, torch_threads=3, num_gpus_per_actor=2)
     assert (p.num_actors, p.num_cpus, p.num_gpus, p.torch_threads, p.device) == (
         2,
         4,

@@ -111,7 +111,9 @@ def test_lists_generated_tree_with_labels_and_splits(tmp_path):
     ]
     rows = t.to_pylist()
     expected = sorted(
-        str(p.relative_to(tmp_path)).replace(os.sep, "/") for p in tmp_path.rglob("*") if p.is_file()
+        str(p.relative_to(tmp_path)).replace(os.sep, "/")
+        for p in tmp_path.rglob("*")
+        if p.is_file()
     )
     assert [r["relpath"] for r in rows] == expected
     for r in rows:

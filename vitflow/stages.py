@@ -121,7 +121,7 @@ def _strings(values) -> list[str | None]:
     # Ray hands an all-null string column back as float NaNs or bytes; normalise to str/None.
     out = []
     for v in values:
-        if v is None or (isinstance(v, float) and v != v):
+        if v is None or (isinstance(v, float | np.floating) and v != v):
             out.append(None)
         else:
             out.append(v.decode() if isinstance(v, bytes) else str(v))
