@@ -328,12 +328,6 @@ def test_set_first_feature_when_features_absent_uses_defaults():
     assert cfg.features == [FeatureConfig(pool="cls")]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: with no `features` in the file the effective list is the default [emb], but "
-    "--set addresses the raw dict: features.1.name=x fails with 'index 1 is past the end of "
-    "a list of 0' instead of appending a second feature after the default one",
-)
 def test_set_appends_after_default_feature():
     cfg = load_config(base=MINIMAL, overrides=["features.1.name=x"])
     assert [f.name for f in cfg.features] == ["emb", "x"]

@@ -76,12 +76,6 @@ def test_multi_node_each_node_keeps_decode_cpus(nodes, node_cpus):
     assert p.torch_threads == max(1, node_cpus // per_node)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: on a 1-CPU node the default plan reserves 0.5 CPU for the model actor, "
-    "leaving 0.5 CPU while each decode task asks for compute.decode_num_cpus=1.0, so decode "
-    "can never be scheduled once the actor is up (the job hangs)",
-)
 def test_one_cpu_node_leaves_decode_its_cpu():
     compute = ComputeConfig()
     p = plan_actors({"CPU": 1.0}, 1.0, compute)
@@ -117,22 +111,11 @@ def test_device_cuda_with_gpus():
     assert (p.num_actors, p.num_gpus, p.device) == (1, 1, "cuda")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: an explicit compute.num_gpus_per_actor=0 is replaced by 1.0 on a GPU "
-    "cluster (`num_gpus_per_actor or 1.0`), so the documented override does not win",
-)
 def test_zero_gpus_per_actor_override_wins():
     p = plan(cpus=32, gpus=4, num_actors=2, num_gpus_per_actor=0)
     assert p.num_gpus == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: num_gpus_per_actor > 0 on a cluster without GPUs yields a CPU plan whose "
-    "actors ask Ray for GPUs that do not exist (they never start) instead of the ConfigError "
-    "that device=cuda gets",
-)
 def test_gpus_per_actor_without_gpus_raises():
     with pytest.raises(ConfigError):
         plan(cpus=8, num_gpus_per_actor=1)

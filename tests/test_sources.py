@@ -191,12 +191,12 @@ def test_filters_recursive_sorted_case_insensitive_skips_hidden(messy_tree):
     )
     paths = t.column("path").to_pylist()
     assert paths == sorted(paths)
-    sizes = dict(zip(rel, t.column("size").to_pylist()))
+    sizes = dict(zip(rel, t.column("size").to_pylist(), strict=True))
     assert sizes["A.JPG"] == 2
     assert sizes["deep/er/still/c.png"] == 4
     assert sizes["deep/d.webp"] == 5
     # Every listed path reads back as the file at root/relpath.
-    for p, r in zip(paths, rel):
+    for p, r in zip(paths, rel, strict=True):
         assert Path(p).read_bytes() == (messy_tree / r).read_bytes()
 
 

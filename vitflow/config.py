@@ -200,8 +200,9 @@ def set_path(data: dict[str, Any], key: str, value: Any) -> None:
         elif isinstance(node, dict):
             idx = part
             if not last and node.get(part) is None:
-                # Only `features` is a list section; everything else is a mapping.
-                node[part] = [] if ".".join(parts[: i + 1]) == "features" else {}
+                # Only `features` is a list section; absent, it starts as the one default
+                # feature set, so `features.1.name=x` adds a second one as a user expects.
+                node[part] = [{}] if ".".join(parts[: i + 1]) == "features" else {}
         else:
             raise ConfigError(f"{key}: {parent} is a value, not a section")
         if last:

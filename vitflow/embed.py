@@ -176,7 +176,7 @@ def _execute(ray, plan: EmbedPlan, actors: ActorPlan) -> dict:
             EmbedWorker,
             batch_size=cfg.compute.batch_size,
             batch_format="numpy",
-            concurrency=actors.num_actors,
+            compute=ray.data.ActorPoolStrategy(size=actors.num_actors),
             num_cpus=actors.num_cpus,
             num_gpus=actors.num_gpus,
             fn_constructor_kwargs={

@@ -53,22 +53,30 @@ def plan_actors(cluster: dict[str, float], node_cpus: float, compute: ComputeCon
     if compute.precision == "fp16" and not use_gpu:
         raise ConfigError("compute.precision fp16 needs CUDA; on CPU use bf16 or fp32")
     if use_gpu:
-        per_gpu = compute.num_gpus_per_actor or 1.0
-        n = compute.num_actors or max(1, int(gpus // per_gpu))
+        per_gpu = 1.0 if compute.num_gpus_per_actor is None else compute.num_gpus_per_actor
+        n = compute.num_actors or max(1, int(gpus // per_gpu) if per_gpu > 0 else 1)
         num_cpus = compute.actor_num_cpus or 1.0
         threads = compute.torch_threads or max(1, int(node_cpus // max(1, n)))
         return ActorPlan(n, num_cpus, per_gpu, threads, "cuda")
+    if compute.num_gpus_per_actor:
+        raise ConfigError(
+            f"compute.num_gpus_per_actor is {compute.num_gpus_per_actor}, but the Ray cluster "
+            "has no GPUs (the actors would never start); leave it unset on CPU clusters"
+        )
     n = compute.num_actors or max(1, int(cpus // CPUS_PER_CPU_ACTOR))
     per_node = max(1, math.ceil(n * node_cpus / cpus))
     if compute.actor_num_cpus is not None:
         num_cpus = compute.actor_num_cpus
-    elif node_cpus <= SMALL_NODE_CPUS:
-        num_cpus = 0.5
     else:
-        # Half the node's cores go to its actors' reservations, half stay for decode.
-        num_cpus = max(0.5, node_cpus / per_node / 2)
+        # Small node: half a CPU; larger: half the node's cores go to its actors'
+        # reservations, half stay for decode.
+        num_cpus = 0.5 if node_cpus <= SMALL_NODE_CPUS else max(0.5, node_cpus / per_node / 2)
+        # Whatever the size, one decode task must still fit beside the node's actors, or the
+        # pipeline stalls with nothing to feed them. An actor may reserve 0 CPUs in Ray.
+        room = max(0.0, (node_cpus - compute.decode_num_cpus) / per_node)
+        num_cpus = min(num_cpus, room)
     threads = compute.torch_threads or max(1, int(node_cpus // per_node))
-    return ActorPlan(n, num_cpus, compute.num_gpus_per_actor or 0.0, threads, "cpu")
+    return ActorPlan(n, num_cpus, 0.0, threads, "cpu")
 
 
 def _object_store_bytes() -> int:
