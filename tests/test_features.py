@@ -242,3 +242,21 @@ def test_spec_that_does_not_fit_the_model_fails_clearly(family, spec, message):
     model = tiny(family)
     with pytest.raises(ModelError, match=message):
         FeatureExtractor(model, [spec], tuple(input_for(model).shape[1:]))
+
+
+@pytest.mark.parametrize("name,size", [("hiera_tiny_224", 224), ("convnext_atto", 64)])
+def test_hierarchical_models_pool_their_stage_maps(name, size):
+    """Hiera and ConvNeXt expose stage maps (NCHW): the map pools apply, `mean` means avg."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=0).eval()
+    x = torch.randn(2, 3, size, size)
+    specs = [
+        FeatureConfig(name="a", layers=2, pool="mean"),
+        FeatureConfig(name="b", layers=[0, -1], pool="gem", normalize="none"),
+        FeatureConfig(name="c", layers=[-1], pool="max"),
+    ]
+    out = FeatureExtractor(model, specs, (3, size, size))(x)
+    for spec in specs:
+        np.testing.assert_allclose(
+            out[spec.name].numpy(), reference_maps(model, x, spec), rtol=1e-4, atol=1e-5
+        )
