@@ -1,0 +1,1 @@
+"""Pretraining core: contrastive losses, class-balanced sampling and cross-worker gathering."""
