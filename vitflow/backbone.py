@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import io
+import json
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,7 @@ from timm.data import resolve_model_data_config
 
 from vitflow.config import ModelConfig
 from vitflow.errors import ModelError
+from vitflow.heads import HEAD_PREFIX, ProjectionHead
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +73,6 @@ def read_checkpoint(uri: str) -> Checkpoint:
 
 
 def _safetensors_metadata(raw: bytes) -> dict[str, str]:
-    import json
     import struct
 
     (n,) = struct.unpack("<Q", raw[:8])
@@ -188,24 +189,57 @@ def data_config(model: torch.nn.Module) -> dict[str, Any]:
     return cfg
 
 
+# Metadata keys of a vitflow-exported backbone (safetensors header, strings only).
+META_ARCH = "vitflow.architecture"
+META_KWARGS = "vitflow.model_kwargs"
+META_DATA_CONFIG = "vitflow.data_config"
+META_HEAD = "vitflow.projection_head"
+
+
 @dataclass
 class Backbone:
-    """A loaded backbone, its preprocessing, and where its weights came from."""
+    """A loaded backbone, its preprocessing, where its weights came from, and the projection
+    head when the checkpoint carries one (vitflow-trained backbones do)."""
 
     model: torch.nn.Module
     data_config: dict[str, Any]
     checkpoint_sha256: str | None = None
+    head: torch.nn.Module | None = None
+    name: str | None = None
+    kwargs: dict[str, Any] | None = None
+
+
+def _resolve_architecture(cfg: ModelConfig, metadata: dict[str, str]) -> ModelConfig:
+    """Fill model.name/kwargs from an exported backbone's metadata; refuse a contradiction."""
+    arch = metadata.get(META_ARCH)
+    if not arch:
+        if not cfg.name:
+            raise ModelError(
+                f"checkpoint {cfg.checkpoint!r} does not name its architecture; set model.name"
+            )
+        return cfg
+    kwargs = {**json.loads(metadata.get(META_KWARGS, "{}")), **cfg.kwargs}
+    if cfg.name and cfg.name.split(".")[0] != arch.split(".")[0]:
+        raise ModelError(
+            f"model.name is {cfg.name!r} but checkpoint {cfg.checkpoint!r} holds a {arch!r} "
+            "backbone; drop model.name or fix it"
+        )
+    return cfg.model_copy(update={"name": cfg.name or arch, "kwargs": kwargs})
 
 
 def create_backbone(
-    cfg: ModelConfig, state_dict: dict[str, torch.Tensor] | None = None
+    cfg: ModelConfig,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> Backbone:
-    """Build the backbone and load its weights.
+    """Build the backbone and load its weights (and projection head, if the checkpoint has one).
 
     Args:
         cfg: the model section of the job config.
         state_dict: weights to load instead of reading ``cfg.checkpoint`` (model actors get
-            the driver's validated weights this way, so every replica is identical).
+            the driver's validated weights this way, so every replica is identical); may
+            hold ``projection_head.*`` keys.
+        metadata: the checkpoint metadata that goes with ``state_dict``.
 
     Example:
         >>> from vitflow.config import ModelConfig
@@ -213,12 +247,74 @@ def create_backbone(
         >>> bb.data_config["input_size"]
         (3, 224, 224)
     """
-    model = create_model(cfg)
     sha = None
-    if state_dict is not None:
-        model.load_state_dict(state_dict, strict=True)
-    elif cfg.checkpoint:
+    if state_dict is None and cfg.checkpoint:
         ckpt = read_checkpoint(cfg.checkpoint)
-        model.load_state_dict(match_state_dict(model, ckpt.state_dict, cfg.checkpoint), strict=True)
-        sha = ckpt.sha256
-    return Backbone(model=model.eval(), data_config=data_config(model), checkpoint_sha256=sha)
+        state_dict, metadata, sha = ckpt.state_dict, ckpt.metadata, ckpt.sha256
+    metadata = metadata or {}
+    if cfg.checkpoint:
+        cfg = _resolve_architecture(cfg, metadata)
+    model = create_model(cfg)
+    head = None
+    if state_dict is not None:
+        head_state = {
+            k[len(HEAD_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(HEAD_PREFIX)
+        }
+        body = {k: v for k, v in state_dict.items() if not k.startswith(HEAD_PREFIX)}
+        model.load_state_dict(
+            match_state_dict(model, body, cfg.checkpoint or "state dict"), strict=True
+        )
+        if head_state:
+            spec = json.loads(metadata.get(META_HEAD, "{}"))
+            if not spec:
+                raise ModelError(
+                    f"checkpoint {cfg.checkpoint!r} has projection-head weights but no {META_HEAD} metadata"
+                )
+            head = ProjectionHead(**spec)
+            head.load_state_dict(head_state, strict=True)
+            head.eval()
+    dc = data_config(model)
+    if META_DATA_CONFIG in metadata:
+        # Preprocess exactly as the backbone was trained/evaluated.
+        dc = {**dc, **json.loads(metadata[META_DATA_CONFIG])}
+        dc["input_size"] = tuple(dc["input_size"])
+        dc["mean"], dc["std"] = tuple(dc["mean"]), tuple(dc["std"])
+    return Backbone(
+        model=model.eval(),
+        data_config=dc,
+        checkpoint_sha256=sha,
+        head=head,
+        name=cfg.name,
+        kwargs=dict(cfg.kwargs),
+    )
+
+
+def backbone_bytes(bb: Backbone, extra_metadata: dict[str, str] | None = None) -> bytes:
+    """Serialise a backbone (+ projection head) as safetensors bytes that name their
+    architecture, model kwargs and preprocessing, so loading needs no other setting."""
+    from safetensors.torch import save
+
+    # clone(): safetensors refuses tensors that share storage (tied weights).
+    tensors = {k: v.detach().clone().contiguous() for k, v in bb.model.state_dict().items()}
+    metadata = {
+        META_ARCH: str(bb.name),
+        META_KWARGS: json.dumps(bb.kwargs or {}),
+        META_DATA_CONFIG: json.dumps(bb.data_config),
+        **(extra_metadata or {}),
+    }
+    if bb.head is not None:
+        tensors.update(
+            {
+                HEAD_PREFIX + k: v.detach().clone().contiguous()
+                for k, v in bb.head.state_dict().items()
+            }
+        )
+        metadata[META_HEAD] = json.dumps(bb.head.spec())
+    return save(tensors, metadata=metadata)
+
+
+def backbone_from_bytes(raw: bytes, cfg: ModelConfig) -> Backbone:
+    """Inverse of :func:`backbone_bytes` (model actors receive the driver's backbone this way)."""
+    return create_backbone(
+        cfg, state_dict=load_safetensors_bytes(raw), metadata=_safetensors_metadata(raw)
+    )

@@ -52,7 +52,11 @@ class SourceConfig(_Section):
 
 
 class ModelConfig(_Section):
-    name: str = Field(description="Any timm model name, e.g. vit_small_patch14_dinov2.lvd142m.")
+    name: str | None = Field(
+        None,
+        description="Any timm model name, e.g. vit_small_patch14_dinov2.lvd142m. May be left "
+        "out when model.checkpoint is a vitflow-exported backbone (it names its architecture).",
+    )
     pretrained: bool = Field(False, description="Download the hub weights (needs internet).")
     checkpoint: str | None = Field(
         None, description="Local path or URL of a .safetensors or .pth state dict to load."
@@ -66,9 +70,20 @@ class ModelConfig(_Section):
         description="auto: timm forward_intermediates when the model has it, else forward hooks.",
     )
 
+    @model_validator(mode="after")
+    def _name_or_checkpoint(self) -> ModelConfig:
+        if not self.name and not self.checkpoint:
+            raise ValueError("give model.name (a timm model name) or model.checkpoint")
+        return self
+
 
 class FeatureConfig(_Section):
     name: str = Field("emb", description="Output column name of this feature set.")
+    source: Literal["backbone", "head"] = Field(
+        "backbone",
+        description="backbone: pooled block outputs; head: the projection head of a vitflow-"
+        "trained checkpoint applied to the backbone's pooled output (layers/pool unused).",
+    )
     layers: int | list[int] = Field(
         default_factory=lambda: [-1],
         description="int k = the last k blocks; list = block indices (negatives from the end).",
@@ -266,13 +281,15 @@ def load_config(
     path: str | Path | None = None,
     overrides: list[str] | tuple[str, ...] = (),
     base: dict[str, Any] | None = None,
-) -> EmbedConfig:
-    """Build an :class:`EmbedConfig` from a YAML file, a dict, and ``key=value`` overrides.
+    schema: type[BaseModel] | None = None,
+) -> Any:
+    """Build a job config from a YAML file (or a dict) and ``key=value`` overrides.
 
     Args:
         path: YAML job file, or None.
         overrides: ``dotted.key=value`` strings applied in order (values parsed as YAML).
         base: a dict used when there is no file.
+        schema: the config class; default :class:`EmbedConfig` (``TrainConfig`` for training).
 
     Example:
         >>> cfg = load_config(base={"source": {"uri": "imgs"}, "model": {"name": "resnet18"},
@@ -283,7 +300,8 @@ def load_config(
     data: dict[str, Any] = read_yaml(path) if path is not None else copy.deepcopy(base or {})
     for o in overrides:
         apply_override(data, o)
+    schema = schema or EmbedConfig
     try:
-        return EmbedConfig.model_validate(data)
+        return schema.model_validate(data)
     except ValidationError as e:
-        raise ConfigError("invalid job config: " + describe_validation_error(e, EmbedConfig)) from e
+        raise ConfigError("invalid job config: " + describe_validation_error(e, schema)) from e

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 
 from vitflow import columns
-from vitflow.backbone import Backbone, create_backbone
+from vitflow.backbone import Backbone, backbone_bytes, create_backbone
 from vitflow.config import EmbedConfig
 from vitflow.errors import ConfigError, OutputExistsError, VitflowError
 from vitflow.features import FeatureExtractor, FeaturePlan
@@ -69,7 +69,9 @@ def prepare_embed(cfg: EmbedConfig, *, overwrite: bool = False) -> EmbedPlan:
     """Validate the job end to end without Ray: model, features, source listing, output."""
     backbone = create_backbone(cfg.model)
     pre = Preprocessor(backbone.data_config)
-    extractor = FeatureExtractor(backbone.model, cfg.features, pre.input_size, cfg.model.extractor)
+    extractor = FeatureExtractor(
+        backbone.model, cfg.features, pre.input_size, cfg.model.extractor, head=backbone.head
+    )
     out_fs, out_path = open_fs(cfg.output.uri)
     src_fs, src_path = open_fs(cfg.source.uri)
     if type(out_fs) is type(src_fs) and _nested(out_path, src_path):
@@ -97,13 +99,6 @@ def _input_blocks(table: pa.Table, batch_size: int) -> list[pa.Table]:
     # block k); larger ones for big corpora keep the task count reasonable.
     rows = batch_size * (1 if table.num_rows < 10_000 else 4)
     return [table.slice(i, rows) for i in range(0, table.num_rows, rows)]
-
-
-def _serialized_weights(model) -> bytes:
-    from safetensors.torch import save
-
-    # clone(): safetensors refuses tensors that share storage (tied weights).
-    return save({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()})
 
 
 def run_embed(
@@ -159,7 +154,7 @@ def _execute(ray, plan: EmbedPlan, actors: ActorPlan) -> dict:
     cfg = plan.cfg
     stats_name = f"vitflow-embed-stats-{uuid.uuid4().hex[:12]}"
     stats = ray.remote(num_cpus=0)(EmbedStats).options(name=stats_name).remote()
-    weights = ray.put(_serialized_weights(plan.backbone.model))
+    weights = ray.put(backbone_bytes(plan.backbone))
     try:
         ds = ray.data.from_arrow(_input_blocks(plan.listing.table, cfg.compute.batch_size))
         ds = ds.map_batches(

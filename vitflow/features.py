@@ -21,6 +21,9 @@ from vitflow.errors import ModelError
 from vitflow.pooling import aggregate_layers, normalize_vectors, pool_map, pool_tokens
 
 
+_POOLED = "pooled"  # key of the backbone's own pooled output in the intermediates dict
+
+
 def num_layers(model: torch.nn.Module) -> int:
     """How many intermediates the model exposes (timm's ``feature_take_indices`` domain)."""
     info = getattr(model, "feature_info", None)
@@ -98,9 +101,24 @@ class FeatureExtractor(torch.nn.Module):
         torch.Size([2, 512])
     """
 
-    def __init__(self, model, features: list[FeatureConfig], input_size, extractor: str = "auto"):
+    def __init__(
+        self,
+        model,
+        features: list[FeatureConfig],
+        input_size,
+        extractor: str = "auto",
+        head: torch.nn.Module | None = None,
+    ):
         super().__init__()
         self.model = model.eval()
+        self.head = head.eval() if head is not None else None
+        for f in features:
+            if f.source == "head" and head is None:
+                raise ModelError(
+                    f"feature {f.name!r} has source: head, but the checkpoint has no projection "
+                    "head (only vitflow-trained backbones carry one); use source: backbone"
+                )
+        self.need_final = any(f.source == "head" for f in features)
         if extractor == "auto":
             extractor = "intermediates" if hasattr(model, "forward_intermediates") else "hooks"
         if extractor == "intermediates" and not hasattr(model, "forward_intermediates"):
@@ -113,15 +131,16 @@ class FeatureExtractor(torch.nn.Module):
         plans = [
             FeaturePlan(
                 f.name,
-                resolve_layers(f.layers, self.n_layers, f.name),
-                f.pool,
+                () if f.source == "head" else resolve_layers(f.layers, self.n_layers, f.name),
+                "head" if f.source == "head" else f.pool,
                 f.aggregate,
                 f.norm,
                 f.normalize,
             )
             for f in features
         ]
-        self.take = tuple(sorted({i for p in plans for i in p.indices}))
+        # Head-only jobs still take the last block so the probe below can see the output kind.
+        self.take = tuple(sorted({i for p in plans for i in p.indices})) or (self.n_layers - 1,)
         self._final_norm = getattr(model, "norm", None)
         if self.mode == "hooks":
             self._hook_modules = self._feature_modules()
@@ -134,7 +153,9 @@ class FeatureExtractor(torch.nn.Module):
 
     def _check(self, plan: FeaturePlan, probe) -> FeaturePlan:
         pool = plan.pool
-        if self.kind == "map":
+        if pool == "head":
+            pass
+        elif self.kind == "map":
             pool = "avg" if pool == "mean" else pool
             if pool not in MAP_POOLS:
                 raise ModelError(
@@ -191,9 +212,11 @@ class FeatureExtractor(torch.nn.Module):
         if self.mode == "hooks":
             return self._hooked(x)
         params = inspect.signature(self.model.forward_intermediates).parameters
-        kwargs = {"indices": list(self.take), "intermediates_only": True}
+        # A head feature needs the full forward (final features); otherwise stop after the
+        # last requested block.
+        kwargs = {"indices": list(self.take), "intermediates_only": not self.need_final}
         if "stop_early" in params:
-            kwargs["stop_early"] = True
+            kwargs["stop_early"] = not self.need_final
         if "norm" in params:
             kwargs["norm"] = False
         if "return_prefix_tokens" in params:
@@ -201,6 +224,9 @@ class FeatureExtractor(torch.nn.Module):
             kwargs["output_fmt"] = "NLC"
         outs = self.model.forward_intermediates(x, **kwargs)
         res = {}
+        if self.need_final:
+            final, outs = outs
+            res[_POOLED] = (self.model.forward_head(final, pre_logits=True), None)
         for i, o in zip(self.take, outs, strict=True):
             res[i] = (o[0], o[1]) if isinstance(o, tuple) else (o, None)
         return res
@@ -215,11 +241,13 @@ class FeatureExtractor(torch.nn.Module):
         ]
         try:
             fwd = getattr(self.model, "forward_features", self.model)
-            fwd(x)
+            final = fwd(x)
         finally:
             for h in handles:
                 h.remove()
         res = {}
+        if self.need_final:
+            res[_POOLED] = (self.model.forward_head(final, pre_logits=True), None)
         for i in self.take:
             out = captured[i]
             if out.ndim == 3 and self.prefix_tokens:
@@ -229,6 +257,8 @@ class FeatureExtractor(torch.nn.Module):
         return res
 
     def _pool_one(self, plan: FeaturePlan, inter) -> torch.Tensor:
+        if plan.pool == "head":
+            return normalize_vectors(self.head(inter[_POOLED][0].float()).float(), plan.normalize)
         pooled = []
         for i in plan.indices:
             main, prefix = inter[i]

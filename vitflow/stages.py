@@ -165,9 +165,8 @@ class EmbedWorker:
         self, job: dict, weights: list, device: str, torch_threads: int, stats_actor: str | None
     ):
         import ray
-        from safetensors.torch import load as load_bytes
 
-        from vitflow.backbone import create_backbone
+        from vitflow.backbone import backbone_from_bytes
         from vitflow.config import EmbedConfig
         from vitflow.features import FeatureExtractor
 
@@ -176,10 +175,10 @@ class EmbedWorker:
         self.device = torch.device(
             device if device != "cuda" or torch.cuda.is_available() else "cpu"
         )
-        bb = create_backbone(cfg.model, state_dict=load_bytes(ray.get(weights[0])))
+        bb = backbone_from_bytes(ray.get(weights[0]), cfg.model)
         self.pre = Preprocessor(bb.data_config)
         self.extractor = FeatureExtractor(
-            bb.model, cfg.features, self.pre.input_size, cfg.model.extractor
+            bb.model, cfg.features, self.pre.input_size, cfg.model.extractor, head=bb.head
         )
         self.extractor.to(self.device)
         self.dims = self.extractor.dims
