@@ -64,7 +64,14 @@ def make_photo(rng: np.random.Generator, w: int, h: int) -> Image.Image:
 
 def generate_images(root: Path, n: int, w: int, h: int) -> list[Path]:
     """Write n JPEGs under root/<class>/, or reuse them if the same parameters made them."""
-    params = {"n": n, "width": w, "height": h, "quality": 90, "classes": CLASSES, "version": 1}
+    params = {
+        "n": n,
+        "width": w,
+        "height": h,
+        "quality": 90,
+        "classes": list(CLASSES),
+        "version": 1,
+    }
     stamp = root / "_params.json"
     if stamp.exists() and json.loads(stamp.read_text()) == params:
         print(f"reusing {n} images in {root}")
@@ -138,8 +145,9 @@ def main() -> None:
     ap.add_argument("--num-images", type=int, default=1000)
     ap.add_argument("--width", type=int, default=1280)
     ap.add_argument("--height", type=int, default=960)
-    # vit_small_patch16_224 (22M params, 4.6 GFLOPs/image): ~14 img/s forward on 2 EPYC cores,
-    # so the full default run (3 passes over 1,000 images + generation) stays within minutes.
+    # vit_small_patch16_224 (22M params, 4.6 GFLOPs/image), a real ViT: ~12-14 img/s forward on
+    # 2 EPYC cores; the full default run took 405 s there, 92 s of it the one-time image
+    # generation, so it stays under the ~8 min at which vit_tiny_patch16_224 would be the default.
     ap.add_argument("--model", default="vit_small_patch16_224")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workdir", default="./bench-out")

@@ -37,7 +37,6 @@ def ray_local():
     ray.init(
         num_cpus=2,
         object_store_memory=300 * 1024 * 1024,
-        include_dashboard=False,
         log_to_driver=False,
     )
     yield ray

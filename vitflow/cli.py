@@ -132,6 +132,60 @@ def _print_summary(result) -> None:
 
 
 @app.command()
+def train(
+    config: Annotated[Path, typer.Argument(help="Train job YAML (method, data, model, ...).")],
+    set_: SetOpt = None,
+    address: AddressOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Pretrain a backbone with SimCLR or SIMO2 on Ray Train; rerun to resume.
+
+    Example: vitflow train jobs/simo2-digits.yaml --set optim.steps=200
+    """
+    from vitflow.config import load_config
+    from vitflow.training.config import TrainConfig
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
+    try:
+        cfg = load_config(config, overrides=set_ or [], schema=TrainConfig)
+        from vitflow.training.trainer import run_train
+
+        typer.echo(
+            f"vitflow train: {cfg.method} on {cfg.data.uri} | {cfg.model.name} | "
+            f"{cfg.scaling.num_workers} workers | {cfg.optim.steps} steps -> {cfg.output.uri}"
+        )
+        result = run_train(cfg, address=address)
+    except VitflowError as e:
+        _fail(str(e))
+        return
+    lines = ["", "vitflow train: done"]
+    if result.resumed_from_step:
+        lines.append(f"  resumed from  : step {result.resumed_from_step}")
+    lines += [
+        f"  steps         : {result.steps}",
+        f"  run folder    : {result.run_dir} (metrics.jsonl, loss_curves.png, embedding_projection.png)",
+        f"  backbone      : {result.backbone_path}",
+        f"  embed with it : vitflow embed --input IMAGES --output OUT --checkpoint {result.backbone_path}",
+    ]
+    typer.echo("\n".join(lines))
+
+
+@app.command("export-backbone")
+def export_backbone_cmd(
+    run_dir: Annotated[str, typer.Argument(help="Run folder of a vitflow train job.")],
+) -> None:
+    """Export the newest checkpoint's backbone (+ projection head) as .safetensors."""
+    from vitflow.training.trainer import export_backbone
+
+    try:
+        path = export_backbone(run_dir)
+    except VitflowError as e:
+        _fail(str(e))
+        return
+    typer.echo(path)
+
+
+@app.command()
 def version() -> None:
     """Print the versions of vitflow and the libraries it runs on."""
     from vitflow.manifest import versions

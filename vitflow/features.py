@@ -20,7 +20,6 @@ from vitflow.config import MAP_POOLS, TOKEN_POOLS, FeatureConfig
 from vitflow.errors import ModelError
 from vitflow.pooling import aggregate_layers, normalize_vectors, pool_map, pool_tokens
 
-
 _POOLED = "pooled"  # key of the backbone's own pooled output in the intermediates dict
 
 

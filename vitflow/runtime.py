@@ -105,7 +105,6 @@ def ray_session(address: str | None = None):
         ray.init(
             num_cpus=os.cpu_count(),
             object_store_memory=_object_store_bytes(),
-            include_dashboard=False,
             logging_level=logging.WARNING,
         )
     try:

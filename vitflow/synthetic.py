@@ -120,3 +120,31 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def make_digits_folder(
+    root: str | Path, *, size: int = 32, holdout_every: int = 5
+) -> dict[str, int]:
+    """scikit-learn's handwritten digits (8x8, shipped inside the package: no download),
+    upscaled to ``size`` px as ``root/{train,val}/<digit>/NNNN.png``.
+
+    Every ``holdout_every``-th image of each class goes to ``val``. Returns image counts.
+    """
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    root = Path(root)
+    counts = {"train": 0, "val": 0}
+    seen: dict[int, int] = {}
+    for i, (img, y) in enumerate(zip(digits.images, digits.target, strict=True)):
+        k = seen.get(int(y), 0)
+        seen[int(y)] = k + 1
+        split = "val" if k % holdout_every == holdout_every - 1 else "train"
+        folder = root / split / str(int(y))
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = (img / 16.0 * 255).astype(np.uint8)
+        Image.fromarray(pixels, "L").resize((size, size), Image.BICUBIC).convert("RGB").save(
+            folder / f"{i:04d}.png"
+        )
+        counts[split] += 1
+    return counts

@@ -100,6 +100,7 @@ class MetricsLogger:
         self._local = isinstance(self.fs, LocalFileSystem)
         self._client = None
         self.run_id: str | None = None
+        self.tracking_uri: str | None = None
         if tracking == "mlflow":
             self._start_mlflow(run_dir, experiment, run_name, params or {})
 

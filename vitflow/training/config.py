@@ -1,0 +1,111 @@
+"""The train job's configuration (``vitflow train JOB.yaml``): same rules as the embed job —
+unknown keys rejected, ``--set`` overrides, the worker re-validates it from a plain dict."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from vitflow.config import ModelConfig, _Section
+
+
+class TrainDataConfig(_Section):
+    uri: str = Field(description="Folder (or fsspec URL) with one subfolder per class.")
+    image_size: int = Field(64, ge=8, description="Training crop size (square).")
+    holdout_fraction: float = Field(
+        0.1,
+        ge=0.0,
+        lt=0.9,
+        description="Share of each class held out for the kNN monitor when the folder has no "
+        "val/validation/test split.",
+    )
+    cache_images: int = Field(
+        20_000, ge=0, description="Keep up to this many decoded images in worker memory."
+    )
+
+
+class TrainModelConfig(ModelConfig):
+    name: str = Field(description="timm backbone name, e.g. resnet18 or vit_small_patch16_224.")
+    embedding_dim: int = Field(16, ge=2, description="Projection head output width.")
+    head_hidden_dim: int = Field(512, ge=0, description="Head hidden width; 0 = linear head.")
+
+
+class SIMO2Config(_Section):
+    samples_per_class: int = Field(16, ge=2, description="Images of each class in a batch.")
+    classes_per_batch: int | None = Field(
+        8, ge=2, description="Classes in each global batch; null = all classes."
+    )
+    orth_lean: float = Field(
+        1 / 137, ge=0.0, le=0.5, description="Target t of the orthogonality terms."
+    )
+    replacement: Literal["auto", "never"] = Field(
+        "auto",
+        description="auto: a class with fewer images than samples_per_class is sampled with "
+        "replacement (a warning names it); never: refuse such classes.",
+    )
+
+
+class SimCLRConfig(_Section):
+    temperature: float = Field(0.5, gt=0.0, description="NT-Xent temperature.")
+    batch_size: int = Field(256, ge=2, description="Global batch (images; two views each).")
+
+
+class OptimConfig(_Section):
+    lr: float = Field(3e-4, gt=0.0, description="AdamW peak learning rate.")
+    weight_decay: float = Field(1e-4, ge=0.0, description="AdamW weight decay.")
+    steps: int = Field(1000, ge=1, description="Optimizer steps in the whole run.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up, then cosine decay to 0.")
+
+
+class ScalingSection(_Section):
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (DDP ranks).")
+    use_gpu: bool = Field(False, description="One GPU per worker, NCCL; else CPU and gloo.")
+    cpus_per_worker: float = Field(1.0, gt=0.0, description="CPUs reserved per worker.")
+
+
+class TrainOutputConfig(_Section):
+    uri: str = Field(
+        description="Run folder: checkpoints, metrics.jsonl, plots, exported backbone."
+    )
+    checkpoint_every: int = Field(100, ge=1, description="Steps between checkpoints.")
+    keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept.")
+    log_every: int = Field(10, ge=1, description="Steps between metrics.jsonl lines.")
+
+
+class MonitorConfig(_Section):
+    knn_every: int = Field(100, ge=0, description="Steps between kNN checks; 0 = off.")
+    knn_k: int = Field(20, ge=1, description="Neighbours of the weighted kNN classifier.")
+    max_images: int = Field(2000, ge=10, description="Cap on train images embedded per check.")
+
+
+class TrainConfig(_Section):
+    """One pretraining job. Load with ``load_config(path, schema=TrainConfig)``."""
+
+    method: Literal["simclr", "simo2"] = Field("simo2", description="Training objective.")
+    data: TrainDataConfig
+    model: TrainModelConfig
+    simo2: SIMO2Config = Field(default_factory=SIMO2Config)
+    simclr: SimCLRConfig = Field(default_factory=SimCLRConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    scaling: ScalingSection = Field(default_factory=ScalingSection)
+    output: TrainOutputConfig
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig)
+    tracking: Literal["none", "mlflow"] = Field("none", description="Also log to MLflow.")
+    seed: int = Field(0, description="Seeds weights, sampling and augmentation.")
+
+    @model_validator(mode="after")
+    def _divisible(self) -> TrainConfig:
+        w = self.scaling.num_workers
+        if self.method == "simclr" and self.simclr.batch_size % w:
+            raise ValueError(
+                f"simclr.batch_size {self.simclr.batch_size} is not divisible by "
+                f"scaling.num_workers {w}; use a multiple of {w}"
+            )
+        cpb = self.simo2.classes_per_batch
+        if self.method == "simo2" and cpb is not None and cpb % w:
+            raise ValueError(
+                f"simo2.classes_per_batch {cpb} is not divisible by scaling.num_workers {w} "
+                "(each worker takes whole classes); use a multiple of the worker count"
+            )
+        return self

@@ -1,0 +1,197 @@
+"""``run_train``: the pretraining job as a plain function, and ``export_backbone``.
+
+The driver checks the job (classes, sampler feasibility, model) before Ray starts, runs a
+Ray Train ``TorchTrainer`` whose checkpoints land in ``output.uri``, resumes from the newest
+checkpoint there when the same command is rerun, and at the end exports the backbone (with
+its projection head and preprocessing) plus the loss-curve and projection plots.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from vitflow.backbone import Backbone, backbone_bytes
+from vitflow.errors import ConfigError, VitflowError
+from vitflow.runtime import ray_session
+from vitflow.sources import open_fs
+from vitflow.training.config import TrainConfig
+from vitflow.training.data import ImageStore, list_class_folders
+from vitflow.training.loop import STATE_FILE, build_model, embed_images, mean_std, train_worker
+from vitflow.training.report import plot_loss_curves, plot_projection, read_metrics
+from vitflow.training.sampler import ClassBalancedBatchSampler
+from vitflow.training.transforms import EvalTransform, eval_data_config
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    steps: int
+    backbone_path: str
+    resumed_from_step: int
+
+
+def check_train_job(cfg: TrainConfig) -> None:
+    """Everything that can be wrong with the data or model, raised before Ray starts."""
+    folders = list_class_folders(cfg.data.uri, cfg.data.holdout_fraction, cfg.seed)
+    n_classes = len(folders.classes)
+    if cfg.method == "simo2":
+        cpb = cfg.simo2.classes_per_batch
+        if cpb is not None and cpb > n_classes:
+            raise ConfigError(
+                f"simo2.classes_per_batch is {cpb} but {cfg.data.uri!r} has {n_classes} classes; "
+                f"set it to at most {n_classes} (or null for all classes)"
+            )
+        if cpb is None and n_classes % cfg.scaling.num_workers:
+            raise ConfigError(
+                f"simo2.classes_per_batch is null (all {n_classes} classes), which does not split "
+                f"over {cfg.scaling.num_workers} workers; set classes_per_batch to a multiple of it"
+            )
+        try:
+            ClassBalancedBatchSampler(
+                folders.train_labels,
+                cpb,
+                cfg.simo2.samples_per_class,
+                world_size=cfg.scaling.num_workers,
+                seed=cfg.seed,
+                replacement=cfg.simo2.replacement,
+            )
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+    elif cfg.simclr.batch_size > len(folders.train_paths):
+        raise ConfigError(
+            f"simclr.batch_size {cfg.simclr.batch_size} is larger than the "
+            f"{len(folders.train_paths)} training images; lower it"
+        )
+    build_model(cfg)  # unknown timm name, bad kwargs, bad checkpoint
+
+
+def _latest_checkpoint(run_uri: str) -> tuple[str | None, int]:
+    """Newest checkpoint folder Ray Train wrote under the run folder, and its step."""
+    fs, root = open_fs(run_uri)
+    if not fs.exists(root):
+        return None, 0
+    found = sorted(p for p in fs.glob(posixpath.join(root, "checkpoint_*", STATE_FILE)))
+    if not found:
+        return None, 0
+    path = found[-1]
+    with fs.open(path, "rb") as f:
+        state = torch.load(f, map_location="cpu", weights_only=True)
+    folder = posixpath.dirname(path)
+    proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return (folder if proto in ("file", "local") else f"{proto}://{folder}"), int(state["step"])
+
+
+def run_train(cfg: TrainConfig, *, address: str | None = None) -> TrainResult:
+    """Pretrain a backbone with SimCLR or SIMO2 on Ray Train, then export it.
+
+    Rerunning the same job after a crash resumes from the newest checkpoint in
+    ``output.uri`` and finishes at the same final step.
+
+    Example:
+        >>> from vitflow.config import load_config
+        >>> cfg = load_config("jobs/simo2-digits.yaml", schema=TrainConfig)  # doctest: +SKIP
+        >>> run_train(cfg).backbone_path  # doctest: +SKIP
+    """
+    check_train_job(cfg)
+    run_uri = cfg.output.uri.rstrip("/")
+    if "://" not in run_uri:
+        run_uri = os.path.abspath(run_uri)
+    resume_path, resume_step = _latest_checkpoint(run_uri)
+    with ray_session(address):
+        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
+
+        if resume_path:
+            log.warning("resuming from %s (step %d)", resume_path, resume_step)
+        parent, name = run_uri.rsplit("/", 1)
+        trainer = TorchTrainer(
+            train_worker,
+            # Ray Train v2 restores a run with the same name by itself; the explicit path is
+            # the fallback when its snapshot is missing (e.g. a run folder copied elsewhere).
+            train_loop_config={"job": cfg.model_dump(mode="json"), "resume": resume_path},
+            scaling_config=ScalingConfig(
+                num_workers=cfg.scaling.num_workers,
+                use_gpu=cfg.scaling.use_gpu,
+                resources_per_worker={
+                    "CPU": cfg.scaling.cpus_per_worker,
+                    **({"GPU": 1} if cfg.scaling.use_gpu else {}),
+                },
+            ),
+            run_config=RunConfig(
+                name=name,
+                storage_path=parent,
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.output.keep_checkpoints),
+                failure_config=FailureConfig(max_failures=2),
+            ),
+        )
+        result = trainer.fit()
+        if result.error:
+            raise VitflowError(f"training failed: {result.error}")
+    backbone_path = export_backbone(run_uri)
+    _plots(cfg, run_uri, backbone_path)
+    return TrainResult(run_uri, cfg.optim.steps, backbone_path, resume_step)
+
+
+def export_backbone(run_uri: str) -> str:
+    """Write the newest checkpoint's backbone + projection head as
+    ``RUN/<arch>-<method>-backbone.safetensors``, naming its architecture and preprocessing."""
+    path, step = _latest_checkpoint(run_uri)
+    if path is None:
+        raise VitflowError(f"no checkpoint under {run_uri!r}; is it a vitflow train run folder?")
+    fs, folder = open_fs(path)
+    with fs.open(posixpath.join(folder, STATE_FILE), "rb") as f:
+        state = torch.load(f, map_location="cpu", weights_only=True)
+    cfg = TrainConfig.model_validate(state["config"])
+    # The trained weights replace whatever checkpoint the run started from.
+    no_init = cfg.model.model_copy(update={"checkpoint": None, "pretrained": False})
+    model = build_model(cfg.model_copy(update={"model": no_init}))
+    model.load_state_dict(state["model"])
+    mean, std = mean_std(model.backbone)
+    bb = Backbone(
+        model=model.backbone.eval(),
+        data_config=eval_data_config(cfg.data.image_size, mean, std),
+        head=model.head.eval(),
+        name=cfg.model.name,
+        kwargs=dict(cfg.model.kwargs),
+    )
+    raw = backbone_bytes(bb, {"vitflow.method": cfg.method, "vitflow.step": str(step)})
+    out = posixpath.join(
+        run_uri, f"{cfg.model.name.split('.')[0]}-{cfg.method}-backbone.safetensors"
+    )
+    ofs, opath = open_fs(out)
+    with ofs.open(opath, "wb") as f:
+        f.write(raw)
+    log.info("exported %s (step %d)", out, step)
+    return out
+
+
+def _plots(cfg: TrainConfig, run_uri: str, backbone_path: str) -> None:
+    """Loss curves and a PCA/t-SNE view of held-out embeddings, as PNGs in the run folder."""
+    if "://" in run_uri:
+        return  # plots are written locally only
+    plot_loss_curves(read_metrics(run_uri), os.path.join(run_uri, "loss_curves.png"))
+    from vitflow.backbone import create_backbone
+    from vitflow.config import ModelConfig
+
+    bb = create_backbone(ModelConfig(checkpoint=backbone_path))
+    folders = list_class_folders(cfg.data.uri, cfg.data.holdout_fraction, cfg.seed)
+    paths = folders.holdout_paths or folders.train_paths[: cfg.monitor.max_images]
+    labels = folders.holdout_labels or folders.train_labels[: cfg.monitor.max_images]
+    dc = bb.data_config
+    tf = EvalTransform(dc["input_size"][1], dc["mean"], dc["std"])
+    x = embed_images(bb.model, ImageStore(len(paths)), paths, tf, torch.device("cpu"))
+    names = [folders.classes[y] for y in labels]
+    plot_projection(
+        np.asarray(x),
+        names,
+        os.path.join(run_uri, "embedding_projection.png"),
+        title=f"{cfg.method} {cfg.model.name}: held-out embeddings",
+    )
