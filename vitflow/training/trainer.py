@@ -74,19 +74,25 @@ def check_train_job(cfg: TrainConfig) -> None:
 
 
 def _latest_checkpoint(run_uri: str) -> tuple[str | None, int]:
-    """Newest checkpoint folder Ray Train wrote under the run folder, and its step."""
+    """Newest complete checkpoint folder Ray Train wrote under the run folder, and its step.
+
+    A folder whose state cannot be read (the process died while it was being copied) is
+    skipped for the one before it, so a crash at any moment leaves a resumable run.
+    """
     fs, root = open_fs(run_uri)
     if not fs.exists(root):
         return None, 0
-    found = sorted(p for p in fs.glob(posixpath.join(root, "checkpoint_*", STATE_FILE)))
-    if not found:
-        return None, 0
-    path = found[-1]
-    with fs.open(path, "rb") as f:
-        state = torch.load(f, map_location="cpu", weights_only=True)
-    folder = posixpath.dirname(path)
     proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return (folder if proto in ("file", "local") else f"{proto}://{folder}"), int(state["step"])
+    for path in sorted(fs.glob(posixpath.join(root, "checkpoint_*", STATE_FILE)), reverse=True):
+        try:
+            with fs.open(path, "rb") as f:
+                step = int(torch.load(f, map_location="cpu", weights_only=True)["step"])
+        except Exception as e:  # partial or corrupt: fall back to the previous checkpoint
+            log.warning("skipping unreadable checkpoint %s: %s", path, e)
+            continue
+        folder = posixpath.dirname(path)
+        return (folder if proto in ("file", "local") else f"{proto}://{folder}"), step
+    return None, 0
 
 
 def run_train(cfg: TrainConfig, *, address: str | None = None) -> TrainResult:
