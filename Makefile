@@ -20,7 +20,7 @@ help:
 	@echo "make demo     - embed a generated image folder on a local Ray and show the result"
 	@echo "make test     - run the whole test suite (no GPU, no network)"
 	@echo "make lint     - ruff"
-	@echo "make bench    - embed throughput: vitflow vs a plain PyTorch loop vs the bare model"
+	@echo "make bench    - embed throughput (vitflow vs plain loop vs bare model), training 1 vs 2 workers"
 
 install: $(STAMP)
 
@@ -49,6 +49,7 @@ lint: install
 
 bench: install
 	$(BIN)/python benchmarks/embed_throughput.py
+	$(BIN)/python benchmarks/train_throughput.py
 
 clean:
 	rm -rf demo-out bench-out .pytest_cache

@@ -71,7 +71,7 @@ def knn_curve(run: Path) -> list[float]:
 @pytest.fixture(scope="module")
 def simo2_run(digits, tmp_path_factory, ray_local):
     out = tmp_path_factory.mktemp("runs") / "simo2"
-    return run_train(job(digits, out, "simo2")), out
+    return run_train(job(digits, out, "simo2", tracking="mlflow")), out
 
 
 @pytest.mark.ray
@@ -92,6 +92,20 @@ def test_simo2_two_workers_beats_random_init(simo2_run):
         assert (out / png).stat().st_size > 10_000
     path, step = _latest_checkpoint(str(out))
     assert step == STEPS and result.steps == STEPS
+
+
+@pytest.mark.ray
+def test_mlflow_local_store_has_the_same_metrics(simo2_run, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    _, out = simo2_run
+    client = MlflowClient(tracking_uri=(out / "mlruns").as_uri())
+    run_id = json.loads((out / "mlflow_run.json").read_text())["run_id"]
+    logged = {m["step"]: m["loss_same"] for m in read_metrics(str(out)) if "loss_same" in m}
+    history = {m.step: m.value for m in client.get_metric_history(run_id, "loss_same")}
+    assert history == pytest.approx(logged)
+    assert client.get_run(run_id).data.params["method"] == "simo2"
 
 
 @pytest.mark.ray
