@@ -130,6 +130,15 @@ def machine(use_gpu: bool) -> str:
     return f"{os.cpu_count()} cores ({cpu}), torch {torch.__version__}, GPU: {gpu}"
 
 
+def worker_threads() -> str:
+    """What torch in each Ray Train worker runs with (the loop reads VITFLOW_TORCH_THREADS)."""
+    if os.environ.get("VITFLOW_TORCH_THREADS", "0") != "0":
+        return f"{os.environ['VITFLOW_TORCH_THREADS']} (VITFLOW_TORCH_THREADS)"
+    if os.environ.get("OMP_NUM_THREADS"):
+        return f"{os.environ['OMP_NUM_THREADS']} (OMP_NUM_THREADS)"
+    return "1 (Ray sets OMP_NUM_THREADS to the 1 CPU each worker reserves)"
+
+
 def load() -> str:
     # Other processes on the machine skew every number; the load average shows whether any ran.
     return "/".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
@@ -197,9 +206,8 @@ def main() -> None:
         f"no kNN monitor, {'GPU' if args.gpu else 'CPU'}, 1 CPU reserved per worker"
     )
     print(
-        f"              RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="
-        f"{os.environ['RAY_TRAIN_HEALTH_CHECK_INTERVAL_S']}, OMP_NUM_THREADS in workers: "
-        f"{os.environ.get('OMP_NUM_THREADS', 'Ray default (= CPUs reserved, 1)')}"
+        f"              torch threads per worker: {worker_threads()}, "
+        f"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S={os.environ['RAY_TRAIN_HEALTH_CHECK_INTERVAL_S']}"
     )
     print("-" * 78)
     for workers in WORKER_COUNTS:
@@ -222,8 +230,8 @@ def main() -> None:
     if not args.gpu and (os.cpu_count() or 1) <= 2:
         print(
             f"caveat      : this machine has {os.cpu_count()} cores; the 2 workers share them "
-            "(plus Ray's own processes),\n              so expect little or no speed-up from "
-            "the second worker here."
+            "with Ray's own processes\n              and add a gradient all-reduce every step, "
+            "so expect little or no speed-up\n              from the second worker here."
         )
     print("=" * 78)
 

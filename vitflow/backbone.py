@@ -43,10 +43,10 @@ class Checkpoint:
     metadata: dict[str, str]
 
 
-def read_checkpoint(uri: str) -> Checkpoint:
+def read_checkpoint(uri: str, storage_options: dict[str, Any] | None = None) -> Checkpoint:
     """Read a ``.safetensors`` or ``.pth``/``.pt``/``.bin`` state dict from a path or URL."""
     try:
-        with fsspec.open(uri, "rb") as f:
+        with fsspec.open(uri, "rb", **(storage_options or {})) as f:
             raw = f.read()
     except FileNotFoundError as e:
         raise ModelError(f"checkpoint {uri!r} does not exist; fix model.checkpoint") from e
@@ -162,7 +162,10 @@ def create_model(cfg: ModelConfig) -> torch.nn.Module:
         raise ModelError(f"unknown timm model {cfg.name!r}{hint}")
     kwargs = {**cfg.kwargs, "num_classes": 0}
     try:
-        model = timm.create_model(cfg.name, pretrained=cfg.pretrained, **kwargs)
+        # Random init is seeded: a rerun, a resume or another replica gets the same weights.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = timm.create_model(cfg.name, pretrained=cfg.pretrained, **kwargs)
     except TypeError as e:
         raise ModelError(
             f"timm cannot build {cfg.name!r} with model.kwargs {cfg.kwargs}: {e}"
@@ -231,6 +234,7 @@ def create_backbone(
     cfg: ModelConfig,
     state_dict: dict[str, torch.Tensor] | None = None,
     metadata: dict[str, str] | None = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> Backbone:
     """Build the backbone and load its weights (and projection head, if the checkpoint has one).
 
@@ -240,6 +244,7 @@ def create_backbone(
             the driver's validated weights this way, so every replica is identical); may
             hold ``projection_head.*`` keys.
         metadata: the checkpoint metadata that goes with ``state_dict``.
+        storage_options: fsspec options for reading ``cfg.checkpoint`` from object storage.
 
     Example:
         >>> from vitflow.config import ModelConfig
@@ -249,7 +254,7 @@ def create_backbone(
     """
     sha = None
     if state_dict is None and cfg.checkpoint:
-        ckpt = read_checkpoint(cfg.checkpoint)
+        ckpt = read_checkpoint(cfg.checkpoint, storage_options)
         state_dict, metadata, sha = ckpt.state_dict, ckpt.metadata, ckpt.sha256
     metadata = metadata or {}
     if cfg.checkpoint:

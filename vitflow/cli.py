@@ -75,6 +75,9 @@ def embed(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing output.")
     ] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Finish an interrupted run in the same output.")
+    ] = False,
     address: AddressOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -100,13 +103,13 @@ def embed(
         cfg = load_config(base=data, overrides=set_ or [])
         from vitflow.embed import prepare_embed, run_embed
 
-        plan = prepare_embed(cfg, overwrite=overwrite)
+        plan = prepare_embed(cfg, overwrite=overwrite, resume=resume)
         typer.echo(
             f"vitflow embed: {len(plan.listing)} images from {cfg.source.uri} -> {cfg.output.uri} "
             f"| model {cfg.model.name} | features "
             + ", ".join(f"{n}[{d}]" for n, d in plan.dims.items())
         )
-        result = run_embed(cfg, overwrite=overwrite, address=address, plan=plan)
+        result = run_embed(cfg, overwrite=overwrite, resume=resume, address=address, plan=plan)
     except VitflowError as e:
         _fail(str(e))
         return
@@ -119,6 +122,11 @@ def _print_summary(result) -> None:
         "",
         "vitflow embed: done",
         f"  images listed : {result.listed}",
+        *(
+            [f"  resumed       : {result.resumed_parts} finished parts kept"]
+            if result.resumed_parts
+            else []
+        ),
         f"  ok            : {result.ok}",
         f"  errors        : {result.error}",
         f"  accounted for : {result.ok + result.error} of {result.listed} "

@@ -27,6 +27,31 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class StorageConfig(_Section):
+    """Object-storage settings. Credentials never go here: they come from the standard
+    environment variables (AWS_ACCESS_KEY_ID, ...), AWS config files or instance roles."""
+
+    endpoint_url: str | None = Field(
+        None,
+        description="S3-compatible endpoint (MinIO, Ceph, R2, ...); default AWS or AWS_ENDPOINT_URL.",
+    )
+    region: str | None = Field(None, description="Bucket region; default AWS_DEFAULT_REGION.")
+    anonymous: bool = Field(False, description="Unsigned requests, for public buckets.")
+
+    def options_for(self, uri: str) -> dict[str, Any]:
+        """fsspec storage options for ``uri`` (empty for local paths and other protocols)."""
+        if uri.split("://", 1)[0] not in ("s3", "s3a") or "://" not in uri:
+            return {}
+        opts: dict[str, Any] = {}
+        if self.anonymous:
+            opts["anon"] = True
+        if self.endpoint_url:
+            opts["endpoint_url"] = self.endpoint_url
+        if self.region:
+            opts["client_kwargs"] = {"region_name": self.region}
+        return opts
+
+
 class SourceConfig(_Section):
     uri: str = Field(description="Folder (searched recursively) or fsspec URL of the images.")
     labels: Literal["folder", "none"] = Field(
@@ -122,7 +147,12 @@ class FeatureConfig(_Section):
 
 class OutputConfig(_Section):
     uri: str = Field(description="Folder or fsspec URL the parquet shards are written under.")
-    rows_per_file: int = Field(50_000, gt=0, description="Approximate rows per parquet shard.")
+    rows_per_file: int = Field(
+        10_000,
+        gt=0,
+        description="Rows per parquet part (consecutive listed files); also the unit a "
+        "resumed run never recomputes.",
+    )
 
 
 class ComputeConfig(_Section):
@@ -146,6 +176,12 @@ class ComputeConfig(_Section):
         None, gt=0, description="torch intra-op threads in a CPU actor; null = sized from the node."
     )
     decode_num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per read+decode task.")
+    max_error_fraction: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="Abort (resumably) when more than this share of files fail; null = off.",
+    )
 
 
 class EmbedConfig(_Section):
@@ -159,6 +195,7 @@ class EmbedConfig(_Section):
     )
     output: OutputConfig
     compute: ComputeConfig = Field(default_factory=ComputeConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
 
     @model_validator(mode="after")
     def _unique_names(self) -> EmbedConfig:

@@ -3,14 +3,18 @@
 Everything that can be wrong with the job (config, model name, layer indices, pooling that
 does not fit the model, checkpoint keys, source, existing output) is checked by
 :func:`prepare_embed` on the driver before Ray runs any work. Then Ray Data streams the
-listing through read+decode tasks and model actors into parquet shards, and the driver
-checks that every listed file came out exactly once before writing ``_manifest.json``.
+listing through read+decode tasks and model actors into a part writer (see
+:mod:`vitflow.sinks`), and the driver checks that every listed file came out exactly once
+before writing ``_manifest.json``. ``resume=True`` continues an interrupted run from the
+parts and staged batches it left.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import posixpath
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -27,10 +31,20 @@ from vitflow.features import FeatureExtractor, FeaturePlan
 from vitflow.manifest import build_manifest, write_manifest
 from vitflow.preprocess import Preprocessor
 from vitflow.runtime import ActorPlan, largest_node_cpus, plan_actors, ray_session
+from vitflow.sinks import (
+    PART_COLUMN,
+    ErrorBudgetExceeded,
+    PartWriter,
+    assign_parts,
+    clean_staging,
+    finished_parts,
+)
 from vitflow.sources import Listing, list_images, open_fs
 from vitflow.stages import EmbedStats, EmbedWorker, decode_batch
 
 log = logging.getLogger(__name__)
+
+RUN_STATE = "_vitflow_run.json"  # what an unfinished run was doing, for --resume
 
 
 @dataclass
@@ -43,6 +57,8 @@ class EmbedPlan:
     listing: Listing
     output_fs: Any
     output_path: str
+    weights: bytes = field(repr=False, default=b"")
+    fingerprint: str = ""
 
     @property
     def dims(self) -> dict[str, int]:
@@ -59,34 +75,80 @@ class EmbedResult:
     error: int
     seconds: float
     manifest: dict[str, Any] = field(repr=False)
+    resumed_parts: int = 0
 
     @property
     def images_per_second(self) -> float:
         return self.listed / self.seconds if self.seconds > 0 else 0.0
 
 
-def prepare_embed(cfg: EmbedConfig, *, overwrite: bool = False) -> EmbedPlan:
+def job_fingerprint(cfg: EmbedConfig, weights: bytes, listing: Listing) -> str:
+    """What must not change between an interrupted run and its resume: weights, features,
+    preprocessing-relevant settings, part layout and the listed files."""
+    h = hashlib.sha256(weights)
+    stable = {
+        "features": [f.model_dump(mode="json") for f in cfg.features],
+        "model": cfg.model.model_dump(mode="json"),
+        "source": cfg.source.model_dump(mode="json"),
+        "rows_per_file": cfg.output.rows_per_file,
+    }
+    h.update(json.dumps(stable, sort_keys=True).encode())
+    t = listing.table
+    for col in (columns.ID, "size", "mtime"):
+        h.update("\n".join(map(str, t.column(col).to_pylist())).encode())
+    return h.hexdigest()
+
+
+def prepare_embed(cfg: EmbedConfig, *, overwrite: bool = False, resume: bool = False) -> EmbedPlan:
     """Validate the job end to end without Ray: model, features, source listing, output."""
-    backbone = create_backbone(cfg.model)
+    if overwrite and resume:
+        raise ConfigError("--overwrite and --resume contradict each other; pick one")
+    so = cfg.storage
+    backbone = create_backbone(
+        cfg.model, storage_options=so.options_for(cfg.model.checkpoint or "")
+    )
     pre = Preprocessor(backbone.data_config)
     extractor = FeatureExtractor(
         backbone.model, cfg.features, pre.input_size, cfg.model.extractor, head=backbone.head
     )
-    out_fs, out_path = open_fs(cfg.output.uri)
-    src_fs, src_path = open_fs(cfg.source.uri)
+    out_fs, out_path = open_fs(cfg.output.uri, so.options_for(cfg.output.uri))
+    src_fs, src_path = open_fs(cfg.source.uri, so.options_for(cfg.source.uri))
     if type(out_fs) is type(src_fs) and _nested(out_path, src_path):
         raise ConfigError(
             f"output.uri {cfg.output.uri!r} and source.uri {cfg.source.uri!r} overlap; "
             "write the embeddings to a folder outside the images (and not above them)"
         )
-    listing = list_images(cfg.source)
-    if out_fs.exists(out_path) and out_fs.ls(out_path):
-        if not overwrite:
-            raise OutputExistsError(
-                f"output {cfg.output.uri!r} already holds data; pass --overwrite to replace it "
-                "or choose another output.uri"
-            )
-    return EmbedPlan(cfg, backbone, extractor.plans, listing, out_fs, out_path)
+    listing = list_images(cfg.source, so.options_for(cfg.source.uri))
+    weights = backbone_bytes(backbone)
+    plan = EmbedPlan(cfg, backbone, extractor.plans, listing, out_fs, out_path, weights)
+    plan.fingerprint = job_fingerprint(cfg, weights, listing)
+    has_data = out_fs.exists(out_path) and bool(out_fs.ls(out_path))
+    if resume:
+        _check_resumable(plan)
+    elif has_data and not overwrite:
+        raise OutputExistsError(
+            f"output {cfg.output.uri!r} already holds data; pass --overwrite to replace it, "
+            "--resume to finish an interrupted run, or choose another output.uri"
+        )
+    return plan
+
+
+def _check_resumable(plan: EmbedPlan) -> None:
+    fs, out = plan.output_fs, plan.output_path
+    state_path = posixpath.join(out, RUN_STATE)
+    if fs.exists(posixpath.join(out, columns.MANIFEST_NAME)) and not fs.exists(state_path):
+        raise OutputExistsError(
+            f"output {plan.cfg.output.uri!r} is a finished run; nothing to resume"
+        )
+    if not fs.exists(state_path):
+        return  # nothing was started: --resume on an empty output is a fresh run
+    state = json.loads(fs.cat_file(state_path))
+    if state.get("fingerprint") != plan.fingerprint:
+        raise ConfigError(
+            f"cannot resume {plan.cfg.output.uri!r}: the model weights, feature spec, source "
+            "settings or the listed files changed since the interrupted run; rerun with "
+            "--overwrite (or use `vitflow reindex` for a source that changes)"
+        )
 
 
 def _nested(a: str, b: str) -> bool:
@@ -105,14 +167,17 @@ def run_embed(
     cfg: EmbedConfig,
     *,
     overwrite: bool = False,
+    resume: bool = False,
     address: str | None = None,
     plan: EmbedPlan | None = None,
 ) -> EmbedResult:
-    """Embed every image of ``cfg.source`` and write parquet shards + ``_manifest.json``.
+    """Embed every image of ``cfg.source`` and write parquet parts + ``_manifest.json``.
 
     Args:
         cfg: the job.
         overwrite: replace an existing output instead of refusing.
+        resume: finish an interrupted run in the same output: finished parts are kept,
+            staged batches reused, only the rest is computed.
         address: Ray cluster address to attach to; default: the Ray already initialised in
             this process, else a local one sized to the machine.
         plan: a result of :func:`prepare_embed` to reuse (it is computed otherwise).
@@ -126,13 +191,30 @@ def run_embed(
         True
     """
     started = time.time()
-    plan = plan or prepare_embed(cfg, overwrite=overwrite)
-    if overwrite and plan.output_fs.exists(plan.output_path):
-        plan.output_fs.rm(plan.output_path, recursive=True)
-    with ray_session(address) as ray:
-        actors = plan_actors(ray.cluster_resources(), largest_node_cpus(), cfg.compute)
-        log.info("actor plan: %s", actors)
-        stats = _execute(ray, plan, actors)
+    plan = plan or prepare_embed(cfg, overwrite=overwrite, resume=resume)
+    fs, out = plan.output_fs, plan.output_path
+    if overwrite and fs.exists(out):
+        fs.rm(out, recursive=True)
+    fs.makedirs(out, exist_ok=True)
+    table = plan.listing.table
+    table = table.append_column(
+        PART_COLUMN, pa.array(assign_parts(table.num_rows, cfg.output.rows_per_file))
+    )
+    done = finished_parts(fs, out) if resume else set()
+    todo = table.filter(pa.array([p not in done for p in table.column(PART_COLUMN).to_pylist()]))
+    all_parts = set(table.column(PART_COLUMN).to_pylist())
+    clean_staging(fs, out, keep_parts=(all_parts - done) if resume else None)
+    fs.pipe_file(
+        posixpath.join(out, RUN_STATE), json.dumps({"fingerprint": plan.fingerprint}).encode()
+    )
+    stats: dict = {}
+    actors = None
+    if todo.num_rows:
+        with ray_session(address) as ray:
+            actors = plan_actors(ray.cluster_resources(), largest_node_cpus(), cfg.compute)
+            log.info("actor plan: %s", actors)
+            stats = _execute(ray, plan, actors, todo)
+    clean_staging(fs, out)
     seconds = time.time() - started
     counts = _verify_output(plan)
     manifest = build_manifest(
@@ -141,22 +223,30 @@ def run_embed(
         plan.features,
         counts=counts,
         seconds=seconds,
-        stats=stats,
-        actors=actors.__dict__,
+        stats={**stats, "resumed_parts": len(done)},
+        actors=actors.__dict__ if actors else None,
     )
-    write_manifest(plan.output_fs, plan.output_path, manifest)
+    write_manifest(fs, out, manifest)
+    fs.rm(posixpath.join(out, RUN_STATE))
     return EmbedResult(
-        cfg.output.uri, counts["listed"], counts["ok"], counts["error"], seconds, manifest
+        cfg.output.uri,
+        counts["listed"],
+        counts["ok"],
+        counts["error"],
+        seconds,
+        manifest,
+        len(done),
     )
 
 
-def _execute(ray, plan: EmbedPlan, actors: ActorPlan) -> dict:
+def _execute(ray, plan: EmbedPlan, actors: ActorPlan, todo: pa.Table) -> dict:
     cfg = plan.cfg
     stats_name = f"vitflow-embed-stats-{uuid.uuid4().hex[:12]}"
     stats = ray.remote(num_cpus=0)(EmbedStats).options(name=stats_name).remote()
-    weights = ray.put(backbone_bytes(plan.backbone))
+    weights = ray.put(plan.weights)
+    part_sizes = {int(p): int(n) for p, n in zip(*_counts(todo.column(PART_COLUMN)), strict=True)}
     try:
-        ds = ray.data.from_arrow(_input_blocks(plan.listing.table, cfg.compute.batch_size))
+        ds = ray.data.from_arrow(_input_blocks(todo, cfg.compute.batch_size))
         ds = ds.map_batches(
             decode_batch,
             batch_size=None,
@@ -165,6 +255,7 @@ def _execute(ray, plan: EmbedPlan, actors: ActorPlan) -> dict:
             fn_kwargs={
                 "data_config_json": json.dumps(plan.backbone.data_config),
                 "max_pixels": cfg.source.max_pixels,
+                "storage_options": cfg.storage.options_for(cfg.source.uri),
             },
         )
         ds = ds.map_batches(
@@ -182,28 +273,41 @@ def _execute(ray, plan: EmbedPlan, actors: ActorPlan) -> dict:
                 "stats_actor": stats_name,
             },
         )
-        ds.write_parquet(
-            plan.output_path,
-            filesystem=_arrow_fs(plan.output_fs),
-            min_rows_per_file=cfg.output.rows_per_file,
+        # One writer: it counts every part's rows to know when the part is complete.
+        ds = ds.map_batches(
+            PartWriter,
+            batch_size=None,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=1),
+            num_cpus=0,
+            fn_constructor_kwargs={
+                "fs": plan.output_fs,
+                "out_path": plan.output_path,
+                "part_sizes": part_sizes,
+                "max_error_fraction": cfg.compute.max_error_fraction,
+            },
         )
+        try:
+            ds.take_all()
+        except Exception as e:
+            if ErrorBudgetExceeded.__name__ in str(e):
+                msg = str(e).split(f"{ErrorBudgetExceeded.__name__}: ", 1)[-1].splitlines()[0]
+                raise VitflowError(f"error budget exceeded: {msg}") from None
+            raise
         return ray.get(stats.get.remote())
     finally:
         ray.kill(stats)
 
 
-def _arrow_fs(fs):
-    from pyarrow.fs import FSSpecHandler, LocalFileSystem, PyFileSystem
+def _counts(col: pa.ChunkedArray):
+    import numpy as np
 
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    if protocol in ("file", "local"):
-        return LocalFileSystem()
-    return PyFileSystem(FSSpecHandler(fs))
+    return np.unique(col.to_numpy(), return_counts=True)
 
 
 def _verify_output(plan: EmbedPlan) -> dict[str, int]:
     """Count ok/error rows and check each listed id appears exactly once."""
-    dataset = pads.dataset(plan.output_path, format="parquet", filesystem=_arrow_fs(plan.output_fs))
+    dataset = pads.dataset(plan.output_path, format="parquet", filesystem=arrow_fs(plan.output_fs))
     table = dataset.to_table(columns=[columns.ID, columns.STATUS])
     ids = table.column(columns.ID).to_pylist()
     listed = set(plan.listing.table.column(columns.ID).to_pylist())
@@ -212,7 +316,17 @@ def _verify_output(plan: EmbedPlan) -> dict[str, int]:
         raise VitflowError(
             f"output check failed: {len(listed)} files listed, {len(ids)} rows written "
             f"({len(ids) - len(written)} duplicated, {len(listed - written)} missing); "
-            "the output is incomplete, rerun with --overwrite"
+            "rerun with --resume to complete it"
         )
     ok = sum(1 for s in table.column(columns.STATUS).to_pylist() if s == columns.STATUS_OK)
     return {"listed": len(listed), "ok": ok, "error": len(ids) - ok}
+
+
+def arrow_fs(fs):
+    """A pyarrow filesystem for an fsspec one (local stays native)."""
+    from pyarrow.fs import FSSpecHandler, LocalFileSystem, PyFileSystem
+
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if protocol in ("file", "local"):
+        return LocalFileSystem()
+    return PyFileSystem(FSSpecHandler(fs))

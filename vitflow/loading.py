@@ -17,6 +17,7 @@ def load_embeddings(
     split: str | None = None,
     include_errors: bool = False,
     return_vectors: bool = False,
+    storage_options: dict | None = None,
 ):
     """Load an embeddings output written by ``vitflow embed``.
 
@@ -25,6 +26,7 @@ def load_embeddings(
         feature: keep only this vector column (default: all of them).
         split: keep only rows of this split (default: all).
         include_errors: keep ``status == 'error'`` rows too (default: ok rows only).
+        storage_options: fsspec options for object storage (endpoint, anonymous access).
         return_vectors: also return the ``feature`` vectors as one ``float32`` array
             ``(rows, dim)`` in DataFrame order; needs ``feature`` (or a single feature).
 
@@ -35,14 +37,14 @@ def load_embeddings(
         >>> df, X = load_embeddings("embeddings", feature="emb", split="train",
         ...                         return_vectors=True)  # doctest: +SKIP
     """
-    from vitflow.embed import _arrow_fs
+    from vitflow.embed import arrow_fs
     from vitflow.sources import open_fs
 
-    fs, path = open_fs(uri)
+    fs, path = open_fs(uri, storage_options)
     if not fs.exists(path):
         raise VitflowError(f"no embeddings at {uri!r}")
     dataset = pads.dataset(
-        path, format="parquet", filesystem=_arrow_fs(fs), exclude_invalid_files=True
+        path, format="parquet", filesystem=arrow_fs(fs), exclude_invalid_files=True
     )
     vector_cols = [f.name for f in dataset.schema if pat.is_fixed_size_list(f.type)]
     if feature is not None and feature not in vector_cols:

@@ -19,6 +19,7 @@ import torch
 from vitflow import columns
 from vitflow.decode import DecodeError, decode_image
 from vitflow.preprocess import Preprocessor
+from vitflow.sinks import PART_COLUMN
 
 _PASSTHROUGH = (columns.ID, columns.PATH, columns.LABEL, columns.SPLIT)
 
@@ -35,14 +36,39 @@ def _filesystem(protocol: str, storage_options_json: str):
     return fsspec.filesystem(protocol, **json.loads(storage_options_json))
 
 
-def read_bytes(path: str, storage_options: dict[str, Any] | None = None) -> bytes:
-    """Read a whole file from a local path or fsspec URL."""
-    if "://" not in path:
-        with open(path, "rb") as f:
-            return f.read()
-    protocol = path.split("://", 1)[0]
-    fs = _filesystem(protocol, json.dumps(storage_options or {}, sort_keys=True))
-    return fs.cat_file(path)
+READ_ATTEMPTS = 4
+READ_BACKOFF_S = 0.5
+# Errors that another attempt cannot fix: the file is gone or not readable by us.
+_PERMANENT = (FileNotFoundError, IsADirectoryError, PermissionError, NotADirectoryError)
+
+
+def read_bytes(
+    path: str,
+    storage_options: dict[str, Any] | None = None,
+    attempts: int = READ_ATTEMPTS,
+    backoff_s: float = READ_BACKOFF_S,
+) -> bytes:
+    """Read a whole file from a local path or fsspec URL, retrying transient failures.
+
+    Timeouts, 5xx answers and throttling from object storage are retried ``attempts`` times
+    with exponential backoff (``backoff_s``, doubled each time); a missing or forbidden
+    file fails at once. The last error is raised with the number of attempts.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            if "://" not in path:
+                with open(path, "rb") as f:
+                    return f.read()
+            protocol = path.split("://", 1)[0]
+            fs = _filesystem(protocol, json.dumps(storage_options or {}, sort_keys=True))
+            return fs.cat_file(path)
+        except _PERMANENT:
+            raise
+        except Exception as e:
+            if attempt == attempts:
+                raise OSError(f"{type(e).__name__}: {e} (after {attempts} attempts)") from e
+            time.sleep(backoff_s * 2 ** (attempt - 1))
+    raise AssertionError("unreachable")
 
 
 def decode_batch(
@@ -83,6 +109,8 @@ def decode_batch(
                 f"preprocessing failed: {type(e).__name__}: {e}",
             )
     out = {c: batch[c] for c in _PASSTHROUGH}
+    if PART_COLUMN in batch:
+        out[PART_COLUMN] = batch[PART_COLUMN]
     out.update(
         {
             columns.STATUS: status,
@@ -146,7 +174,12 @@ def rows_table(
         if ok.any():
             full[ok] = vectors[name]
         cols[name] = vectors_to_arrow(full, ok, d)
-    return pa.table(cols, schema=schema)
+    table = pa.table(cols, schema=schema)
+    if PART_COLUMN in batch:  # routing for the part writer; never written out
+        table = table.append_column(
+            PART_COLUMN, pa.array(np.asarray(batch[PART_COLUMN], dtype=np.int64))
+        )
+    return table
 
 
 class EmbedWorker:

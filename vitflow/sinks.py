@@ -1,0 +1,177 @@
+"""Writing the embeddings table in resumable parts.
+
+The listing is cut into parts of ``output.rows_per_file`` consecutive files. A single writer
+actor receives every embedded batch and stages it at once as a small piece file under
+``OUT/_staging/``; when all ids of a part have arrived it compacts the part's pieces into
+``OUT/part-NNNNN.parquet`` (written under a temporary name and then moved into place) and
+deletes them. So:
+
+- a finished part is one file that is either complete or absent;
+- a killed driver, writer or model actor loses at most the batches in flight: staged
+  pieces survive and ``--resume`` picks up from them;
+- a batch retried by Ray after a crash may be staged twice; compaction keeps one row per id.
+
+Readers (pyarrow datasets, pandas, polars ``OUT/*.parquet``, duckdb) skip ``_``-prefixed
+names, so they never see staging or temporary files.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+import uuid
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from vitflow import columns
+
+STAGING = "_staging"
+ERROR_BUDGET_MIN_ROWS = 100
+PART_COLUMN = "__part"
+_PART_FILE = re.compile(r"^part-(\d{5,})\.parquet$")
+_PIECE_FILE = re.compile(r"^part-(\d{5,})-[0-9a-f]+\.parquet$")
+
+
+class ErrorBudgetExceeded(RuntimeError):
+    """Raised inside the writer when too many files fail; the driver turns it into a job error."""
+
+
+def part_file(part: int) -> str:
+    return f"part-{part:05d}.parquet"
+
+
+def assign_parts(num_rows: int, rows_per_part: int) -> np.ndarray:
+    """Part index of each listed row (rows are in listing order)."""
+    return np.arange(num_rows, dtype=np.int64) // rows_per_part
+
+
+def finished_parts(fs, out_path: str) -> set[int]:
+    """Parts whose final file exists under ``out_path``."""
+    if not fs.exists(out_path):
+        return set()
+    done = set()
+    for p in fs.ls(out_path, detail=False):
+        m = _PART_FILE.match(posixpath.basename(p.rstrip("/")))
+        if m:
+            done.add(int(m.group(1)))
+    return done
+
+
+def _write_atomic(fs, table: pa.Table, path: str) -> None:
+    folder, name = posixpath.split(path)
+    tmp = posixpath.join(folder, f"_tmp-{uuid.uuid4().hex}-{name}")
+    with fs.open(tmp, "wb") as f:
+        pq.write_table(table, f)
+    fs.mv(tmp, path)
+
+
+class PartWriter:
+    """Ray Data actor stage (run with exactly one actor) that stages and compacts parts.
+
+    Args:
+        fs: fsspec filesystem of the output (picklable: local or s3fs).
+        out_path: output folder path on ``fs``.
+        part_sizes: expected number of rows of every part that this run must produce.
+    """
+
+    def __init__(
+        self,
+        fs,
+        out_path: str,
+        part_sizes: dict[int, int],
+        max_error_fraction: float | None = None,
+    ):
+        self.fs, self.out = fs, out_path.rstrip("/")
+        self.max_error_fraction = max_error_fraction
+        self.total = sum(part_sizes.values())
+        self.processed = self.errors = 0
+        self.staging = posixpath.join(self.out, STAGING)
+        self.fs.makedirs(self.staging, exist_ok=True)
+        self.expected = {int(k): int(v) for k, v in part_sizes.items()}
+        self.seen: dict[int, set[str]] = {}
+        # A restarted writer (or a resumed run) recounts what earlier incarnations staged.
+        for piece in self.fs.ls(self.staging, detail=False):
+            m = _PIECE_FILE.match(posixpath.basename(piece))
+            if m and int(m.group(1)) in self.expected:
+                with self.fs.open(piece, "rb") as f:
+                    ids = pq.read_table(f, columns=[columns.ID]).column(0)
+                self.seen.setdefault(int(m.group(1)), set()).update(ids.to_pylist())
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        self._check_error_budget(batch)
+        written = []
+        parts = batch.column(PART_COLUMN).to_numpy()
+        rows = batch.drop_columns([PART_COLUMN])
+        for part in np.unique(parts):
+            part = int(part)
+            piece = rows.filter(pa.array(parts == part))
+            name = f"part-{part:05d}-{uuid.uuid4().hex[:16]}.parquet"
+            _write_atomic(self.fs, piece, posixpath.join(self.staging, name))
+            seen = self.seen.setdefault(part, set())
+            seen.update(piece.column(columns.ID).to_pylist())
+            if len(seen) >= self.expected.get(part, float("inf")):
+                written.append((part, self._compact(part)))
+        return pa.table(
+            {"part": [p for p, _ in written], "rows": [n for _, n in written]},
+            schema=pa.schema([("part", pa.int64()), ("rows", pa.int64())]),
+        )
+
+    def _check_error_budget(self, batch: pa.Table) -> None:
+        if self.max_error_fraction is None:
+            return
+        self.processed += batch.num_rows
+        self.errors += (
+            pc.sum(pc.equal(batch.column(columns.STATUS), columns.STATUS_ERROR)).as_py() or 0
+        )
+        # Judge only after a fair sample, so three bad files among the first ten do not abort.
+        if self.processed >= min(self.total, ERROR_BUDGET_MIN_ROWS):
+            if self.errors / self.processed > self.max_error_fraction:
+                raise ErrorBudgetExceeded(
+                    f"{self.errors} of {self.processed} files failed so far, more than "
+                    f"compute.max_error_fraction={self.max_error_fraction}; the job stopped with "
+                    "its finished parts kept. Fix the inputs (see the error column) or raise the "
+                    "budget, then rerun with --resume"
+                )
+
+    def _compact(self, part: int) -> int:
+        pieces = sorted(self.fs.glob(posixpath.join(self.staging, f"part-{part:05d}-*.parquet")))
+        tables = []
+        for p in pieces:
+            with self.fs.open(p, "rb") as f:
+                tables.append(pq.read_table(f))
+        table = pa.concat_tables(tables)
+        table = _unique_ids(table).sort_by(columns.PATH)
+        _write_atomic(self.fs, table, posixpath.join(self.out, part_file(part)))
+        for p in pieces:
+            self.fs.rm(p)
+        self.seen.pop(part, None)
+        return table.num_rows
+
+
+def _unique_ids(table: pa.Table) -> pa.Table:
+    """One row per id (a retried batch can be staged twice; its rows are identical)."""
+    ids = table.column(columns.ID)
+    if pc.count_distinct(ids).as_py() == len(ids):
+        return table
+    _, first = np.unique(ids.to_numpy(zero_copy_only=False), return_index=True)
+    return table.take(pa.array(np.sort(first)))
+
+
+def clean_staging(fs, out_path: str, keep_parts: set[int] | None = None) -> None:
+    """Remove temporary files, and staged pieces of parts not in ``keep_parts``."""
+    out = out_path.rstrip("/")
+    for p in fs.ls(out, detail=False) if fs.exists(out) else []:
+        if posixpath.basename(p).startswith("_tmp-"):
+            fs.rm(p)
+    staging = posixpath.join(out, STAGING)
+    if not fs.exists(staging):
+        return
+    for p in fs.ls(staging, detail=False):
+        m = _PIECE_FILE.match(posixpath.basename(p))
+        if not m or keep_parts is None or int(m.group(1)) not in keep_parts:
+            fs.rm(p, recursive=True)
+    if not fs.ls(staging, detail=False):
+        fs.rm(staging, recursive=True)
