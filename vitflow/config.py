@@ -37,6 +37,12 @@ class StorageConfig(_Section):
     )
     region: str | None = Field(None, description="Bucket region; default AWS_DEFAULT_REGION.")
     anonymous: bool = Field(False, description="Unsigned requests, for public buckets.")
+    client_retries: int | None = Field(
+        None,
+        ge=1,
+        description="Attempts per request inside the S3 client (botocore); null = its default. "
+        "vitflow retries a failed read 4 more times with backoff on top.",
+    )
 
     def options_for(self, uri: str) -> dict[str, Any]:
         """fsspec storage options for ``uri`` (empty for local paths and other protocols)."""
@@ -49,6 +55,10 @@ class StorageConfig(_Section):
             opts["endpoint_url"] = self.endpoint_url
         if self.region:
             opts["client_kwargs"] = {"region_name": self.region}
+        if self.client_retries:
+            opts["config_kwargs"] = {
+                "retries": {"max_attempts": self.client_retries, "mode": "standard"}
+            }
         return opts
 
 

@@ -50,14 +50,20 @@ def assign_parts(num_rows: int, rows_per_part: int) -> np.ndarray:
 
 def finished_parts(fs, out_path: str) -> set[int]:
     """Parts whose final file exists under ``out_path``."""
-    if not fs.exists(out_path):
-        return set()
     done = set()
-    for p in fs.ls(out_path, detail=False):
+    for p in _ls(fs, out_path):
         m = _PART_FILE.match(posixpath.basename(p.rstrip("/")))
         if m:
             done.add(int(m.group(1)))
     return done
+
+
+def _ls(fs, path: str) -> list[str]:
+    """Names under ``path``; [] when it does not exist (object stores have no empty folders)."""
+    try:
+        return fs.ls(path, detail=False)
+    except FileNotFoundError:
+        return []
 
 
 def _write_atomic(fs, table: pa.Table, path: str) -> None:
@@ -93,7 +99,7 @@ class PartWriter:
         self.expected = {int(k): int(v) for k, v in part_sizes.items()}
         self.seen: dict[int, set[str]] = {}
         # A restarted writer (or a resumed run) recounts what earlier incarnations staged.
-        for piece in self.fs.ls(self.staging, detail=False):
+        for piece in _ls(self.fs, self.staging):
             m = _PIECE_FILE.match(posixpath.basename(piece))
             if m and int(m.group(1)) in self.expected:
                 with self.fs.open(piece, "rb") as f:
@@ -163,15 +169,13 @@ def _unique_ids(table: pa.Table) -> pa.Table:
 def clean_staging(fs, out_path: str, keep_parts: set[int] | None = None) -> None:
     """Remove temporary files, and staged pieces of parts not in ``keep_parts``."""
     out = out_path.rstrip("/")
-    for p in fs.ls(out, detail=False) if fs.exists(out) else []:
+    for p in _ls(fs, out):
         if posixpath.basename(p).startswith("_tmp-"):
             fs.rm(p)
     staging = posixpath.join(out, STAGING)
-    if not fs.exists(staging):
-        return
-    for p in fs.ls(staging, detail=False):
+    for p in _ls(fs, staging):
         m = _PIECE_FILE.match(posixpath.basename(p))
         if not m or keep_parts is None or int(m.group(1)) not in keep_parts:
             fs.rm(p, recursive=True)
-    if not fs.ls(staging, detail=False):
+    if fs.exists(staging) and not _ls(fs, staging):
         fs.rm(staging, recursive=True)
