@@ -318,6 +318,18 @@ def backbone_bytes(bb: Backbone, extra_metadata: dict[str, str] | None = None) -
     return save(tensors, metadata=metadata)
 
 
+def weights_fingerprint(raw: bytes) -> str:
+    """sha256 of safetensors bytes that ignores the header's key order (safetensors writes
+    its header from a hash map, so equal weights can serialise to different bytes)."""
+    import struct
+
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    h = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
+    h.update(memoryview(raw)[8 + n :])
+    return h.hexdigest()
+
+
 def backbone_from_bytes(raw: bytes, cfg: ModelConfig) -> Backbone:
     """Inverse of :func:`backbone_bytes` (model actors receive the driver's backbone this way)."""
     return create_backbone(

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 
 from vitflow import columns
-from vitflow.backbone import Backbone, backbone_bytes, create_backbone
+from vitflow.backbone import Backbone, backbone_bytes, create_backbone, weights_fingerprint
 from vitflow.config import EmbedConfig
 from vitflow.errors import ConfigError, OutputExistsError, VitflowError
 from vitflow.features import FeatureExtractor, FeaturePlan
@@ -85,7 +85,7 @@ class EmbedResult:
 def job_fingerprint(cfg: EmbedConfig, weights: bytes, listing: Listing) -> str:
     """What must not change between an interrupted run and its resume: weights, features,
     preprocessing-relevant settings, part layout and the listed files."""
-    h = hashlib.sha256(weights)
+    h = hashlib.sha256(weights_fingerprint(weights).encode())
     stable = {
         "features": [f.model_dump(mode="json") for f in cfg.features],
         "model": cfg.model.model_dump(mode="json"),

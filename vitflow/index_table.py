@@ -24,6 +24,7 @@ import json
 import os
 import re
 import time
+from collections import defaultdict
 from typing import Any
 
 import pyarrow as pa
@@ -135,31 +136,90 @@ def stored_job(dt) -> tuple[str | None, dict[str, Any]]:
 
 
 def read_state(dt) -> tuple[pa.Table, dict[str, int]]:
-    """What the diff needs from a snapshot: :data:`STATE_COLUMNS` plus each row's data file
-    (:data:`FILE`), and the size of every data file (for its remove action)."""
-    dataset = dt.to_pyarrow_dataset()
+    """What the diff needs from a snapshot (``dt``; None: no table yet): :data:`STATE_COLUMNS`
+    plus each row's data file (:data:`FILE`), and the size of every data file (for its
+    remove action)."""
+    schema = pa.schema([*((c, pa.string()) for c in STATE_COLUMNS), (FILE, pa.string())])
+    schema = schema.set(2, pa.field(SIZE, pa.int64()))
+    dataset = None if dt is None else dt.to_pyarrow_dataset()
+    if dataset is None or not set(STATE_COLUMNS) <= set(dataset.schema.names):
+        return schema.empty_table(), {}  # nothing to diff against (a rebuild replaces it all)
     parts = []
     # Tagged batches name their fragment (= data file); the scan itself runs in parallel.
     for tagged in dataset.scanner(columns=list(STATE_COLUMNS)).scan_batches():
         batch = pa.Table.from_batches([tagged.record_batch])
         parts.append(batch.append_column(FILE, pa.array([tagged.fragment.path] * len(batch))))
-    schema = pa.schema([*(dataset.schema.field(c) for c in STATE_COLUMNS), (FILE, pa.string())])
     state = pa.concat_tables(parts).cast(schema) if parts else schema.empty_table()
     adds = pa.table(dt.get_add_actions(flatten=True))
     sizes = dict(zip(adds["path"].to_pylist(), adds["size_bytes"].to_pylist(), strict=True))
     return state, sizes
 
 
+def diff_listing(
+    listing: pa.Table, state: pa.Table
+) -> tuple[list[bool], dict[str, set[str]], dict[str, int]]:
+    """Compare the listed files with the indexed rows, by id.
+
+    Returns:
+        ``(todo, stale, counts)``: for each listed row whether to embed it; for each data
+        file the ids whose rows must go (updated, deleted, or stored more than once, which
+        re-embedding heals); counts of added, updated, deleted and unchanged files.
+    """
+    indexed: dict[str, tuple] = {}
+    files: dict[str, list[str]] = defaultdict(list)  # id -> data files holding it
+    for id_, path, size, mtime, file in zip(
+        *(state[c].to_pylist() for c in (*STATE_COLUMNS, FILE)), strict=True
+    ):
+        indexed[id_] = (path, size, mtime)
+        files[id_].append(file)
+    todo: list[bool] = []
+    stale: dict[str, set[str]] = defaultdict(set)
+    added = updated = 0
+    listed = (listing[c].to_pylist() for c in STATE_COLUMNS)
+    for id_, path, size, mtime in zip(*listed, strict=True):
+        old = indexed.get(id_)
+        changed = old is not None and (old != (path, size, mtime) or len(files[id_]) > 1)
+        if old is None:
+            added += 1
+        elif changed:
+            updated += 1
+            for f in files[id_]:
+                stale[f].add(id_)
+        todo.append(old is None or changed)
+    listed_ids = set(listing[columns.ID].to_pylist())
+    deleted = [id_ for id_ in files if id_ not in listed_ids]
+    for id_ in deleted:
+        for f in files[id_]:
+            stale[f].add(id_)
+    counts = {
+        "added": added,
+        "updated": updated,
+        "deleted": len(deleted),
+        "unchanged": listing.num_rows - added - updated,
+    }
+    return todo, dict(stale), counts
+
+
 def file_stats(table: pa.Table) -> str:
-    """Delta ``stats`` of a data file: row count and the ``id`` range (lets readers skip files)."""
-    ids = pc.min_max(table.column(columns.ID))
+    """Delta ``stats`` of a data file, as deltalake's own writer gives them: row count, and
+    per scalar column its null count and min/max (lets readers skip files).
+
+    Every scalar column must be there: deltalake's pyarrow reader turns a column missing
+    from the stats into ``col >= null`` bounds, and a filter on it then drops every row.
+    """
+    mins: dict[str, Any] = {}
+    maxs: dict[str, Any] = {}
+    nulls: dict[str, int] = {}
+    for f in table.schema:
+        if pa.types.is_nested(f.type):
+            continue  # vectors: no stats, as deltalake writes them
+        col = table.column(f.name)
+        nulls[f.name] = col.null_count
+        if col.null_count < len(col):
+            bounds = pc.min_max(col)
+            mins[f.name], maxs[f.name] = bounds["min"].as_py(), bounds["max"].as_py()
     return json.dumps(
-        {
-            "numRecords": table.num_rows,
-            "minValues": {columns.ID: ids["min"].as_py()},
-            "maxValues": {columns.ID: ids["max"].as_py()},
-            "nullCount": {columns.ID: 0},
-        }
+        {"numRecords": table.num_rows, "minValues": mins, "maxValues": maxs, "nullCount": nulls}
     )
 
 
@@ -198,6 +258,14 @@ class FileStager:
             pq.write_table(table, f, compression="zstd")
         size = self.fs.get_file_info(path).size
         return AddAction(path, size, {}, _now_ms(), True, file_stats(table))
+
+    def discard(self, paths: list[str]) -> None:
+        """Delete data files of this run that no commit names (best effort)."""
+        for path in paths:
+            try:
+                self.fs.delete_file(path)
+            except OSError:
+                pass  # an orphan left behind is harmless: readers never see it
 
     def rewrite_without(self, path: str, size: int, drop_ids: set[str]):
         """Copy-on-write: ``(AddAction | None, RemoveAction)`` replacing data file ``path`` by

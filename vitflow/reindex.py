@@ -17,9 +17,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import struct
 import time
 import uuid
-from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,13 +30,13 @@ from vitflow.config import EmbedConfig
 from vitflow.embed import EmbedPlan, _input_blocks, prepare_embed
 from vitflow.errors import ConfigError, VitflowError
 from vitflow.index_table import (
-    FILE,
     MTIME,
     SIZE,
-    STATE_COLUMNS,
+    ConcurrentCommitError,
     FileStager,
     commit_files,
     delta_storage_options,
+    diff_listing,
     index_schema,
     load_index,
     open_table,
@@ -132,13 +132,26 @@ def index_job(cfg: EmbedConfig, weights: bytes) -> tuple[str, dict[str, Any]]:
     """
     job = {
         "format": INDEX_FORMAT,
-        "weights_sha256": hashlib.sha256(weights).hexdigest(),
+        "weights_sha256": weights_sha256(weights),
         "model": cfg.model.model_dump(mode="json", include={"name", "kwargs", "extractor"}),
         "features": [f.model_dump(mode="json") for f in cfg.features],
         "preprocessing": {"max_pixels": cfg.source.max_pixels, "precision": cfg.compute.precision},
         "labels": cfg.source.model_dump(mode="json", include={"labels", "split"}),
     }
     return hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest(), job
+
+
+def weights_sha256(raw: bytes) -> str:
+    """sha256 of safetensors bytes that is the same for the same tensors and metadata.
+
+    The header is re-serialised with sorted keys first: safetensors writes it from a hash
+    map, so two saves of one model can differ in header order (and in a plain sha256).
+    """
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    h = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
+    h.update(memoryview(raw)[8 + n :])
+    return h.hexdigest()
 
 
 def describe_change(old: dict[str, Any], new: dict[str, Any]) -> str:
@@ -189,7 +202,7 @@ def plan_reindex(cfg: EmbedConfig, *, rebuild: bool = False) -> ReindexPlan:
                 "comparable; rerun with --rebuild to re-embed every file into it (one commit), "
                 "or choose another output.uri"
             )
-    state, sizes = read_state(dt) if dt is not None else (_empty_state(), {})
+    state, sizes = read_state(dt)
     todo_mask, stale, counts = diff_listing(embed.listing.table, state)
     if rebuild:  # everything is re-embedded; the overwrite removes every old file itself
         todo_mask, stale = [True] * len(todo_mask), {}
@@ -210,65 +223,16 @@ def plan_reindex(cfg: EmbedConfig, *, rebuild: bool = False) -> ReindexPlan:
     )
 
 
-def _empty_state() -> pa.Table:
-    return pa.table({c: pa.array([], pa.string()) for c in (*STATE_COLUMNS, FILE)})
-
-
 def _check_no_foreign_files(embed: EmbedPlan, uri: str) -> None:
     # Orphans of a killed first build are ours (FileStager names); anything else is not.
     fs, path = embed.output_fs, embed.output_path
     names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path)] if fs.exists(path) else []
-    foreign = [n for n in names if not FileStager.is_staged_name(n)]
+    foreign = [n for n in names if n != "_delta_log" and not FileStager.is_staged_name(n)]
     if foreign:
         raise ConfigError(
             f"output.uri {uri!r} holds files but no Delta table (e.g. {foreign[0]!r}); "
             "`vitflow reindex` keeps its index as a Delta table: choose a new location"
         )
-
-
-def diff_listing(
-    listing: pa.Table, state: pa.Table
-) -> tuple[list[bool], dict[str, set[str]], dict[str, int]]:
-    """Compare the listed files with the indexed rows, by id.
-
-    Returns:
-        ``(todo, stale, counts)``: for each listed row whether to embed it; for each data
-        file the ids whose rows must go (updated, deleted, or stored more than once, which
-        re-embedding heals); counts of added, updated, deleted and unchanged files.
-    """
-    indexed: dict[str, tuple] = {}
-    files: dict[str, list[str]] = defaultdict(list)  # id -> data files holding it
-    for id_, path, size, mtime, file in zip(
-        *(state[c].to_pylist() for c in (*STATE_COLUMNS, FILE)), strict=True
-    ):
-        indexed[id_] = (path, size, mtime)
-        files[id_].append(file)
-    todo: list[bool] = []
-    stale: dict[str, set[str]] = defaultdict(set)
-    added = updated = 0
-    listed = (listing[c].to_pylist() for c in STATE_COLUMNS)
-    for id_, path, size, mtime in zip(*listed, strict=True):
-        old = indexed.get(id_)
-        changed = old is not None and (old != (path, size, mtime) or len(files[id_]) > 1)
-        if old is None:
-            added += 1
-        elif changed:
-            updated += 1
-            for f in files[id_]:
-                stale[f].add(id_)
-        todo.append(old is None or changed)
-    listed_ids = set(listing[columns.ID].to_pylist())
-    deleted = [id_ for id_ in files if id_ not in listed_ids]
-    for id_ in deleted:
-        for f in files[id_]:
-            stale[f].add(id_)
-    counts = {
-        "added": added,
-        "updated": updated,
-        "deleted": len(deleted),
-        "unchanged": listing.num_rows - added - updated,
-    }
-    return todo, dict(stale), counts
 
 
 def stage_reindex(plan: ReindexPlan, *, address: str | None = None) -> StagedChange:
@@ -301,6 +265,17 @@ def commit_reindex(plan: ReindexPlan, staged: StagedChange) -> int:
     Returns the new table version; raises ``ConcurrentCommitError`` (a ``VitflowError``)
     when another run committed in between. Committing the same change twice is harmless.
     """
+    try:
+        return _commit(plan, staged)
+    except ConcurrentCommitError:
+        # This run's files are named by its run id and no commit names them: tidy them now.
+        FileStager(plan.uri, plan.storage_options, plan.run_id).discard(
+            [a.path for a in staged.adds]
+        )
+        raise
+
+
+def _commit(plan: ReindexPlan, staged: StagedChange) -> int:
     return commit_files(
         plan.uri,
         plan.storage_options,

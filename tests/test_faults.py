@@ -1,0 +1,168 @@
+"""Fault tolerance of the embed job: a model actor killed mid-run, the driver killed at random
+points and resumed, and the error budget — each ending with every listed file exactly once
+and vectors equal to an uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from tests.conftest import TINY
+from vitflow.config import load_config
+from vitflow.embed import run_embed
+from vitflow.errors import VitflowError
+from vitflow.loading import load_embeddings
+from vitflow.sinks import STAGING
+from vitflow.synthetic import make_image_folder
+
+pytestmark = pytest.mark.ray
+NAME, KW = TINY["vit"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults")
+    make_image_folder(root / "images", per_class=8, size=(64, 48), with_bad_files=True)
+    torch.manual_seed(2)
+    save_file(timm.create_model(NAME, num_classes=0, **KW).state_dict(), root / "w.safetensors")
+    return root
+
+
+def job_dict(root: Path, out: Path, **compute) -> dict:
+    return {
+        "source": {"uri": str(root / "images")},
+        "model": {"name": NAME, "kwargs": KW, "checkpoint": str(root / "w.safetensors")},
+        "features": [{"name": "emb", "layers": 2, "pool": "mean"}, {"name": "cls", "pool": "cls"}],
+        "output": {"uri": str(out), "rows_per_file": 6},
+        "compute": {"batch_size": 4, **compute},
+    }
+
+
+@pytest.fixture(scope="module")
+def clean(corpus, tmp_path_factory, ray_local):
+    """The uninterrupted run every interrupted one must equal."""
+    out = tmp_path_factory.mktemp("clean") / "out"
+    run_embed(load_config(base=job_dict(corpus, out)))
+    return load_embeddings(str(out), include_errors=True).set_index("id").sort_index()
+
+
+def assert_same_output(out: Path, clean) -> None:
+    df = load_embeddings(str(out), include_errors=True)
+    assert df["id"].is_unique
+    df = df.set_index("id").sort_index()
+    assert list(df.index) == list(clean.index)
+    assert (df["status"] == clean["status"]).all()
+    ok = df["status"] == "ok"
+    for col in ("emb", "cls"):
+        np.testing.assert_allclose(
+            np.stack(df[col][ok]), np.stack(clean[col][ok]), rtol=1e-5, atol=1e-6
+        )
+    assert not (out / STAGING).exists() and not list(out.glob("_tmp-*"))
+
+
+@pytest.mark.timeout(300)
+def test_model_actor_killed_mid_run(corpus, clean, ray_local, tmp_path):
+    from ray.util.state import list_actors
+
+    out = tmp_path / "out"
+    killed: list[int] = []
+    gcs = ray_local.get_runtime_context().gcs_address  # this test's cluster, not any other
+
+    def kill_one_model_actor():
+        deadline = time.time() + 120
+        while time.time() < deadline and not killed:
+            if out.exists() and any(out.rglob("*.parquet")):  # some batches are written: mid-stream
+                for a in list_actors(address=gcs, filters=[("state", "=", "ALIVE")]):
+                    if "EmbedWorker" in (a.class_name or "") and a.pid:
+                        os.kill(a.pid, signal.SIGKILL)
+                        killed.append(a.pid)
+                        return
+            time.sleep(0.05)
+
+    t = threading.Thread(target=kill_one_model_actor, daemon=True)
+    t.start()
+    # Batches of 1 stretch the stream so the kill lands while work remains.
+    run_embed(load_config(base=job_dict(corpus, out), overrides=["compute.batch_size=1"]))
+    t.join(timeout=5)
+    assert killed, "the model actor was never killed; the test did not exercise a failure"
+    assert_same_output(out, clean)
+
+
+def _kill_run(proc: subprocess.Popen, ray_tmp: Path) -> None:
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    for pid_dir in Path("/proc").iterdir():  # Ray processes that run started under ray_tmp
+        if pid_dir.name.isdigit():
+            try:
+                if str(ray_tmp) in (pid_dir / "cmdline").read_bytes().decode(errors="ignore"):
+                    os.kill(int(pid_dir.name), signal.SIGKILL)
+            except (OSError, ProcessLookupError):
+                pass
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_driver_killed_at_a_random_point_then_resume_equals_clean_run(
+    corpus, clean, tmp_path, seed
+):
+    out = tmp_path / "out"
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(yaml.safe_dump(job_dict(corpus, out)))
+    ray_tmp = Path("/tmp") / f"vitflow-kill-{os.getpid()}-{seed}"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_TMPDIR": str(ray_tmp)}
+    cmd = [sys.executable, "-m", "vitflow.cli", "embed", str(cfg)]
+    first = subprocess.Popen(
+        cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    # Seeded points spread over start-up, mid-stream and near the end of the run.
+    delay = random.Random(seed).uniform(4.0, 22.0)
+    try:
+        first.wait(timeout=delay)
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        _kill_run(first, ray_tmp)
+    resumed = subprocess.run(
+        [*cmd, "--resume"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        start_new_session=True,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "every file has a row" in resumed.stdout
+    assert_same_output(out, clean)
+
+
+@pytest.mark.timeout(300)
+def test_error_budget_aborts_resumably(corpus, ray_local, tmp_path):
+    src = tmp_path / "mostly_bad"
+    make_image_folder(src, classes=("a",), per_class=20, splits=None)
+    for i in range(110):
+        (src / "a" / f"empty{i:03d}.jpg").write_bytes(b"")
+    base = job_dict(corpus, tmp_path / "out", max_error_fraction=0.2)
+    base["source"]["uri"] = str(src)
+    with pytest.raises(
+        VitflowError, match=r"error budget exceeded: .*max_error_fraction=0.2.*--resume"
+    ):
+        run_embed(load_config(base=base))
+    assert not (tmp_path / "out" / "_manifest.json").exists()
+    # Raising the budget and resuming finishes the job; nothing is duplicated.
+    res = run_embed(
+        load_config(base=base, overrides=["compute.max_error_fraction=1.0"]), resume=True
+    )
+    assert (res.ok, res.error) == (20, 110)
