@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+import os
 import re
 import struct
+import tempfile
 import time
 import warnings
 import zlib
@@ -422,3 +424,48 @@ def test_pillow_globals_are_untouched():
             decode_image(data, max_pixels=150_000_000)
     assert (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES) == before
     assert issubclass(DecodeError, ValueError)
+
+
+def test_decode_over_its_time_budget_is_cut_off_as_an_error_row():
+    """The pipeline's decode stage bounds each file's decode time (a file that would hang)."""
+    import json
+
+    from vitflow.stages import decode_batch
+
+    big, small = io.BytesIO(), io.BytesIO()
+    Image.fromarray(
+        np.random.default_rng(0).integers(0, 255, (3000, 3000, 3), dtype=np.uint8)
+    ).save(big, "PNG")
+    Image.new("RGB", (8, 8)).save(small, "PNG")
+    cfg = json.dumps(
+        {
+            "input_size": (3, 16, 16),
+            "interpolation": "bilinear",
+            "mean": (0.5,) * 3,
+            "std": (0.5,) * 3,
+            "crop_pct": 1.0,
+            "crop_mode": "center",
+        }
+    )
+    with tempfile.TemporaryDirectory() as d:
+        paths = []
+        for name, buf in (("big.png", big), ("small.png", small)):
+            paths.append(os.path.join(d, name))
+            with open(paths[-1], "wb") as f:
+                f.write(buf.getvalue())
+        batch = {
+            k: np.array(v, dtype=object)
+            for k, v in {
+                "id": ["a", "b"],
+                "path": paths,
+                "label": [None, None],
+                "split": [None, None],
+            }.items()
+        }
+        out = decode_batch(batch, data_config_json=cfg, max_pixels=10**8, decode_timeout_s=0.005)
+        assert list(out["status"]) == ["error", "ok"]
+        assert "decode_timeout_s" in out["error"][0]
+        unbounded = decode_batch(
+            batch, data_config_json=cfg, max_pixels=10**8, decode_timeout_s=None
+        )
+        assert list(unbounded["status"]) == ["ok", "ok"]

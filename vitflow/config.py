@@ -79,6 +79,11 @@ class SourceConfig(_Section):
         gt=0,
         description="Images with more pixels are error rows (decompression-bomb guard).",
     )
+    decode_timeout_s: float | None = Field(
+        60.0,
+        gt=0,
+        description="A file whose decode + resize takes longer is cut off as an error row.",
+    )
 
     @field_validator("extensions")
     @classmethod

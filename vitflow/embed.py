@@ -255,6 +255,7 @@ def _execute(ray, plan: EmbedPlan, actors: ActorPlan, todo: pa.Table) -> dict:
             fn_kwargs={
                 "data_config_json": json.dumps(plan.backbone.data_config),
                 "max_pixels": cfg.source.max_pixels,
+                "decode_timeout_s": cfg.source.decode_timeout_s,
                 "storage_options": cfg.storage.options_for(cfg.source.uri),
             },
         )

@@ -10,6 +10,8 @@ of that (no torch, no Ray):
   of the ``id`` column (:data:`FINGERPRINT_KEY`, :data:`JOB_KEY`): deltalake rejects
   unknown table properties, and field metadata lives in the metadata action, so it survives
   checkpoints and log clean-up and is replaced atomically by a rebuild's overwrite;
+- :func:`read_state` + :func:`diff_listing`: which listed files are new, changed or gone,
+  and which data files hold rows that must go;
 - :class:`FileStager`: writes data files into the table folder. Until a commit names them
   they are invisible orphans, so a run killed at any point leaves the last snapshot intact;
 - :func:`commit_files`: adds and removes in ONE commit, opened at the snapshot the change
@@ -39,6 +41,10 @@ MTIME = "mtime"
 # What the diff reads back from the table: one row per indexed file, and where it is stored.
 STATE_COLUMNS = (columns.ID, columns.PATH, SIZE, MTIME)
 FILE = "__file"
+STATE_SCHEMA = pa.schema(
+    [(columns.ID, pa.string()), (columns.PATH, pa.string()), (SIZE, pa.int64())]
+    + [(MTIME, pa.string()), (FILE, pa.string())]
+)
 FINGERPRINT_KEY = "vitflow.fingerprint"  # sha256 of JOB_KEY's JSON
 JOB_KEY = "vitflow.job"  # what the vectors depend on (weights hash, model, features), as JSON
 DIM_KEY = "vitflow.dim"  # on each vector column: its length, for readers
@@ -139,8 +145,7 @@ def read_state(dt) -> tuple[pa.Table, dict[str, int]]:
     """What the diff needs from a snapshot (``dt``; None: no table yet): :data:`STATE_COLUMNS`
     plus each row's data file (:data:`FILE`), and the size of every data file (for its
     remove action)."""
-    schema = pa.schema([*((c, pa.string()) for c in STATE_COLUMNS), (FILE, pa.string())])
-    schema = schema.set(2, pa.field(SIZE, pa.int64()))
+    schema = STATE_SCHEMA
     dataset = None if dt is None else dt.to_pyarrow_dataset()
     if dataset is None or not set(STATE_COLUMNS) <= set(dataset.schema.names):
         return schema.empty_table(), {}  # nothing to diff against (a rebuild replaces it all)

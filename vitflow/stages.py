@@ -7,8 +7,11 @@ reason; the embed stage passes such rows through with null vectors.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import signal
+import threading
 import time
 from typing import Any
 
@@ -71,17 +74,47 @@ def read_bytes(
     raise AssertionError("unreachable")
 
 
+class DecodeTimeout(BaseException):
+    """Raised by :func:`time_limit` when a file's decode runs past its budget. A
+    BaseException, so the decoder's own ``except Exception`` handlers cannot swallow it."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float | None):
+    """Interrupt the block after ``seconds`` of wall time (SIGALRM; main thread only).
+
+    PIL decodes in C but returns to Python between chunks, where the alarm's exception is
+    raised; where no timer can be set (a non-main thread) the block runs unbounded.
+    """
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _raise(signum, frame):
+        raise DecodeTimeout()
+
+    previous = signal.signal(signal.SIGALRM, _raise)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def decode_batch(
     batch: dict[str, np.ndarray],
     *,
     data_config_json: str,
     max_pixels: int,
     storage_options: dict[str, Any] | None = None,
+    decode_timeout_s: float | None = None,
 ) -> dict[str, np.ndarray]:
     """Read, decode and resize/crop a batch of listed files (a Ray Data ``map_batches`` UDF).
 
     Returns the pass-through columns plus ``status``, ``error``, ``width``, ``height`` and
-    ``uint8`` pixels ``(B, H, W, 3)`` (zeros on error rows).
+    ``uint8`` pixels ``(B, H, W, 3)`` (zeros on error rows). A file whose decode and resize
+    take longer than ``decode_timeout_s`` is cut off and becomes an error row.
     """
     pre = _preprocessor(data_config_json)
     _, h, w = pre.input_size
@@ -98,9 +131,15 @@ def decode_batch(
             status[i], error[i] = columns.STATUS_ERROR, f"read failed: {type(e).__name__}: {e}"
             continue
         try:
-            img = decode_image(data, max_pixels=max_pixels)
-            width[i], height[i] = img.size
-            pixels[i] = pre.resize_crop(img)
+            with time_limit(decode_timeout_s):
+                img = decode_image(data, max_pixels=max_pixels)
+                width[i], height[i] = img.size
+                pixels[i] = pre.resize_crop(img)
+        except DecodeTimeout:
+            status[i], error[i] = (
+                columns.STATUS_ERROR,
+                f"decode took longer than source.decode_timeout_s={decode_timeout_s} s; cut off",
+            )
         except DecodeError as e:
             status[i], error[i] = columns.STATUS_ERROR, str(e)
         except Exception as e:
