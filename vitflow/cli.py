@@ -193,6 +193,113 @@ def export_backbone_cmd(
     typer.echo(path)
 
 
+JobsAddressOpt = Annotated[
+    str,
+    typer.Option(
+        "--address", envvar="RAY_ADDRESS", help="Ray dashboard URL, e.g. http://127.0.0.1:8265."
+    ),
+]
+
+
+@app.command()
+def submit(
+    config: Annotated[Path, typer.Argument(help="Job YAML (embed, train or reindex).")],
+    address: JobsAddressOpt,
+    set_: SetOpt = None,
+    command: Annotated[
+        str | None,
+        typer.Option("--command", help="embed | train | reindex (default: from the file)."),
+    ] = None,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Follow the logs; exit with the job's status.")
+    ] = False,
+    ship_package: Annotated[
+        bool,
+        typer.Option(
+            "--ship-package/--no-ship-package", help="Upload this vitflow to the cluster."
+        ),
+    ] = True,
+) -> None:
+    """Submit a job to a running Ray cluster (Ray Jobs API, token auth).
+
+    Example: vitflow submit jobs/flowers-dinov2.yaml --address http://127.0.0.1:8265 --wait
+    """
+    from vitflow import submit as jobs
+
+    try:
+        job_id = jobs.submit(
+            config,
+            address=address,
+            overrides=set_ or [],
+            command=command,
+            ship_package=ship_package,
+        )
+        typer.echo(f"submitted {job_id}")
+        if wait:
+            status = jobs.follow(address, job_id)
+            typer.echo(f"job {job_id}: {status}")
+            if status != "SUCCEEDED":
+                raise typer.Exit(code=1)
+    except VitflowError as e:
+        _fail(str(e))
+
+
+jobs_app = typer.Typer(
+    help="Inspect and control jobs on a Ray cluster (mirrors `ray job`).", no_args_is_help=True
+)
+app.add_typer(jobs_app, name="jobs")
+
+
+def _jobs_call(fn, *args):
+    try:
+        return fn(*args)
+    except VitflowError as e:
+        _fail(str(e))
+
+
+@jobs_app.command("list")
+def jobs_list(address: JobsAddressOpt) -> None:
+    """List the cluster's jobs."""
+    from vitflow import submit as jobs
+
+    for j in _jobs_call(jobs.list_jobs, address):
+        typer.echo(f"{j['job_id']}  {j['status']:<10}  {j['entrypoint']}")
+
+
+@jobs_app.command("status")
+def jobs_status(job_id: str, address: JobsAddressOpt) -> None:
+    """Print a job's status."""
+    from vitflow import submit as jobs
+
+    typer.echo(_jobs_call(jobs.job_status, address, job_id))
+
+
+@jobs_app.command("logs")
+def jobs_logs(
+    job_id: str,
+    address: JobsAddressOpt,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Stream until the job ends.")
+    ] = False,
+) -> None:
+    """Print (or follow) a job's logs."""
+    from vitflow import submit as jobs
+
+    if follow:
+        _jobs_call(jobs.follow, address, job_id)
+    else:
+        typer.echo(_jobs_call(jobs.job_logs, address, job_id))
+
+
+@jobs_app.command("stop")
+def jobs_stop(job_id: str, address: JobsAddressOpt) -> None:
+    """Stop a running job."""
+    from vitflow import submit as jobs
+
+    stopped = _jobs_call(jobs.stop_job, address, job_id)
+    typer.echo(f"{job_id}: {'stop requested' if stopped else 'not running'}")
+
+
 @app.command()
 def version() -> None:
     """Print the versions of vitflow and the libraries it runs on."""

@@ -99,6 +99,7 @@ def ray_session(address: str | None = None):
     if ray.is_initialized():
         yield ray
         return
+    address = address or os.environ.get("RAY_ADDRESS")  # set for drivers of Ray Jobs
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
     else:
