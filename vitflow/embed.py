@@ -266,6 +266,9 @@ def _execute(ray, plan: EmbedPlan, actors: ActorPlan, todo: pa.Table) -> dict:
             compute=ray.data.ActorPoolStrategy(size=actors.num_actors),
             num_cpus=actors.num_cpus,
             num_gpus=actors.num_gpus,
+            # Model replicas go to different nodes where they can (each brings its own
+            # accelerator / cores); Ray's default would pack them onto the driver's node.
+            scheduling_strategy="SPREAD",
             fn_constructor_kwargs={
                 "job": cfg.model_dump(mode="json"),
                 "weights": [weights],

@@ -48,8 +48,8 @@ STATE_SCHEMA = pa.schema(
 FINGERPRINT_KEY = "vitflow.fingerprint"  # sha256 of JOB_KEY's JSON
 JOB_KEY = "vitflow.job"  # what the vectors depend on (weights hash, model, features), as JSON
 DIM_KEY = "vitflow.dim"  # on each vector column: its length, for readers
+_STAGED_NAME = re.compile(r"^part-[0-9a-f]{32}-\d{5,}\.parquet$")  # FileStager's file names
 # A txn entry per run is only consulted while that run commits; let Delta expire them.
-_STAGED_NAME = re.compile(r"^part-[0-9a-f]{32}-\d{5,}\.parquet$")
 TABLE_CONFIGURATION = {"delta.setTransactionRetentionDuration": "interval 7 days"}
 
 
@@ -91,26 +91,19 @@ def delta_storage_options(uri: str, options: dict[str, Any] | None = None) -> di
     return out
 
 
-def index_schema(dims: dict[str, int], fingerprint: str, job: dict[str, Any]) -> pa.Schema:
-    """Arrow schema of the index: meta columns, ``size``, ``mtime``, one vector column per feature."""
+def index_schema(embeddings: pa.Schema, fingerprint: str, job: dict[str, Any]) -> pa.Schema:
+    """Schema of the index, from the embeddings schema (``stages.output_schema``): the same
+    meta columns, then ``size`` and ``mtime``, then the vectors as ``list<float32>``."""
     meta = {FINGERPRINT_KEY: fingerprint, JOB_KEY: json.dumps(job, sort_keys=True)}
-    fields = [
-        pa.field(columns.ID, pa.string(), nullable=False, metadata=meta),
-        pa.field(columns.PATH, pa.string(), nullable=False),
-        pa.field(columns.LABEL, pa.string()),
-        pa.field(columns.SPLIT, pa.string()),
-        pa.field(columns.STATUS, pa.string(), nullable=False),
-        pa.field(columns.ERROR, pa.string()),
-        pa.field(columns.WIDTH, pa.int32()),
-        pa.field(columns.HEIGHT, pa.int32()),
-        pa.field(SIZE, pa.int64()),
-        pa.field(MTIME, pa.string()),
-    ]
-    fields += [
-        pa.field(name, pa.list_(pa.float32()), metadata={DIM_KEY: str(d)})
-        for name, d in dims.items()
-    ]
-    return pa.schema(fields)
+    fields = [pa.field(SIZE, pa.int64()), pa.field(MTIME, pa.string())]
+    vectors = []
+    for f in embeddings:
+        if pa.types.is_fixed_size_list(f.type):
+            dim = {DIM_KEY: str(f.type.list_size)}
+            vectors.append(pa.field(f.name, pa.list_(pa.float32()), metadata=dim))
+        else:
+            fields.insert(-2, f.with_metadata(meta) if f.name == columns.ID else f)
+    return pa.schema(fields + vectors)
 
 
 def same_columns(a: pa.Schema, b: pa.Schema) -> bool:
@@ -384,8 +377,7 @@ def load_index(
 ):
     """Load the latest snapshot of an index written by ``vitflow reindex`` as a DataFrame.
 
-    Columns and filters match :func:`vitflow.load_embeddings`; vectors come back as
-    ``fixed_size_list`` columns (so :func:`vitflow.loading.vectors_of` applies).
+    Columns and filters match :func:`vitflow.load_embeddings`.
 
     Args:
         uri: the table location (local path or ``s3://``).
@@ -398,6 +390,18 @@ def load_index(
     Example:
         >>> df = load_index("index", feature="emb", split="train")  # doctest: +SKIP
     """
+    return read_index(uri, feature, split, include_errors, storage_options).to_pandas()
+
+
+def read_index(
+    uri: str,
+    feature: str | None = None,
+    split: str | None = None,
+    include_errors: bool = False,
+    storage_options: dict[str, Any] | None = None,
+) -> pa.Table:
+    """:func:`load_index` as an arrow table, vectors as ``fixed_size_list<float32>[D]`` columns
+    like an ``embed`` output's (so :func:`vitflow.loading.vectors_of` applies)."""
     import pyarrow.dataset as pads
 
     dt = open_table(uri, delta_storage_options(uri, storage_options))
@@ -415,4 +419,4 @@ def load_index(
     for name in keep[len(columns.META_COLUMNS) :]:
         i = table.schema.get_field_index(name)
         table = table.set_column(i, name, table[name].cast(pa.list_(pa.float32(), dims[name])))
-    return table.to_pandas()
+    return table

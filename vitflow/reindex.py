@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import struct
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from typing import Any
 import pyarrow as pa
 
 from vitflow import columns
+from vitflow.backbone import weights_fingerprint
 from vitflow.config import EmbedConfig
 from vitflow.embed import EmbedPlan, _input_blocks, prepare_embed
 from vitflow.errors import ConfigError, VitflowError
@@ -47,7 +47,7 @@ from vitflow.index_table import (
 )
 from vitflow.runtime import largest_node_cpus, plan_actors, ray_session
 from vitflow.sinks import ERROR_BUDGET_MIN_ROWS
-from vitflow.stages import EmbedStats, EmbedWorker, decode_batch
+from vitflow.stages import EmbedStats, EmbedWorker, decode_batch, output_schema
 
 __all__ = ["ReindexResult", "load_index", "plan_reindex", "run_reindex"]
 
@@ -92,14 +92,15 @@ class ReindexPlan:
     """A change to the index, planned on one snapshot (``version``; None: no table yet)."""
 
     cfg: EmbedConfig
-    embed: EmbedPlan
+    embed: EmbedPlan = field(repr=False)
     storage_options: dict[str, str] = field(repr=False)
     schema: pa.Schema = field(repr=False)
     fingerprint: str
     version: int | None
     rebuild: bool
     todo: pa.Table = field(repr=False)  # listing rows to embed: added + updated
-    stale: dict[str, set[str]]  # data file -> ids to drop from it (updated, deleted, doubled)
+    # data file -> ids to drop from it (updated, deleted, or stored twice)
+    stale: dict[str, set[str]] = field(repr=False)
     file_sizes: dict[str, int] = field(repr=False)
     counts: dict[str, int]
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
@@ -132,26 +133,13 @@ def index_job(cfg: EmbedConfig, weights: bytes) -> tuple[str, dict[str, Any]]:
     """
     job = {
         "format": INDEX_FORMAT,
-        "weights_sha256": weights_sha256(weights),
+        "weights_sha256": weights_fingerprint(weights),
         "model": cfg.model.model_dump(mode="json", include={"name", "kwargs", "extractor"}),
         "features": [f.model_dump(mode="json") for f in cfg.features],
         "preprocessing": {"max_pixels": cfg.source.max_pixels, "precision": cfg.compute.precision},
         "labels": cfg.source.model_dump(mode="json", include={"labels", "split"}),
     }
     return hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest(), job
-
-
-def weights_sha256(raw: bytes) -> str:
-    """sha256 of safetensors bytes that is the same for the same tensors and metadata.
-
-    The header is re-serialised with sorted keys first: safetensors writes it from a hash
-    map, so two saves of one model can differ in header order (and in a plain sha256).
-    """
-    (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8 : 8 + n])
-    h = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
-    h.update(memoryview(raw)[8 + n :])
-    return h.hexdigest()
 
 
 def describe_change(old: dict[str, Any], new: dict[str, Any]) -> str:
@@ -184,7 +172,7 @@ def plan_reindex(cfg: EmbedConfig, *, rebuild: bool = False) -> ReindexPlan:
     uri = cfg.output.uri
     so = delta_storage_options(uri, cfg.storage.options_for(uri))
     fingerprint, job = index_job(cfg, embed.weights)
-    schema = index_schema(embed.dims, fingerprint, job)
+    schema = index_schema(output_schema(embed.dims), fingerprint, job)
     dt = open_table(uri, so)
     if dt is None:
         _check_no_foreign_files(embed, uri)

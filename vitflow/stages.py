@@ -256,6 +256,7 @@ class EmbedWorker:
         self.dims = self.extractor.dims
         self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.compute.precision)
         self.stats = ray.get_actor(stats_actor) if stats_actor else None
+        self.node_id = ray.get_runtime_context().get_node_id()
         # Count real backbone passes at its stem (first child module), so the run's stats
         # show one pass per batch however many feature sets are requested.
         self.stem_calls = 0
@@ -278,6 +279,7 @@ class EmbedWorker:
             seconds = time.perf_counter() - t0
         if self.stats is not None:
             self.stats.add.remote(
+                node=self.node_id,
                 batches=1,
                 batches_with_images=int(ok.any()),
                 forwards=self.stem_calls - calls_before,
@@ -293,10 +295,13 @@ class EmbedStats:
     def __init__(self):
         self.totals = dict.fromkeys(("batches", "batches_with_images", "forwards", "images"), 0)
         self.totals["model_seconds"] = 0.0
+        self.nodes: set[str] = set()
 
-    def add(self, **kw):
+    def add(self, node: str | None = None, **kw):
+        if node:
+            self.nodes.add(node)
         for k, v in kw.items():
             self.totals[k] += v
 
     def get(self) -> dict:
-        return dict(self.totals)
+        return {**self.totals, "model_nodes": sorted(self.nodes)}

@@ -62,6 +62,9 @@ class ScalingSection(_Section):
     num_workers: int = Field(2, ge=1, description="Ray Train workers (DDP ranks).")
     use_gpu: bool = Field(False, description="One GPU per worker, NCCL; else CPU and gloo.")
     cpus_per_worker: float = Field(1.0, gt=0.0, description="CPUs reserved per worker.")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = Field(
+        "PACK", description="Ray placement of the workers: PACK fills nodes, SPREAD spreads them."
+    )
 
 
 class TrainOutputConfig(_Section):

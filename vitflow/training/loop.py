@@ -96,6 +96,7 @@ def knn_monitor(cfg, backbone, store, folders, device) -> float:
 def train_worker(config: dict) -> None:
     """Ray Train entry point (``train_loop_per_worker``): ``{"job": TrainConfig dict,
     "resume": checkpoint path or None}``."""
+    import ray
     import ray.train
     import ray.train.torch
 
@@ -125,6 +126,7 @@ def train_worker(config: dict) -> None:
         start = int(state["step"])
     ddp = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
+    nodes = _gather_node_ids(ray.get_runtime_context().get_node_id(), world)
     torch.manual_seed(cfg.seed * 1000 + rank * 7919 + start)  # augmentation stream per rank
     if cfg.method == "simo2":
         sampler = ClassBalancedBatchSampler(
@@ -150,6 +152,7 @@ def train_worker(config: dict) -> None:
             run_name=os.path.basename(cfg.output.uri.rstrip("/")),
             params=cfg.model_dump(mode="json"),
         )
+        logger.log(start, workers=world, worker_nodes=nodes)
         if start == 0 and cfg.monitor.knn_every:
             logger.log(0, knn_top1=knn_monitor(cfg, model.backbone, store, folders, device))
     ddp.train()
@@ -202,6 +205,15 @@ def train_worker(config: dict) -> None:
             _report(model, optimizer, done, cfg, rank, loss.item())
     if logger is not None:
         logger.close()
+
+
+def _gather_node_ids(node_id: str, world: int) -> list[str]:
+    """Every rank's Ray node id, in rank order (logged, so a run shows where it ran)."""
+    if world == 1 or not torch.distributed.is_initialized():
+        return [node_id]
+    out: list = [None] * world
+    torch.distributed.all_gather_object(out, node_id)
+    return out
 
 
 def _report(model, optimizer, step: int, cfg: TrainConfig, rank: int, loss: float) -> None:

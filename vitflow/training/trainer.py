@@ -126,6 +126,7 @@ def run_train(cfg: TrainConfig, *, address: str | None = None) -> TrainResult:
             scaling_config=ScalingConfig(
                 num_workers=cfg.scaling.num_workers,
                 use_gpu=cfg.scaling.use_gpu,
+                placement_strategy=cfg.scaling.placement_strategy,
                 resources_per_worker={
                     "CPU": cfg.scaling.cpus_per_worker,
                     **({"GPU": 1} if cfg.scaling.use_gpu else {}),
