@@ -50,6 +50,7 @@ lint: install
 bench: install
 	$(BIN)/python benchmarks/embed_throughput.py
 	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/reindex_ratio.py
 
 clean:
 	rm -rf demo-out bench-out .pytest_cache

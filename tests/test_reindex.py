@@ -17,7 +17,13 @@ from tests.conftest import TINY
 from vitflow import columns
 from vitflow.config import load_config
 from vitflow.errors import ConfigError, VitflowError
-from vitflow.index_table import STATE_SCHEMA, delta_storage_options, diff_listing, stored_job
+from vitflow.index_table import (
+    STATE_SCHEMA,
+    delta_storage_options,
+    diff_listing,
+    read_index,
+    stored_job,
+)
 from vitflow.reindex import (
     ReindexResult,
     StagedChange,
@@ -266,7 +272,8 @@ def test_changed_features_need_rebuild_which_replaces_the_table(base_corpus, tmp
     assert log_actions(index, 1)["commitInfo"][0]["vitflow.operation"] == "rebuild"
     assert len(rows_by_id(index)) == 17
     df = load_index(str(index), feature="cls")
-    assert df["cls"].map(len).eq(32).all()
+    assert df["cls"].map(len).eq(32).all() and "emb" not in df
+    assert read_index(str(index), feature="cls").schema.field("cls").type.list_size == 32
     # The rebuilt table carries the new job: the next run is a no-op, not a refusal.
     assert run_reindex(job(src, index, features=(EMB, CLS))).version == 1
 

@@ -14,7 +14,15 @@ try:
 except metadata.PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+local"
 
-__all__ = ["__version__", "load_config", "load_embeddings", "run_embed", "prepare_embed"]
+__all__ = [
+    "__version__",
+    "load_config",
+    "load_embeddings",
+    "load_index",
+    "prepare_embed",
+    "run_embed",
+    "run_reindex",
+]
 
 
 def __getattr__(name: str):
@@ -27,6 +35,14 @@ def __getattr__(name: str):
         from vitflow import embed
 
         return getattr(embed, name)
+    if name == "run_reindex":
+        from vitflow.reindex import run_reindex
+
+        return run_reindex
+    if name == "load_index":
+        from vitflow.index_table import load_index
+
+        return load_index
     if name == "load_embeddings":
         from vitflow.loading import load_embeddings
 

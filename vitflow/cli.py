@@ -193,6 +193,47 @@ def export_backbone_cmd(
     typer.echo(path)
 
 
+@app.command()
+def reindex(
+    config: Annotated[
+        Path, typer.Argument(help="Job YAML (same format as embed; output.uri is the index).")
+    ],
+    set_: SetOpt = None,
+    rebuild: Annotated[
+        bool,
+        typer.Option(
+            "--rebuild",
+            help="Re-embed every file and replace the index (needed after a "
+            "model/feature/preprocessing change).",
+        ),
+    ] = False,
+    address: AddressOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Incrementally update a Delta Lake index: embed new and changed images, drop deleted ones,
+    commit once. Prints one JSON line (added, updated, deleted, unchanged, errors, seconds).
+
+    Example: vitflow reindex jobs/reindex-nightly.yaml
+    """
+    from vitflow.config import load_config
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
+    try:
+        cfg = load_config(config, overrides=set_ or [])
+        from vitflow.reindex import run_reindex
+
+        result = run_reindex(cfg, rebuild=rebuild, address=address)
+    except VitflowError as e:
+        _fail(str(e))
+        return
+    if not (result.added or result.updated or result.deleted):
+        typer.echo(
+            f"vitflow reindex: {cfg.output.uri} is up to date; nothing embedded or committed",
+            err=True,
+        )
+    typer.echo(result.summary_json())
+
+
 JobsAddressOpt = Annotated[
     str,
     typer.Option(

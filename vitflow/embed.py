@@ -99,8 +99,12 @@ def job_fingerprint(cfg: EmbedConfig, weights: bytes, listing: Listing) -> str:
     return h.hexdigest()
 
 
-def prepare_embed(cfg: EmbedConfig, *, overwrite: bool = False, resume: bool = False) -> EmbedPlan:
-    """Validate the job end to end without Ray: model, features, source listing, output."""
+def prepare_embed(
+    cfg: EmbedConfig, *, overwrite: bool = False, resume: bool = False, check_output: bool = True
+) -> EmbedPlan:
+    """Validate the job end to end without Ray: model, features, source listing, output.
+
+    ``check_output=False`` skips the existing-output rules (reindex owns its output)."""
     if overwrite and resume:
         raise ConfigError("--overwrite and --resume contradict each other; pick one")
     so = cfg.storage
@@ -123,7 +127,9 @@ def prepare_embed(cfg: EmbedConfig, *, overwrite: bool = False, resume: bool = F
     plan = EmbedPlan(cfg, backbone, extractor.plans, listing, out_fs, out_path, weights)
     plan.fingerprint = job_fingerprint(cfg, weights, listing)
     has_data = out_fs.exists(out_path) and bool(out_fs.ls(out_path))
-    if resume:
+    if not check_output:
+        pass
+    elif resume:
         _check_resumable(plan)
     elif has_data and not overwrite:
         raise OutputExistsError(
@@ -156,7 +162,7 @@ def _nested(a: str, b: str) -> bool:
     return a.startswith(b) or b.startswith(a)
 
 
-def _input_blocks(table: pa.Table, batch_size: int) -> list[pa.Table]:
+def input_blocks(table: pa.Table, batch_size: int) -> list[pa.Table]:
     # Small blocks keep the stream fine-grained (decode of block k+1 overlaps the forward of
     # block k); larger ones for big corpora keep the task count reasonable.
     rows = batch_size * (1 if table.num_rows < 10_000 else 4)
@@ -246,37 +252,7 @@ def _execute(ray, plan: EmbedPlan, actors: ActorPlan, todo: pa.Table) -> dict:
     weights = ray.put(plan.weights)
     part_sizes = {int(p): int(n) for p, n in zip(*_counts(todo.column(PART_COLUMN)), strict=True)}
     try:
-        ds = ray.data.from_arrow(_input_blocks(todo, cfg.compute.batch_size))
-        ds = ds.map_batches(
-            decode_batch,
-            batch_size=None,
-            batch_format="numpy",
-            num_cpus=cfg.compute.decode_num_cpus,
-            fn_kwargs={
-                "data_config_json": json.dumps(plan.backbone.data_config),
-                "max_pixels": cfg.source.max_pixels,
-                "decode_timeout_s": cfg.source.decode_timeout_s,
-                "storage_options": cfg.storage.options_for(cfg.source.uri),
-            },
-        )
-        ds = ds.map_batches(
-            EmbedWorker,
-            batch_size=cfg.compute.batch_size,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=actors.num_actors),
-            num_cpus=actors.num_cpus,
-            num_gpus=actors.num_gpus,
-            # Model replicas go to different nodes where they can (each brings its own
-            # accelerator / cores); Ray's default would pack them onto the driver's node.
-            scheduling_strategy="SPREAD",
-            fn_constructor_kwargs={
-                "job": cfg.model_dump(mode="json"),
-                "weights": [weights],
-                "device": actors.device,
-                "torch_threads": actors.torch_threads,
-                "stats_actor": stats_name,
-            },
-        )
+        ds = embed_stages(ray, cfg, plan.backbone.data_config, weights, actors, stats_name, todo)
         # One writer: it counts every part's rows to know when the part is complete.
         ds = ds.map_batches(
             PartWriter,
@@ -301,6 +277,50 @@ def _execute(ray, plan: EmbedPlan, actors: ActorPlan, todo: pa.Table) -> dict:
         return ray.get(stats.get.remote())
     finally:
         ray.kill(stats)
+
+
+def embed_stages(
+    ray,
+    cfg: EmbedConfig,
+    data_config: dict,
+    weights_ref,
+    actors: ActorPlan,
+    stats_name: str | None,
+    table: pa.Table,
+):
+    """Listing rows -> read+decode tasks -> model actor pool: the stream that embed and
+    reindex share. Returns the Ray Dataset of output rows (one pa.Table per batch)."""
+    ds = ray.data.from_arrow(input_blocks(table, cfg.compute.batch_size))
+    ds = ds.map_batches(
+        decode_batch,
+        batch_size=None,
+        batch_format="numpy",
+        num_cpus=cfg.compute.decode_num_cpus,
+        fn_kwargs={
+            "data_config_json": json.dumps(data_config),
+            "max_pixels": cfg.source.max_pixels,
+            "decode_timeout_s": cfg.source.decode_timeout_s,
+            "storage_options": cfg.storage.options_for(cfg.source.uri),
+        },
+    )
+    return ds.map_batches(
+        EmbedWorker,
+        batch_size=cfg.compute.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=actors.num_actors),
+        num_cpus=actors.num_cpus,
+        num_gpus=actors.num_gpus,
+        # Model replicas go to different nodes where they can (each brings its own
+        # accelerator / cores); Ray's default would pack them onto the driver's node.
+        scheduling_strategy="SPREAD",
+        fn_constructor_kwargs={
+            "job": cfg.model_dump(mode="json"),
+            "weights": [weights_ref],
+            "device": actors.device,
+            "torch_threads": actors.torch_threads,
+            "stats_actor": stats_name,
+        },
+    )
 
 
 def _counts(col: pa.ChunkedArray):

@@ -37,12 +37,33 @@ def load_embeddings(
         >>> df, X = load_embeddings("embeddings", feature="emb", split="train",
         ...                         return_vectors=True)  # doctest: +SKIP
     """
-    from vitflow.embed import arrow_fs
     from vitflow.sources import open_fs
 
     fs, path = open_fs(uri, storage_options)
     if not fs.exists(path):
         raise VitflowError(f"no embeddings at {uri!r}")
+    if fs.exists(path.rstrip("/") + "/_delta_log"):
+        # An index kept by `vitflow reindex`: read one committed snapshot, never raw files.
+        from vitflow.index_table import read_index
+
+        table = read_index(uri, feature, split, include_errors, storage_options)
+        vector_cols = [f.name for f in table.schema if pat.is_fixed_size_list(f.type)]
+    else:
+        table, vector_cols = _read_parts(fs, path, uri, feature, split, include_errors)
+    df = table.to_pandas()
+    if not return_vectors:
+        return df
+    name = feature or (vector_cols[0] if len(vector_cols) == 1 else None)
+    if name is None:
+        raise VitflowError(
+            f"return_vectors needs feature=...; {uri!r} has {', '.join(vector_cols)}"
+        )
+    return df, vectors_of(table.column(name))
+
+
+def _read_parts(fs, path, uri, feature, split, include_errors):
+    from vitflow.embed import arrow_fs
+
     dataset = pads.dataset(
         path, format="parquet", filesystem=arrow_fs(fs), exclude_invalid_files=True
     )
@@ -60,16 +81,7 @@ def load_embeddings(
     if split is not None:
         cond = pads.field(columns.SPLIT) == split
         flt = cond if flt is None else flt & cond
-    table = dataset.to_table(columns=keep, filter=flt)
-    df = table.to_pandas()
-    if not return_vectors:
-        return df
-    name = feature or (vector_cols[0] if len(vector_cols) == 1 else None)
-    if name is None:
-        raise VitflowError(
-            f"return_vectors needs feature=...; {uri!r} has {', '.join(vector_cols)}"
-        )
-    return df, vectors_of(table.column(name))
+    return dataset.to_table(columns=keep, filter=flt), vector_cols
 
 
 def vectors_of(col: pa.ChunkedArray) -> np.ndarray:

@@ -27,7 +27,7 @@ import pyarrow as pa
 from vitflow import columns
 from vitflow.backbone import weights_fingerprint
 from vitflow.config import EmbedConfig
-from vitflow.embed import EmbedPlan, _input_blocks, prepare_embed
+from vitflow.embed import EmbedPlan, embed_stages, prepare_embed
 from vitflow.errors import ConfigError, VitflowError
 from vitflow.index_table import (
     MTIME,
@@ -47,7 +47,7 @@ from vitflow.index_table import (
 )
 from vitflow.runtime import largest_node_cpus, plan_actors, ray_session
 from vitflow.sinks import ERROR_BUDGET_MIN_ROWS
-from vitflow.stages import EmbedStats, EmbedWorker, decode_batch, output_schema
+from vitflow.stages import EmbedStats, output_schema
 
 __all__ = ["ReindexResult", "load_index", "plan_reindex", "run_reindex"]
 
@@ -168,7 +168,7 @@ def describe_change(old: dict[str, Any], new: dict[str, Any]) -> str:
 def plan_reindex(cfg: EmbedConfig, *, rebuild: bool = False) -> ReindexPlan:
     """Check the job and diff the source against the index's latest snapshot (no Ray)."""
     # overwrite=True: an existing output is this job's index, not a mistake to refuse.
-    embed = prepare_embed(cfg, overwrite=True)
+    embed = prepare_embed(cfg, check_output=False)
     uri = cfg.output.uri
     so = delta_storage_options(uri, cfg.storage.options_for(uri))
     fingerprint, job = index_job(cfg, embed.weights)
@@ -338,7 +338,15 @@ def _embed_into(plan: ReindexPlan, stager: FileStager, address: str | None):
         stats_name = f"vitflow-reindex-stats-{plan.run_id[:12]}"
         stats = ray.remote(num_cpus=0)(EmbedStats).options(name=stats_name).remote()
         try:
-            ds = _embed_dataset(ray, plan, actors, stats_name)
+            ds = embed_stages(
+                ray,
+                plan.cfg,
+                plan.embed.backbone.data_config,
+                ray.put(plan.embed.weights),
+                actors,
+                stats_name,
+                plan.todo,
+            )
             for batch in ds.iter_batches(
                 batch_format="pyarrow", batch_size=cfg.output.rows_per_file
             ):
@@ -363,35 +371,3 @@ def _embed_into(plan: ReindexPlan, stager: FileStager, address: str | None):
             f"({len(seen) - len(set(seen))} duplicated); nothing was committed, rerun"
         )
     return adds, len(seen), errors
-
-
-def _embed_dataset(ray, plan: ReindexPlan, actors, stats_name: str):
-    # The same two stages, with the same arguments, as vitflow.embed._execute.
-    cfg = plan.cfg
-    ds = ray.data.from_arrow(_input_blocks(plan.todo, cfg.compute.batch_size))
-    ds = ds.map_batches(
-        decode_batch,
-        batch_size=None,
-        batch_format="numpy",
-        num_cpus=cfg.compute.decode_num_cpus,
-        fn_kwargs={
-            "data_config_json": json.dumps(plan.embed.backbone.data_config),
-            "max_pixels": cfg.source.max_pixels,
-            "storage_options": cfg.storage.options_for(cfg.source.uri),
-        },
-    )
-    return ds.map_batches(
-        EmbedWorker,
-        batch_size=cfg.compute.batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=actors.num_actors),
-        num_cpus=actors.num_cpus,
-        num_gpus=actors.num_gpus,
-        fn_constructor_kwargs={
-            "job": cfg.model_dump(mode="json"),
-            "weights": [ray.put(plan.embed.weights)],
-            "device": actors.device,
-            "torch_threads": actors.torch_threads,
-            "stats_actor": stats_name,
-        },
-    )
