@@ -166,3 +166,32 @@ def test_transient_errors_are_retried_and_permanent_ones_become_error_rows(
     assert df.loc[f"s3://{bucket}/imgs/dog/flaky-b.jpg", "status"] == "ok"
     err = df.loc[f"s3://{bucket}/imgs/dog/broken.jpg", "error"]
     assert "read failed" in err and "attempts" in err
+
+
+def test_reindex_on_s3_adds_updates_and_deletes(local_corpus, s3_bucket, ray_local):
+    """The Delta index in object storage: one incremental run equals a fresh build."""
+    from vitflow.reindex import run_reindex
+
+    fs, bucket, endpoint = s3_bucket
+    fs.put(str(local_corpus / "images" / "train"), f"{bucket}/src", recursive=True)
+
+    def cfg(out: str):
+        return job(f"s3://{bucket}/src", f"s3://{bucket}/{out}", str(local_corpus / "w.safetensors"), endpoint)
+
+    first = run_reindex(cfg("index"))
+    assert first.added == first.embedded == 14  # 9 images + 5 bad files, all rows
+    dog = sorted(fs.ls(f"{bucket}/src/dog"))
+    fs.rm(dog[0])                                               # deleted
+    fs.put(str(local_corpus / "images" / "val" / "cat" / "000.jpg"), dog[1])  # changed content
+    fs.put(str(local_corpus / "images" / "val" / "fox" / "001.jpg"), f"{bucket}/src/fox/new.jpg")  # added
+    second = run_reindex(cfg("index"))
+    assert (second.added, second.updated, second.deleted, second.embedded) == (1, 1, 1, 2)
+    fresh = run_reindex(cfg("fresh"))
+    opts = {"endpoint_url": endpoint}
+    a = load_embeddings(f"s3://{bucket}/index", include_errors=True, storage_options=opts).set_index("id").sort_index()
+    b = load_embeddings(f"s3://{bucket}/fresh", include_errors=True, storage_options=opts).set_index("id").sort_index()
+    assert fresh.added == len(b) == len(a) == 14
+    assert list(a.index) == list(b.index) and (a["status"] == b["status"]).all()
+    ok = a["status"] == "ok"
+    np.testing.assert_allclose(np.stack(a["emb"][ok]), np.stack(b["emb"][ok]), rtol=1e-5, atol=1e-6)
+    assert run_reindex(cfg("index")).embedded == 0
