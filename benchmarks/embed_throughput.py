@@ -25,7 +25,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import shutil
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 import numpy as np  # noqa: E402
 import timm  # noqa: E402
 import torch  # noqa: E402
+from machine import describe, load  # benchmarks/machine.py (the script's folder is on sys.path)
 from PIL import Image, ImageDraw, ImageFilter  # noqa: E402
 from timm.data import create_transform  # noqa: E402
 
@@ -90,27 +90,6 @@ def generate_images(root: Path, n: int, w: int, h: int) -> list[Path]:
         f"  {len(paths)} JPEGs, {w}x{h}, {mb:.0f} MB, {1e3 * mb / len(paths):.0f} KB each on average"
     )
     return paths
-
-
-def machine(device: torch.device) -> str:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        cpu = platform.processor() or cpu
-    gpu = torch.cuda.get_device_name(0) if device.type == "cuda" else "none"
-    return (
-        f"{os.cpu_count()} cores ({cpu}), torch {torch.__version__} with "
-        f"{torch.get_num_threads()} threads, GPU: {gpu}"
-    )
-
-
-def load() -> str:
-    # Other processes on the machine skew every number; the load average shows whether any ran.
-    return "/".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
 
 
 def plain_loop(paths, extractor, transform, bs, device):
@@ -202,7 +181,7 @@ def main() -> None:
     rate_a, rate_b, rate_c = n / sec_a, n / sec_b, n / sec_c
     print("\n" + "=" * 78)
     print("embed throughput benchmark")
-    print(f"machine     : {machine(device)}")
+    print(f"machine     : {describe(device.type == 'cuda')}")
     print(f"load avg    : {load_before} (1/5/15 min) at start, {load()} at end")
     print(
         f"model       : {args.model}, input {tuple(dcfg['input_size'])}, batch size {bs}, "

@@ -22,7 +22,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import shutil
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
+from machine import describe  # benchmarks/machine.py (the script's folder is on sys.path)
 
 from vitflow.config import load_config  # noqa: E402
 from vitflow.reindex import run_reindex  # noqa: E402
@@ -113,7 +113,7 @@ def main() -> None:
     inc_s, inc = timed(cfg)
     noop_s, noop = timed(cfg)
 
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs; model {args.model}")
+    print(f"machine: {describe(False)}; model {args.model}")
     print(f"corpus: {args.images} JPEGs {size[0]}x{size[1]}; changed {changed} files")
     print(f"(a) full build   {full_s:8.2f} s  {full}")
     print(f"(b) {args.changed:.0%} changed   {inc_s:8.2f} s  {inc}")

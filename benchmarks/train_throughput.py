@@ -31,7 +31,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import shutil
 import statistics
 import time
@@ -46,6 +45,7 @@ from pathlib import Path
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 import torch  # noqa: E402
+from machine import describe, load  # benchmarks/machine.py (the script's folder is on sys.path)
 
 from vitflow.config import load_config  # noqa: E402
 from vitflow.synthetic import make_digits_folder  # noqa: E402
@@ -113,23 +113,6 @@ def steady_rate(metrics: list[dict]) -> tuple[float, int, float]:
     return statistics.median(m["images_per_s"] for m in rest), len(rest), seconds
 
 
-def machine(use_gpu: bool) -> str:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        cpu = platform.processor() or cpu
-    if torch.cuda.is_available():
-        n = torch.cuda.device_count()
-        gpu = f"{n} x {torch.cuda.get_device_name(0)}" + ("" if use_gpu else " (not used)")
-    else:
-        gpu = "none"
-    return f"{os.cpu_count()} cores ({cpu}), torch {torch.__version__}, GPU: {gpu}"
-
-
 def worker_threads() -> str:
     """What torch in each Ray Train worker runs with (the loop reads VITFLOW_TORCH_THREADS)."""
     if os.environ.get("VITFLOW_TORCH_THREADS", "0") != "0":
@@ -137,11 +120,6 @@ def worker_threads() -> str:
     if os.environ.get("OMP_NUM_THREADS"):
         return f"{os.environ['OMP_NUM_THREADS']} (OMP_NUM_THREADS)"
     return "1 (Ray sets OMP_NUM_THREADS to the 1 CPU each worker reserves)"
-
-
-def load() -> str:
-    # Other processes on the machine skew every number; the load average shows whether any ran.
-    return "/".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
 
 
 def main() -> None:
@@ -195,7 +173,7 @@ def main() -> None:
     per_step = "40 images x 2 views" if args.method == "simclr" else "80 images (10 x 8)"
     print("\n" + "=" * 78)
     print("train throughput benchmark")
-    print(f"machine     : {machine(args.gpu)}")
+    print(f"machine     : {describe(args.gpu)}")
     print(f"load avg    : {load_before} (1/5/15 min) at start, {load()} at end")
     print(
         f"job         : {args.method}, {args.model} (random init), {args.image_size} px digits, "

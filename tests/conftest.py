@@ -104,3 +104,28 @@ def s3_bucket(s3_endpoint):
     name = f"vitflow-{uuid.uuid4().hex[:10]}"
     fs.mkdir(name)
     return fs, name, s3_endpoint
+
+
+def kill_processes_under(marker) -> None:
+    """SIGKILL every process whose command line mentions ``marker`` (a Ray temp dir a test
+    gave its own cluster), so a test stops exactly what it started — never `ray stop`."""
+    import signal
+    from pathlib import Path
+
+    for pid_dir in Path("/proc").iterdir():
+        if not pid_dir.name.isdigit():
+            continue
+        try:
+            if str(marker) in (pid_dir / "cmdline").read_bytes().decode(errors="ignore"):
+                os.kill(int(pid_dir.name), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            pass
+
+
+def kill_run(proc, ray_tmp) -> None:
+    """Kill a driver started with ``start_new_session=True`` and the Ray it started."""
+    import signal
+
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    kill_processes_under(ray_tmp)

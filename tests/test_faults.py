@@ -20,7 +20,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from tests.conftest import TINY
+from tests.conftest import TINY, kill_run
 from vitflow.config import load_config
 from vitflow.embed import run_embed
 from vitflow.errors import VitflowError
@@ -101,18 +101,6 @@ def test_model_actor_killed_mid_run(corpus, clean, ray_local, tmp_path):
     assert_same_output(out, clean)
 
 
-def _kill_run(proc: subprocess.Popen, ray_tmp: Path) -> None:
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-    for pid_dir in Path("/proc").iterdir():  # Ray processes that run started under ray_tmp
-        if pid_dir.name.isdigit():
-            try:
-                if str(ray_tmp) in (pid_dir / "cmdline").read_bytes().decode(errors="ignore"):
-                    os.kill(int(pid_dir.name), signal.SIGKILL)
-            except (OSError, ProcessLookupError):
-                pass
-
-
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_driver_killed_at_a_random_point_then_resume_equals_clean_run(
@@ -134,7 +122,7 @@ def test_driver_killed_at_a_random_point_then_resume_equals_clean_run(
     except subprocess.TimeoutExpired:
         pass
     finally:
-        _kill_run(first, ray_tmp)
+        kill_run(first, ray_tmp)
     resumed = subprocess.run(
         [*cmd, "--resume"],
         env=env,

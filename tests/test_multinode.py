@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import kill_processes_under
 from vitflow.synthetic import make_digits_folder, make_image_folder
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(420)]
@@ -37,13 +37,7 @@ def run_on_two_nodes(kind: str, data: Path, out: Path) -> dict:
             timeout=380,
         )
     finally:  # whatever happened, leave no process of that cluster behind
-        for pid_dir in Path("/proc").iterdir():
-            if pid_dir.name.isdigit():
-                try:
-                    if str(ray_tmp) in (pid_dir / "cmdline").read_bytes().decode(errors="ignore"):
-                        os.kill(int(pid_dir.name), signal.SIGKILL)
-                except (OSError, ProcessLookupError):
-                    pass
+        kill_processes_under(ray_tmp)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 

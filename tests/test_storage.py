@@ -176,20 +176,35 @@ def test_reindex_on_s3_adds_updates_and_deletes(local_corpus, s3_bucket, ray_loc
     fs.put(str(local_corpus / "images" / "train"), f"{bucket}/src", recursive=True)
 
     def cfg(out: str):
-        return job(f"s3://{bucket}/src", f"s3://{bucket}/{out}", str(local_corpus / "w.safetensors"), endpoint)
+        return job(
+            f"s3://{bucket}/src",
+            f"s3://{bucket}/{out}",
+            str(local_corpus / "w.safetensors"),
+            endpoint,
+        )
 
     first = run_reindex(cfg("index"))
     assert first.added == first.embedded == 14  # 9 images + 5 bad files, all rows
     dog = sorted(fs.ls(f"{bucket}/src/dog"))
-    fs.rm(dog[0])                                               # deleted
+    fs.rm(dog[0])  # deleted
     fs.put(str(local_corpus / "images" / "val" / "cat" / "000.jpg"), dog[1])  # changed content
-    fs.put(str(local_corpus / "images" / "val" / "fox" / "001.jpg"), f"{bucket}/src/fox/new.jpg")  # added
+    fs.put(
+        str(local_corpus / "images" / "val" / "fox" / "001.jpg"), f"{bucket}/src/fox/new.jpg"
+    )  # added
     second = run_reindex(cfg("index"))
     assert (second.added, second.updated, second.deleted, second.embedded) == (1, 1, 1, 2)
     fresh = run_reindex(cfg("fresh"))
     opts = {"endpoint_url": endpoint}
-    a = load_embeddings(f"s3://{bucket}/index", include_errors=True, storage_options=opts).set_index("id").sort_index()
-    b = load_embeddings(f"s3://{bucket}/fresh", include_errors=True, storage_options=opts).set_index("id").sort_index()
+    a = (
+        load_embeddings(f"s3://{bucket}/index", include_errors=True, storage_options=opts)
+        .set_index("id")
+        .sort_index()
+    )
+    b = (
+        load_embeddings(f"s3://{bucket}/fresh", include_errors=True, storage_options=opts)
+        .set_index("id")
+        .sort_index()
+    )
     assert fresh.added == len(b) == len(a) == 14
     assert list(a.index) == list(b.index) and (a["status"] == b["status"]).all()
     ok = a["status"] == "ok"

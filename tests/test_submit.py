@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import time
@@ -17,22 +16,11 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.conftest import TINY, free_port
+from tests.conftest import TINY, free_port, kill_processes_under
 from vitflow.synthetic import make_image_folder
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(420)]
 RAY = str(Path(sys.executable).parent / "ray")
-
-
-def _stop(temp_dir: Path) -> None:
-    """Kill exactly the processes of the cluster rooted at temp_dir (never `ray stop`)."""
-    for pid_dir in Path("/proc").iterdir():
-        if pid_dir.name.isdigit():
-            try:
-                if str(temp_dir) in (pid_dir / "cmdline").read_bytes().decode(errors="ignore"):
-                    os.kill(int(pid_dir.name), signal.SIGKILL)
-            except (OSError, ProcessLookupError):
-                pass
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +82,7 @@ def head(tmp_path_factory):
                 time.sleep(1)
         yield url, token, home, env
     finally:
-        _stop(temp_dir)
+        kill_processes_under(temp_dir)
 
 
 def _vitflow(args, env, timeout=360):

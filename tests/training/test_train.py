@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import pytest
 import torch
 import yaml
 
+from tests.conftest import kill_run
 from vitflow.backbone import (
     META_ARCH,
     META_DATA_CONFIG,
@@ -183,24 +183,6 @@ def test_bad_training_input_fails_fast_naming_the_fix(tmp_path, digits):
 # --- resume after the driver is killed ------------------------------------------------------
 
 
-def _kill_tree(proc: subprocess.Popen, ray_tmp: Path) -> None:
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-    # Ray's own processes of that run (raylet, GCS, workers) were started under ray_tmp.
-    for pid_dir in Path("/proc").iterdir():
-        if not pid_dir.name.isdigit():
-            continue
-        try:
-            cmd = (pid_dir / "cmdline").read_bytes().decode(errors="ignore")
-        except OSError:
-            continue
-        if str(ray_tmp) in cmd:
-            try:
-                os.kill(int(pid_dir.name), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
 @pytest.mark.ray
 @pytest.mark.timeout(600)
 def test_rerun_after_killed_driver_resumes_and_finishes(digits, tmp_path):
@@ -229,7 +211,7 @@ def test_rerun_after_killed_driver_resumes_and_finishes(digits, tmp_path):
         while time.time() < deadline and _latest_checkpoint(str(out))[1] < 10:
             time.sleep(1)
     finally:
-        _kill_tree(first, ray_tmp)
+        kill_run(first, ray_tmp)
     killed_at = _latest_checkpoint(str(out))[1]
     assert 10 <= killed_at < 30, killed_at
     second = subprocess.run(
