@@ -179,3 +179,12 @@ def test_cpu_precisions_ok(precision):
 def test_no_cpus_raises(cluster):
     with pytest.raises(ConfigError, match="no CPUs"):
         plan_actors(cluster, 0.0, ComputeConfig())
+
+
+def test_autoscaling_cluster_at_zero_workers_plans_what_is_asked():
+    # Head with CPU 0 and no workers yet: an explicit GPU plan is trusted, so the pending
+    # actors make the autoscaler add GPU nodes instead of the job failing or running on CPU.
+    p = plan_actors({"CPU": 0.0}, 0.0, ComputeConfig(device="cuda", num_actors=4))
+    assert (p.num_actors, p.num_gpus, p.device) == (4, 1.0, "cuda")
+    with pytest.raises(ConfigError, match="compute.num_actors"):
+        plan_actors({"CPU": 0.0}, 0.0, ComputeConfig(device="cuda"))

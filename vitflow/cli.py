@@ -260,6 +260,13 @@ def submit(
             "--ship-package/--no-ship-package", help="Upload this vitflow to the cluster."
         ),
     ] = True,
+    resume: Annotated[
+        bool,
+        typer.Option("--resume", help="Pass --resume to an embed job (finish an interrupted run)."),
+    ] = False,
+    rebuild: Annotated[
+        bool, typer.Option("--rebuild", help="Pass --rebuild to a reindex job.")
+    ] = False,
 ) -> None:
     """Submit a job to a running Ray cluster (Ray Jobs API, token auth).
 
@@ -274,6 +281,7 @@ def submit(
             overrides=set_ or [],
             command=command,
             ship_package=ship_package,
+            extra_args=[*(["--resume"] if resume else []), *(["--rebuild"] if rebuild else [])],
         )
         typer.echo(f"submitted {job_id}")
         if wait:

@@ -43,12 +43,21 @@ def plan_actors(cluster: dict[str, float], node_cpus: float, compute: ComputeCon
     """Size the actor pool from ``ray.cluster_resources()`` and the largest node's CPU count."""
     cpus = float(cluster.get("CPU", 0))
     gpus = float(cluster.get("GPU", 0))
-    if cpus <= 0:
-        raise ConfigError("the Ray cluster reports no CPUs; decode tasks cannot run")
-    use_gpu = compute.device == "cuda" or (compute.device == "auto" and gpus > 0)
-    if compute.device == "cuda" and gpus == 0:
+    # An autoscaling cluster may start with no workers: with device cuda and an explicit
+    # num_actors the pool is planned as asked, and Ray's autoscaler adds the GPU (and
+    # decode CPU) nodes the pending actors and tasks request.
+    autoscale = compute.device == "cuda" and compute.num_actors is not None
+    if cpus <= 0 and not autoscale:
         raise ConfigError(
-            "compute.device is cuda, but the Ray cluster has no GPUs; use auto or cpu"
+            "the Ray cluster reports no CPUs, so decode tasks cannot run; on an autoscaling "
+            "cluster that is still at zero workers set compute.device: cuda and "
+            "compute.num_actors so vitflow requests the nodes instead of measuring them"
+        )
+    use_gpu = compute.device == "cuda" or (compute.device == "auto" and gpus > 0)
+    if compute.device == "cuda" and gpus == 0 and not autoscale:
+        raise ConfigError(
+            "compute.device is cuda, but the Ray cluster has no GPUs; use auto or cpu, or set "
+            "compute.num_actors to have an autoscaling cluster add GPU nodes"
         )
     if compute.precision == "fp16" and not use_gpu:
         raise ConfigError("compute.precision fp16 needs CUDA; on CPU use bf16 or fp32")
@@ -56,7 +65,11 @@ def plan_actors(cluster: dict[str, float], node_cpus: float, compute: ComputeCon
         per_gpu = 1.0 if compute.num_gpus_per_actor is None else compute.num_gpus_per_actor
         n = compute.num_actors or max(1, int(gpus // per_gpu) if per_gpu > 0 else 1)
         num_cpus = compute.actor_num_cpus or 1.0
-        threads = compute.torch_threads or max(1, int(node_cpus // max(1, n)))
+        threads = compute.torch_threads or max(1, int(max(node_cpus, 1) // max(1, n)))
+        if gpus < n * per_gpu:
+            log.warning(
+                "planning %d GPU actors on %s GPUs now: waiting for the autoscaler", n, gpus
+            )
         return ActorPlan(n, num_cpus, per_gpu, threads, "cuda")
     if compute.num_gpus_per_actor:
         raise ConfigError(
