@@ -96,12 +96,20 @@ def submit(
         runtime_env["py_modules"] = [str(Path(vitflow.__file__).parent)]
     entrypoint = " ".join(["python", "-m", "vitflow.cli", command, JOB_FILE, *extra_args])
     c = client(address)
-    try:
-        return c.submit_job(
-            entrypoint=entrypoint, runtime_env=runtime_env, metadata={"vitflow_command": command}
-        )
-    except Exception as e:
-        raise VitflowError(_explain(e, address, read_token())) from None
+    deadline = time.time() + AGENT_WAIT_S
+    while True:
+        try:
+            return c.submit_job(
+                entrypoint=entrypoint,
+                runtime_env=runtime_env,
+                metadata={"vitflow_command": command},
+            )
+        except Exception as e:
+            # A cluster that just started answers 500 until its job agent is up.
+            if "No available agent" in str(e) and time.time() < deadline:
+                time.sleep(2)
+                continue
+            raise VitflowError(_explain(e, address, read_token())) from None
 
 
 def follow(address: str, job_id: str, out=sys.stdout) -> str:
