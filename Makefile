@@ -8,7 +8,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # pip's local wheel folders print one warning per package; keep the log readable.
-PIPQUIET := grep -v "is ignored: it is neither a file nor a directory" || true
+# Only grep's "no line left" status is ignored: with pipefail a failing pip still fails make.
+PIPQUIET := (grep -v "is ignored: it is neither a file nor a directory" || true)
 
 export HF_HUB_OFFLINE ?= 1
 export RAY_USAGE_STATS_ENABLED := 0
