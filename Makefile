@@ -27,7 +27,6 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip 2>&1 | $(PIPQUIET)
 	$(BIN)/python -m pip install -q -e '.[dev]' 2>&1 | $(PIPQUIET)
 	$(BIN)/python -c "import vitflow, torch, timm, ray; print('installed: torch', torch.__version__, '| timm', timm.__version__, '| ray', ray.__version__)"
 	@touch $(STAMP)
