@@ -154,3 +154,37 @@ def test_error_budget_aborts_resumably(corpus, ray_local, tmp_path):
         load_config(base=base, overrides=["compute.max_error_fraction=1.0"]), resume=True
     )
     assert (res.ok, res.error) == (20, 110)
+
+
+@pytest.mark.timeout(300)
+def test_resume_reuses_staged_batches_and_computes_only_the_rest(
+    corpus, clean, ray_local, tmp_path
+):
+    """An interrupted run left part 1 wholly staged and part 2 half staged: --resume embeds
+    exactly the unstaged half of part 2 and ends equal to the clean run."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from vitflow.embed import RUN_STATE, prepare_embed
+    from vitflow.sinks import part_file
+
+    out = tmp_path / "out"
+    cfg = load_config(base=job_dict(corpus, out))
+    run_embed(cfg)
+    (out / "_manifest.json").unlink()
+    staging = out / STAGING
+    staging.mkdir()
+    whole = pq.read_table(out / part_file(1))
+    pq.write_table(whole, staging / "part-00001-aaaa.parquet")
+    half = pq.read_table(out / part_file(2))
+    pq.write_table(half.slice(0, 3), staging / "part-00002-bbbb.parquet")
+    (out / part_file(1)).unlink()
+    (out / part_file(2)).unlink()
+    plan = prepare_embed(cfg, check_output=False)
+    (out / RUN_STATE).write_text(json.dumps({"fingerprint": plan.fingerprint}))
+    res = run_embed(cfg, resume=True)
+    assert res.manifest["execution"]["images"] <= half.num_rows - 3  # not part 1, not staged rows
+    assert res.manifest["execution"]["batches"] >= 1
+    assert res.resumed_parts == res.listed // 6 + (res.listed % 6 > 0) - 2
+    assert_same_output(out, clean)

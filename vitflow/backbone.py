@@ -176,7 +176,10 @@ def create_model(cfg: ModelConfig) -> torch.nn.Module:
                 f"could not fetch pretrained weights for {cfg.name!r}: {e}. Without internet, "
                 "set model.pretrained: false and pass the weights file as model.checkpoint"
             ) from e
-        raise
+        raise ModelError(
+            f"timm cannot build {cfg.name!r} with model.kwargs {cfg.kwargs}: "
+            f"{type(e).__name__}: {e}"
+        ) from e
     return model.eval()
 
 
@@ -332,6 +335,8 @@ def weights_fingerprint(raw: bytes) -> str:
 
 def backbone_from_bytes(raw: bytes, cfg: ModelConfig) -> Backbone:
     """Inverse of :func:`backbone_bytes` (model actors receive the driver's backbone this way)."""
+    # The weights are all here: never fetch hub weights again on a worker.
+    cfg = cfg.model_copy(update={"pretrained": False})
     return create_backbone(
         cfg, state_dict=load_safetensors_bytes(raw), metadata=_safetensors_metadata(raw)
     )

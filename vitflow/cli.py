@@ -106,7 +106,7 @@ def embed(
         plan = prepare_embed(cfg, overwrite=overwrite, resume=resume)
         typer.echo(
             f"vitflow embed: {len(plan.listing)} images from {cfg.source.uri} -> {cfg.output.uri} "
-            f"| model {cfg.model.name} | features "
+            f"| model {plan.backbone.name} | features "
             + ", ".join(f"{n}[{d}]" for n, d in plan.dims.items())
         )
         result = run_embed(cfg, overwrite=overwrite, resume=resume, address=address, plan=plan)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from vitflow import columns
@@ -38,6 +39,7 @@ from vitflow.sinks import (
     assign_parts,
     clean_staging,
     finished_parts,
+    staged_ids,
 )
 from vitflow.sources import Listing, list_images, open_fs
 from vitflow.stages import EmbedStats, EmbedWorker, decode_batch
@@ -91,6 +93,7 @@ def job_fingerprint(cfg: EmbedConfig, weights: bytes, listing: Listing) -> str:
         "model": cfg.model.model_dump(mode="json"),
         "source": cfg.source.model_dump(mode="json"),
         "rows_per_file": cfg.output.rows_per_file,
+        "precision": cfg.compute.precision,
     }
     h.update(json.dumps(stable, sort_keys=True).encode())
     t = listing.table
@@ -127,9 +130,11 @@ def prepare_embed(
     plan = EmbedPlan(cfg, backbone, extractor.plans, listing, out_fs, out_path, weights)
     plan.fingerprint = job_fingerprint(cfg, weights, listing)
     has_data = out_fs.exists(out_path) and bool(out_fs.ls(out_path))
+    if check_output and "://" in cfg.output.uri:
+        _check_bucket(out_fs, out_path, cfg.output.uri)
     if not check_output:
-        pass
-    elif resume:
+        return plan
+    if resume:
         _check_resumable(plan)
     elif has_data and not overwrite:
         raise OutputExistsError(
@@ -147,6 +152,11 @@ def _check_resumable(plan: EmbedPlan) -> None:
             f"output {plan.cfg.output.uri!r} is a finished run; nothing to resume"
         )
     if not fs.exists(state_path):
+        if fs.exists(out) and _ls_names(fs, out):
+            raise OutputExistsError(
+                f"output {plan.cfg.output.uri!r} holds data that no vitflow run left to resume; "
+                "choose another output.uri or pass --overwrite instead of --resume"
+            )
         return  # nothing was started: --resume on an empty output is a fresh run
     state = json.loads(fs.cat_file(state_path))
     if state.get("fingerprint") != plan.fingerprint:
@@ -154,6 +164,26 @@ def _check_resumable(plan: EmbedPlan) -> None:
             f"cannot resume {plan.cfg.output.uri!r}: the model weights, feature spec, source "
             "settings or the listed files changed since the interrupted run; rerun with "
             "--overwrite (or use `vitflow reindex` for a source that changes)"
+        )
+
+
+def _ls_names(fs, path: str) -> list[str]:
+    try:
+        return fs.ls(path, detail=False)
+    except FileNotFoundError:
+        return []
+
+
+def _check_bucket(fs, path: str, uri: str) -> None:
+    # s3fs's makedirs would create a mistyped bucket; refuse instead.
+    bucket = path.split("/", 1)[0]
+    try:
+        ok = fs.exists(bucket)
+    except Exception as e:
+        raise ConfigError(f"cannot reach the bucket of output.uri {uri!r}: {e}") from e
+    if not ok:
+        raise ConfigError(
+            f"the bucket {bucket!r} of output.uri {uri!r} does not exist; create it or fix the URI"
         )
 
 
@@ -210,6 +240,11 @@ def run_embed(
     todo = table.filter(pa.array([p not in done for p in table.column(PART_COLUMN).to_pylist()]))
     all_parts = set(table.column(PART_COLUMN).to_pylist())
     clean_staging(fs, out, keep_parts=(all_parts - done) if resume else None)
+    part_sizes = {int(p): int(n) for p, n in zip(*_counts(todo.column(PART_COLUMN)), strict=True)}
+    # Batches staged before the interruption are reused: only the rest is computed.
+    staged = set().union(*staged_ids(fs, out).values()) if resume else set()
+    if staged:
+        todo = todo.filter(pc.invert(pc.is_in(todo.column(columns.ID), pa.array(sorted(staged)))))
     fs.pipe_file(
         posixpath.join(out, RUN_STATE), json.dumps({"fingerprint": plan.fingerprint}).encode()
     )
@@ -219,7 +254,9 @@ def run_embed(
         with ray_session(address) as ray:
             actors = plan_actors(ray.cluster_resources(), largest_node_cpus(), cfg.compute)
             log.info("actor plan: %s", actors)
-            stats = _execute(ray, plan, actors, todo)
+            stats = _execute(ray, plan, actors, todo, part_sizes)
+    elif part_sizes:  # everything left was staged already: just finish those parts
+        PartWriter(fs, out, part_sizes)
     clean_staging(fs, out)
     seconds = time.time() - started
     counts = _verify_output(plan)
@@ -245,12 +282,11 @@ def run_embed(
     )
 
 
-def _execute(ray, plan: EmbedPlan, actors: ActorPlan, todo: pa.Table) -> dict:
+def _execute(ray, plan: EmbedPlan, actors: ActorPlan, todo: pa.Table, part_sizes: dict) -> dict:
     cfg = plan.cfg
     stats_name = f"vitflow-embed-stats-{uuid.uuid4().hex[:12]}"
     stats = ray.remote(num_cpus=0)(EmbedStats).options(name=stats_name).remote()
     weights = ray.put(plan.weights)
-    part_sizes = {int(p): int(n) for p, n in zip(*_counts(todo.column(PART_COLUMN)), strict=True)}
     try:
         ds = embed_stages(ray, cfg, plan.backbone.data_config, weights, actors, stats_name, todo)
         # One writer: it counts every part's rows to know when the part is complete.

@@ -53,11 +53,19 @@ def plan_actors(cluster: dict[str, float], node_cpus: float, compute: ComputeCon
             "cluster that is still at zero workers set compute.device: cuda and "
             "compute.num_actors so vitflow requests the nodes instead of measuring them"
         )
-    use_gpu = compute.device == "cuda" or (compute.device == "auto" and gpus > 0)
+    # An explicit num_gpus_per_actor: 0 asks for CPU actors even on a GPU cluster.
+    use_gpu = compute.device == "cuda" or (
+        compute.device == "auto" and gpus > 0 and compute.num_gpus_per_actor != 0
+    )
     if compute.device == "cuda" and gpus == 0 and not autoscale:
         raise ConfigError(
             "compute.device is cuda, but the Ray cluster has no GPUs; use auto or cpu, or set "
             "compute.num_actors to have an autoscaling cluster add GPU nodes"
+        )
+    if compute.device == "cuda" and compute.num_gpus_per_actor == 0:
+        raise ConfigError(
+            "compute.device is cuda but compute.num_gpus_per_actor is 0, so the actors would "
+            "get no GPU; leave num_gpus_per_actor unset or use a fraction such as 0.5"
         )
     if compute.precision == "fp16" and not use_gpu:
         raise ConfigError("compute.precision fp16 needs CUDA; on CPU use bf16 or fp32")

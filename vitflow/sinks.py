@@ -97,14 +97,12 @@ class PartWriter:
         self.staging = posixpath.join(self.out, STAGING)
         self.fs.makedirs(self.staging, exist_ok=True)
         self.expected = {int(k): int(v) for k, v in part_sizes.items()}
-        self.seen: dict[int, set[str]] = {}
-        # A restarted writer (or a resumed run) recounts what earlier incarnations staged.
-        for piece in _ls(self.fs, self.staging):
-            m = _PIECE_FILE.match(posixpath.basename(piece))
-            if m and int(m.group(1)) in self.expected:
-                with self.fs.open(piece, "rb") as f:
-                    ids = pq.read_table(f, columns=[columns.ID]).column(0)
-                self.seen.setdefault(int(m.group(1)), set()).update(ids.to_pylist())
+        # A restarted writer (or a resumed run) recounts what earlier incarnations staged,
+        # and finishes parts whose every row was already staged.
+        self.seen = {p: ids for p, ids in staged_ids(fs, out_path).items() if p in self.expected}
+        for part, ids in list(self.seen.items()):
+            if len(ids) >= self.expected[part]:
+                self._compact(part)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         self._check_error_budget(batch)
@@ -164,6 +162,18 @@ def _unique_ids(table: pa.Table) -> pa.Table:
         return table
     _, first = np.unique(ids.to_numpy(zero_copy_only=False), return_index=True)
     return table.take(pa.array(np.sort(first)))
+
+
+def staged_ids(fs, out_path: str) -> dict[int, set[str]]:
+    """Ids already staged under ``OUT/_staging``, by part."""
+    seen: dict[int, set[str]] = {}
+    for piece in _ls(fs, posixpath.join(out_path.rstrip("/"), STAGING)):
+        m = _PIECE_FILE.match(posixpath.basename(piece))
+        if m:
+            with fs.open(piece, "rb") as f:
+                ids = pq.read_table(f, columns=[columns.ID]).column(0)
+            seen.setdefault(int(m.group(1)), set()).update(ids.to_pylist())
+    return seen
 
 
 def clean_staging(fs, out_path: str, keep_parts: set[int] | None = None) -> None:

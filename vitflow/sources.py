@@ -60,7 +60,13 @@ class Listing:
 
 def open_fs(uri: str, storage_options: dict[str, Any] | None = None):
     """``(filesystem, path)`` for a local path or fsspec URL."""
-    return fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    try:
+        return fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    except (ValueError, ImportError) as e:
+        raise ConfigError(
+            f"cannot open {uri!r}: {e}; check the URL's protocol (e.g. s3://bucket/prefix) and "
+            "that its fsspec package is installed"
+        ) from e
 
 
 def list_images(cfg: SourceConfig, storage_options: dict[str, Any] | None = None) -> Listing:
@@ -70,6 +76,16 @@ def list_images(cfg: SourceConfig, storage_options: dict[str, Any] | None = None
     or URL), ``relpath``, ``label``, ``split``, ``size``, ``mtime``.
     """
     fs, root = open_fs(cfg.uri, storage_options)
+    try:
+        return _list(fs, root, cfg)
+    except (OSError, PermissionError) as e:  # missing credentials, denied, unreachable
+        raise ConfigError(
+            f"cannot list source {cfg.uri!r}: {type(e).__name__}: {e}; check the credentials "
+            "(AWS_ACCESS_KEY_ID/..., ~/.aws) and the storage: block"
+        ) from e
+
+
+def _list(fs, root: str, cfg: SourceConfig) -> Listing:
     if not fs.exists(root):
         raise ConfigError(f"source {cfg.uri!r} does not exist; fix source.uri")
     if not fs.isdir(root):

@@ -86,6 +86,9 @@ def submit(
     command = command or detect_command(data)
     if command not in COMMANDS:
         raise ConfigError(f"unknown command {command!r}; use one of {', '.join(COMMANDS)}")
+    for flag, fits in (("--resume", "embed"), ("--rebuild", "reindex")):
+        if flag in extra_args and command != fits:
+            raise ConfigError(f"{flag} applies to {fits} jobs, but this is a {command} job")
     load_config(base=data, schema=TrainConfig if command == "train" else EmbedConfig)
     workdir = tempfile.mkdtemp(prefix="vitflow-submit-")
     Path(workdir, JOB_FILE).write_text(yaml.safe_dump(data, sort_keys=False))
@@ -128,15 +131,26 @@ def follow(address: str, job_id: str, out=sys.stdout) -> str:
     except Exception:  # log streaming is best effort; the status below is authoritative
         pass
     while True:
-        status = c.get_job_status(job_id)
+        status = _call(address, f"status of {job_id}", c.get_job_status, job_id)
         if status.is_terminal():
             return str(status.value if hasattr(status, "value") else status)
         time.sleep(1)
 
 
+def _call(address: str, what: str, fn, *args):
+    """Run a Jobs API call; any failure becomes one readable VitflowError."""
+    try:
+        return fn(*args)
+    except VitflowError:
+        raise
+    except Exception as e:
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise VitflowError(f"{what} failed at {address}: {text}") from None
+
+
 def list_jobs(address: str) -> list[dict[str, Any]]:
     rows = []
-    for j in client(address).list_jobs():
+    for j in _call(address, "listing jobs", lambda: client(address).list_jobs()):
         rows.append(
             {
                 "job_id": j.submission_id or j.job_id,
@@ -148,13 +162,13 @@ def list_jobs(address: str) -> list[dict[str, Any]]:
 
 
 def job_status(address: str, job_id: str) -> str:
-    s = client(address).get_job_status(job_id)
+    s = _call(address, f"status of {job_id}", lambda: client(address).get_job_status(job_id))
     return str(s.value if hasattr(s, "value") else s)
 
 
 def job_logs(address: str, job_id: str) -> str:
-    return client(address).get_job_logs(job_id)
+    return _call(address, f"logs of {job_id}", lambda: client(address).get_job_logs(job_id))
 
 
 def stop_job(address: str, job_id: str) -> bool:
-    return client(address).stop_job(job_id)
+    return _call(address, f"stopping {job_id}", lambda: client(address).stop_job(job_id))

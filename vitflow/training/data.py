@@ -66,6 +66,8 @@ def list_class_folders(uri: str, holdout_fraction: float, seed: int) -> ClassFol
     paths = listing.column(columns.PATH).to_pylist()
     splits = listing.column(columns.SPLIT).to_pylist()
     train, hold = [], []
+    # Split folders match case-insensitively (Val/, TEST/), like the listing's own rule.
+    splits = [s.lower() if s else s for s in splits]
     if any(s in HOLDOUT_SPLITS for s in splits):
         for p, lbl, s in zip(paths, labels, splits, strict=True):
             (hold if s in HOLDOUT_SPLITS else train).append((p, index[lbl]))

@@ -139,7 +139,14 @@ def run_train(cfg: TrainConfig, *, address: str | None = None) -> TrainResult:
                 failure_config=FailureConfig(max_failures=2),
             ),
         )
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except Exception as e:  # Ray Train v2 raises TrainingFailedError itself
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise VitflowError(
+                f"training failed: {first}; checkpoints so far are kept, rerun the same "
+                "command to resume"
+            ) from e
         if result.error:
             raise VitflowError(f"training failed: {result.error}")
     backbone_path = export_backbone(run_uri)
