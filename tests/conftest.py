@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -73,24 +74,30 @@ def wait_for_port(port: int, timeout: float = 30.0) -> None:
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
 
 
-@pytest.fixture(scope="session")
-def s3_endpoint():
-    """A real S3-compatible HTTP server (moto's server mode) in a child process."""
+@contextlib.contextmanager
+def serving(cmd: list[str], port: int):
+    """Run a local server process until the block ends; yields its http://127.0.0.1 URL."""
     import subprocess
-    import sys
 
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_port(port)
         yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3-compatible HTTP server (moto's server mode) in a child process."""
+    import sys
+
+    port = free_port()
+    with serving(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], port
+    ) as url:
+        yield url
 
 
 @pytest.fixture()

@@ -14,7 +14,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from tests.conftest import S3_SECRET, TINY, free_port, wait_for_port
+from tests.conftest import S3_SECRET, TINY, free_port, serving
 from vitflow.config import load_config
 from vitflow.embed import run_embed
 from vitflow.loading import load_embeddings
@@ -124,22 +124,10 @@ def test_cli_with_env_endpoint_never_prints_credentials(local_corpus, s3_bucket,
 @pytest.fixture()
 def fault_proxy(s3_endpoint):
     port = free_port()
-    upstream = int(s3_endpoint.rsplit(":", 1)[1])
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            os.path.join(os.path.dirname(__file__), "faultproxy.py"),
-            str(upstream),
-            str(port),
-            "2",
-        ]
-    )
-    try:
-        wait_for_port(port)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    upstream = s3_endpoint.rsplit(":", 1)[1]
+    script = os.path.join(os.path.dirname(__file__), "faultproxy.py")
+    with serving([sys.executable, script, upstream, str(port), "2"], port) as url:
+        yield url
 
 
 def test_transient_errors_are_retried_and_permanent_ones_become_error_rows(
