@@ -131,3 +131,15 @@ def test_bad_model_kwargs():
 def test_vit_data_config_follows_img_size():
     bb = create_backbone(ModelConfig(name=VIT_NAME, kwargs=VIT_KW))
     assert bb.data_config["input_size"] == (3, 32, 32)
+
+
+def test_shipped_weights_never_refetch_hub_weights():
+    """Model actors rebuild from the driver's bytes; pretrained: true must not download
+    again (offline here, a download would fail)."""
+    from vitflow.backbone import backbone_bytes, backbone_from_bytes
+
+    src = create_backbone(ModelConfig(name=VIT_NAME, kwargs=VIT_KW))
+    again = backbone_from_bytes(
+        backbone_bytes(src), ModelConfig(name=VIT_NAME, kwargs=VIT_KW, pretrained=True)
+    )
+    _same_weights(again.model, src.model)

@@ -198,3 +198,19 @@ def test_reindex_on_s3_adds_updates_and_deletes(local_corpus, s3_bucket, ray_loc
     ok = a["status"] == "ok"
     np.testing.assert_allclose(np.stack(a["emb"][ok]), np.stack(b["emb"][ok]), rtol=1e-5, atol=1e-6)
     assert run_reindex(cfg("index")).embedded == 0
+
+
+def test_missing_output_bucket_is_refused_not_created(local_corpus, s3_bucket):
+    from vitflow.embed import prepare_embed
+    from vitflow.errors import ConfigError
+
+    fs, bucket, endpoint = s3_bucket
+    cfg = job(
+        str(local_corpus / "images"),
+        "s3://no-such-bucket-vitflow/out",
+        str(local_corpus / "w.safetensors"),
+        endpoint,
+    )
+    with pytest.raises(ConfigError, match="bucket 'no-such-bucket-vitflow'.*does not exist"):
+        prepare_embed(cfg)
+    assert not fs.exists("no-such-bucket-vitflow")
