@@ -30,7 +30,7 @@ def main(kind: str, data: str, out: str) -> None:
                         "source": {"uri": data},
                         "model": {"name": name, "kwargs": kw},
                         "output": {"uri": out},
-                        "compute": {"batch_size": 2, "num_actors": 2},
+                        "compute": {"batch_size": 1, "num_actors": 2},
                     }
                 )
             )

@@ -43,11 +43,11 @@ def run_on_two_nodes(kind: str, data: Path, out: Path) -> dict:
 
 
 def test_embed_model_actors_land_on_both_nodes(tmp_path):
-    make_image_folder(tmp_path / "images", per_class=6, splits=None)
+    make_image_folder(tmp_path / "images", per_class=12, splits=None)
     res = run_on_two_nodes("embed", tmp_path / "images", tmp_path / "out")
     assert res["cluster_nodes"] == 2
     assert len(set(res["nodes"])) == 2, res
-    assert res["ok"] == res["listed"] == 18
+    assert res["ok"] == res["listed"] == 36
 
 
 def test_training_workers_spread_over_two_nodes(tmp_path):

@@ -257,6 +257,8 @@ class EmbedWorker:
         self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.compute.precision)
         self.stats = ray.get_actor(stats_actor) if stats_actor else None
         self.node_id = ray.get_runtime_context().get_node_id()
+        if self.stats is not None:  # where each replica was placed, even if it gets no batch
+            self.stats.add.remote(node=self.node_id)
         # Count real backbone passes at its stem (first child module), so the run's stats
         # show one pass per batch however many feature sets are requested.
         self.stem_calls = 0

@@ -23,7 +23,7 @@ from vitflow.errors import ConfigError, VitflowError
 
 COMMANDS = ("embed", "train", "reindex")
 JOB_FILE = "vitflow-job.yaml"
-AGENT_WAIT_S = 60
+AGENT_WAIT_S = 180
 
 
 def read_token() -> str | None:
