@@ -63,6 +63,16 @@ def head(tmp_path_factory):
             "--temp-dir",
             str(temp_dir),
             "--disable-usage-stats",
+            # Own agent ports: the session's other local Ray holds the default ones, and a
+            # head whose job agent cannot bind never accepts a submission.
+            "--dashboard-agent-listen-port",
+            str(free_port()),
+            "--dashboard-agent-grpc-port",
+            str(free_port()),
+            "--metrics-export-port",
+            str(free_port()),
+            "--runtime-env-agent-port",
+            str(free_port()),
         ],
         env=env,
         check=True,
