@@ -162,7 +162,7 @@ def main() -> None:
     cfg = load_config(
         base={
             "source": {"uri": str(image_dir)},
-            "model": {"name": args.model},
+            "model": {"name": args.model, "weights": "random"},
             "output": {"uri": str(out_dir)},
             "compute": {"batch_size": bs},
         }

@@ -98,7 +98,7 @@ def main() -> None:
     cfg = load_config(
         base={
             "source": {"uri": str(src)},
-            "model": {"name": args.model},  # pretrained=False: seeded random init, no download
+            "model": {"name": args.model, "weights": "random"},  # seeded random init, no download
             "output": {"uri": str(index)},
             "compute": {"batch_size": args.batch_size},
         }

@@ -28,7 +28,7 @@ def main(kind: str, data: str, out: str) -> None:
                 load_config(
                     base={
                         "source": {"uri": data},
-                        "model": {"name": name, "kwargs": kw},
+                        "model": {"name": name, "kwargs": kw, "weights": "random"},
                         "output": {"uri": out},
                         "compute": {"batch_size": 1, "num_actors": 2},
                     }

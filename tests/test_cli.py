@@ -43,7 +43,7 @@ def test_one_liner_embeds_a_folder(images, tmp_path):
         str(out),
         "--model",
         "resnet18",
-        "--no-pretrained",
+        "--random-weights",
         "--set",
         "compute.batch_size=8",
         "--set",
@@ -56,7 +56,10 @@ def test_one_liner_embeds_a_folder(images, tmp_path):
     df = pd.read_parquet(out)
     assert len(df) == 11 and len(df.loc[df.status == "ok", "emb"].iloc[0]) == 512
     # Existing output: refused, and nothing is touched.
-    again = vitflow("embed", "--input", str(images), "--output", str(out), "--model", "resnet18")
+    again = vitflow(
+        "embed", "--input", str(images), "--output", str(out), "--model", "resnet18",
+        "--random-weights",
+    )
     assert again.returncode == 1 and "--overwrite" in again.stderr
 
 
@@ -114,7 +117,8 @@ def test_help_lists_the_shortcut_flags():
         "--output",
         "--model",
         "--checkpoint",
-        "--no-pretrained",
+        "--pretrained",
+        "--random-weights",
         "--set",
         "--overwrite",
         "--address",

@@ -72,8 +72,9 @@ def test_yaml_file_contract_fields(tmp_path):
     assert isinstance(cfg, EmbedConfig)
     assert (cfg.source.uri, cfg.source.labels, cfg.source.split) == ("./images", "folder", "auto")
     assert cfg.model.name == "vit_small_patch16_224"
-    assert cfg.model.pretrained is False
+    assert cfg.model.weights is None  # the old `pretrained: false` is accepted and means nothing
     assert cfg.model.checkpoint == "weights/vit.safetensors"
+    assert cfg.model.weights_source == "checkpoint"
     assert len(cfg.features) == 1
     f = cfg.features[0]
     assert (f.name, f.layers, f.pool, f.aggregate, f.norm, f.normalize) == (
@@ -112,7 +113,7 @@ def test_defaults():
     assert (f.pool, f.aggregate, f.normalize, f.norm) == ("mean", "concat", "l2", False)
     assert cfg.source.labels == "folder"
     assert cfg.source.split == "auto"
-    assert cfg.model.pretrained is False
+    assert cfg.model.weights is None and cfg.model.weights_source is None
     assert cfg.model.checkpoint is None
     assert cfg.model.kwargs == {}
     assert cfg.compute.batch_size == 32
@@ -354,7 +355,8 @@ def test_set_null(tmp_path):
 @pytest.mark.parametrize(
     "override, attr, expected",
     [
-        ("model.pretrained=true", ("model", "pretrained"), True),
+        ("model.pretrained=true", ("model", "weights"), "hub"),  # the old spelling
+        ("model.weights=random", ("model", "weights"), "random"),
         ("source.split=null", ("source", "split"), None),
         ("source.uri=s3://bucket/imgs", ("source", "uri"), "s3://bucket/imgs"),
         ("compute.actor_num_cpus=0.5", ("compute", "actor_num_cpus"), 0.5),

@@ -52,7 +52,7 @@ def job(src: Path, out: Path, features=(EMB,)):
     return load_config(
         base={
             "source": {"uri": str(src)},
-            "model": {"name": NAME, "kwargs": KW},  # seeded random init: the same every run
+            "model": {"name": NAME, "kwargs": KW, "weights": "random"},  # seeded: same every run
             "features": list(features),
             # 5 rows a data file: 17 files make 4 data files, so a change touches only some.
             "output": {"uri": str(out), "rows_per_file": 5},

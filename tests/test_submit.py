@@ -111,7 +111,7 @@ def test_submit_wait_runs_a_real_embed_job(head, tmp_path):
     name, kw = TINY["vit"]
     job = {
         "source": {"uri": str(tmp_path / "images")},
-        "model": {"name": name, "kwargs": kw},
+        "model": {"name": name, "kwargs": kw, "weights": "random"},
         "output": {"uri": str(tmp_path / "out")},
         "compute": {"batch_size": 4},
     }

@@ -165,16 +165,17 @@ def create_model(cfg: ModelConfig) -> torch.nn.Module:
         # Random init is seeded: a rerun, a resume or another replica gets the same weights.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            model = timm.create_model(cfg.name, pretrained=cfg.pretrained, **kwargs)
+            model = timm.create_model(cfg.name, pretrained=cfg.weights == "hub", **kwargs)
     except TypeError as e:
         raise ModelError(
             f"timm cannot build {cfg.name!r} with model.kwargs {cfg.kwargs}: {e}"
         ) from e
     except Exception as e:
-        if cfg.pretrained:
+        if cfg.weights == "hub":
             raise ModelError(
-                f"could not fetch pretrained weights for {cfg.name!r}: {e}. Without internet, "
-                "set model.pretrained: false and pass the weights file as model.checkpoint"
+                f"could not fetch the hub weights of {cfg.name!r}: {e}. Without internet, copy "
+                "a Hugging Face cache that holds them to this machine (HF_HUB_CACHE), or pass "
+                "the weights file as model.checkpoint (--checkpoint)"
             ) from e
         raise ModelError(
             f"timm cannot build {cfg.name!r} with model.kwargs {cfg.kwargs}: "
@@ -336,7 +337,7 @@ def weights_fingerprint(raw: bytes) -> str:
 def backbone_from_bytes(raw: bytes, cfg: ModelConfig) -> Backbone:
     """Inverse of :func:`backbone_bytes` (model actors receive the driver's backbone this way)."""
     # The weights are all here: never fetch hub weights again on a worker.
-    cfg = cfg.model_copy(update={"pretrained": False})
+    cfg = cfg.model_copy(update={"weights": None})
     return create_backbone(
         cfg, state_dict=load_safetensors_bytes(raw), metadata=_safetensors_metadata(raw)
     )

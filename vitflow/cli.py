@@ -66,12 +66,24 @@ def embed(
         typer.Option("--checkpoint", help="Weights file, .safetensors or .pth (model.checkpoint)."),
     ] = None,
     pretrained: Annotated[
-        bool | None,
+        bool,
         typer.Option(
-            "--pretrained/--no-pretrained",
-            help="Use the hub's pretrained weights (model.pretrained).",
+            "--pretrained",
+            help="timm's pretrained weights from the Hugging Face hub or a copy of its cache "
+            "(model.weights: hub).",
         ),
-    ] = None,
+    ] = False,
+    random_weights: Annotated[
+        bool,
+        typer.Option(
+            "--random-weights",
+            help="Seeded random init, for smoke tests: the vectors mean nothing "
+            "(model.weights: random).",
+        ),
+    ] = False,
+    no_pretrained: Annotated[
+        bool, typer.Option("--no-pretrained", hidden=True, help="Old spelling of --random-weights.")
+    ] = False,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing output.")
     ] = False,
@@ -83,17 +95,22 @@ def embed(
 ) -> None:
     """Embed a folder of images into sharded parquet.
 
-    Example: vitflow embed --input ./images --output ./embeddings --model resnet18 --no-pretrained
+    Example: vitflow embed --input ./images --output ./embeddings --model resnet18 --random-weights
     """
     from vitflow.config import load_config, read_yaml, set_path
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
+    if no_pretrained:
+        typer.echo("note: --no-pretrained is now spelled --random-weights", err=True)
+    if pretrained and (random_weights or no_pretrained):
+        _fail("--pretrained and --random-weights contradict each other; pick one")
+    weights = "hub" if pretrained else "random" if (random_weights or no_pretrained) else None
     shortcuts = {
         "source.uri": input_,
         "output.uri": output,
         "model.name": model,
         "model.checkpoint": checkpoint,
-        "model.pretrained": pretrained,
+        "model.weights": weights,
     }
     try:
         data = read_yaml(config) if config is not None else {}

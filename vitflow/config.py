@@ -11,15 +11,27 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vitflow import columns
 from vitflow.errors import ConfigError
+from vitflow.jobfile import echo, field_annotation, parse_value, read_job_file
 
 TOKEN_POOLS = ("cls", "mean", "cls_mean")
 MAP_POOLS = ("avg", "max", "gem")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+IMAGE_EXTENSIONS = (
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".webp",
+    ".bmp",
+    ".tif",
+    ".tiff",
+    ".gif",
+    ".avif",
+    ".heic",
+    ".heif",
+)
 _FEATURE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -97,9 +109,17 @@ class ModelConfig(_Section):
         description="Any timm model name, e.g. vit_small_patch14_dinov2.lvd142m. May be left "
         "out when model.checkpoint is a vitflow-exported backbone (it names its architecture).",
     )
-    pretrained: bool = Field(False, description="Download the hub weights (needs internet).")
+    weights: Literal["hub", "random"] | None = Field(
+        None,
+        description="Where the weights come from when model.checkpoint is not set. hub: timm's "
+        "pretrained weights, from the Hugging Face hub or a copy of its cache on this machine "
+        "(HF_HUB_OFFLINE=1); random: seeded random init, for smoke tests and benchmarks (the "
+        "vectors mean nothing). Embed and reindex refuse to run without one of the three.",
+    )
     checkpoint: str | None = Field(
-        None, description="Local path or URL of a .safetensors or .pth state dict to load."
+        None,
+        description="Local path or URL of a .safetensors or .pth state dict to load (official "
+        "layouts such as Meta's DINOv2, MAE and OpenAI CLIP are converted by timm's filter).",
     )
     kwargs: dict[str, Any] = Field(
         default_factory=dict,
@@ -110,11 +130,39 @@ class ModelConfig(_Section):
         description="auto: timm forward_intermediates when the model has it, else forward hooks.",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _pretrained_alias(cls, data: Any) -> Any:
+        # `pretrained: true` was the first spelling of `weights: hub`; old job files keep working.
+        if isinstance(data, dict) and "pretrained" in data:
+            data = dict(data)
+            pretrained = data.pop("pretrained")
+            if pretrained not in (True, False, None):
+                raise ValueError(f"model.pretrained must be true or false, got {echo(pretrained)}")
+            if pretrained:
+                if data.get("weights") not in (None, "hub"):
+                    raise ValueError(
+                        f"model.pretrained: true contradicts model.weights: {data['weights']}; "
+                        "keep only model.weights"
+                    )
+                data["weights"] = "hub"
+        return data
+
     @model_validator(mode="after")
     def _name_or_checkpoint(self) -> ModelConfig:
         if not self.name and not self.checkpoint:
             raise ValueError("give model.name (a timm model name) or model.checkpoint")
+        if self.checkpoint and self.weights is not None:
+            raise ValueError(
+                f"model.weights: {self.weights} and model.checkpoint both say where the weights "
+                "come from; keep one of them"
+            )
         return self
+
+    @property
+    def weights_source(self) -> str | None:
+        """``checkpoint`` | ``hub`` | ``random``, or None when the job has not said."""
+        return "checkpoint" if self.checkpoint else self.weights
 
 
 class FeatureConfig(_Section):
@@ -223,26 +271,24 @@ class EmbedConfig(_Section):
         return self
 
 
-def _parse_value(text: str) -> Any:
-    # YAML scalars give the natural types: 16 -> int, true -> bool, [1, 2] -> list, null -> None.
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
+def apply_override(
+    data: dict[str, Any], assignment: str, schema: type[BaseModel] | None = None
+) -> None:
+    """Apply one ``dotted.path=value`` override to ``data`` in place.
 
-
-def apply_override(data: dict[str, Any], assignment: str) -> None:
-    """Apply one ``dotted.path=value`` override (value parsed as YAML) to ``data`` in place.
-
-    List items are addressed by index (``features.0.pool=cls``); the index one past the end
-    appends a new item.
+    The value is typed by the field it sets in ``schema`` (default :class:`EmbedConfig`):
+    text for string fields, the YAML 1.2 core reading for the rest (see
+    :func:`vitflow.jobfile.parse_value`). List items are addressed by index
+    (``features.0.pool=cls``); the index one past the end appends a new item.
     """
     if "=" not in assignment:
         raise ConfigError(
-            f"--set expects key=value, got {assignment!r} (e.g. --set compute.batch_size=16)"
+            f"--set expects key=value, got {echo(assignment)} (e.g. --set compute.batch_size=16)"
         )
     key, raw = assignment.split("=", 1)
-    set_path(data, key.strip(), _parse_value(raw))
+    key = key.strip()
+    annotation = field_annotation(schema or EmbedConfig, key.split("."))
+    set_path(data, key, parse_value(raw.strip(), annotation))
 
 
 def set_path(data: dict[str, Any], key: str, value: Any) -> None:
@@ -293,7 +339,7 @@ def describe_validation_error(err: ValidationError, model: type[BaseModel]) -> s
             lines.append(f"missing required key '{loc}'")
         else:
             got = e.get("input")
-            got_s = f" (got {got!r})" if not isinstance(got, dict | list) else ""
+            got_s = f" (got {echo(got)})" if not isinstance(got, dict | list) else ""
             lines.append(f"{loc}: {e['msg']}{got_s}")
     return "; ".join(lines)
 
@@ -317,16 +363,8 @@ def _section_for(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {str(p)!r} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level")
-    return data
+    """A job file's mapping (YAML 1.2 core, size/encoding/alias checked: see jobfile)."""
+    return read_job_file(path)
 
 
 def load_config(
@@ -350,9 +388,9 @@ def load_config(
         8
     """
     data: dict[str, Any] = read_yaml(path) if path is not None else copy.deepcopy(base or {})
-    for o in overrides:
-        apply_override(data, o)
     schema = schema or EmbedConfig
+    for o in overrides:
+        apply_override(data, o, schema)
     try:
         return schema.model_validate(data)
     except ValidationError as e:

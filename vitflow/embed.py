@@ -110,6 +110,7 @@ def prepare_embed(
     ``check_output=False`` skips the existing-output rules (reindex owns its output)."""
     if overwrite and resume:
         raise ConfigError("--overwrite and --resume contradict each other; pick one")
+    require_weights(cfg)
     so = cfg.storage
     backbone = create_backbone(
         cfg.model, storage_options=so.options_for(cfg.model.checkpoint or "")
@@ -142,6 +143,19 @@ def prepare_embed(
             "--resume to finish an interrupted run, or choose another output.uri"
         )
     return plan
+
+
+def require_weights(cfg: EmbedConfig) -> None:
+    """Refuse a job whose product is vectors but that never said where its weights come from:
+    random vectors that look like embeddings are worse than no run."""
+    if cfg.model.weights_source is None:
+        raise ConfigError(
+            f"no weights given for {cfg.model.name!r}: a job that writes embeddings needs one of "
+            "model.checkpoint: FILE (.safetensors or .pth, local or s3://; --checkpoint FILE), "
+            "model.weights: hub (timm's pretrained weights from the Hugging Face hub or a copy "
+            "of its cache; --pretrained), or model.weights: random (seeded random init, for "
+            "smoke tests; --random-weights)"
+        )
 
 
 def _check_resumable(plan: EmbedPlan) -> None:

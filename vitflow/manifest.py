@@ -33,7 +33,8 @@ def build_manifest(cfg, backbone, features, *, counts, seconds, stats, actors) -
         "model": {
             "name": cfg.model.name,
             "architecture": (getattr(model, "pretrained_cfg", None) or {}).get("architecture"),
-            "pretrained": cfg.model.pretrained,
+            # checkpoint | hub | random: a reader can tell random vectors from real ones.
+            "weights": cfg.model.weights_source,
             "checkpoint": cfg.model.checkpoint,
             "checkpoint_sha256": backbone.checkpoint_sha256,
             "num_params": sum(p.numel() for p in model.parameters()),

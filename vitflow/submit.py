@@ -81,15 +81,16 @@ def submit(
     from vitflow.training.config import TrainConfig
 
     data = read_yaml(config)
-    for o in overrides:
-        apply_override(data, o)
     command = command or detect_command(data)
     if command not in COMMANDS:
         raise ConfigError(f"unknown command {command!r}; use one of {', '.join(COMMANDS)}")
+    schema = TrainConfig if command == "train" else EmbedConfig
+    for o in overrides:
+        apply_override(data, o, schema)
     for flag, fits in (("--resume", "embed"), ("--rebuild", "reindex")):
         if flag in extra_args and command != fits:
             raise ConfigError(f"{flag} applies to {fits} jobs, but this is a {command} job")
-    load_config(base=data, schema=TrainConfig if command == "train" else EmbedConfig)
+    load_config(base=data, schema=schema)
     workdir = tempfile.mkdtemp(prefix="vitflow-submit-")
     Path(workdir, JOB_FILE).write_text(yaml.safe_dump(data, sort_keys=False))
     runtime_env: dict[str, Any] = {"working_dir": workdir}

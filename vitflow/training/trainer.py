@@ -165,7 +165,7 @@ def export_backbone(run_uri: str) -> str:
         state = torch.load(f, map_location="cpu", weights_only=True)
     cfg = TrainConfig.model_validate(state["config"])
     # The trained weights replace whatever checkpoint the run started from.
-    no_init = cfg.model.model_copy(update={"checkpoint": None, "pretrained": False})
+    no_init = cfg.model.model_copy(update={"checkpoint": None, "weights": None})
     model = build_model(cfg.model_copy(update={"model": no_init}))
     model.load_state_dict(state["model"])
     mean, std = mean_std(model.backbone)
