@@ -31,22 +31,24 @@ from vitflow.errors import ConfigError, OutputExistsError, VitflowError
 from vitflow.features import FeatureExtractor, FeaturePlan
 from vitflow.manifest import build_manifest, write_manifest
 from vitflow.preprocess import Preprocessor
-from vitflow.runtime import ActorPlan, largest_node_cpus, plan_actors, ray_session
+from vitflow.runtime import ActorPlan, plan_pool, ray_session
 from vitflow.sinks import (
     PART_COLUMN,
+    RUN_STATE,
     ErrorBudgetExceeded,
     PartWriter,
     assign_parts,
     clean_staging,
     finished_parts,
+    output_files,
+    remove_output,
     staged_ids,
 )
-from vitflow.sources import Listing, list_images, open_fs
+from vitflow.sources import Listing, list_images
 from vitflow.stages import EmbedStats, EmbedWorker, decode_batch
+from vitflow.storage import arrow_fs, open_fs, overlap
 
 log = logging.getLogger(__name__)
-
-RUN_STATE = "_vitflow_run.json"  # what an unfinished run was doing, for --resume
 
 
 @dataclass
@@ -120,11 +122,11 @@ def prepare_embed(
         backbone.model, cfg.features, pre.input_size, cfg.model.extractor, head=backbone.head
     )
     out_fs, out_path = open_fs(cfg.output.uri, so.options_for(cfg.output.uri))
-    src_fs, src_path = open_fs(cfg.source.uri, so.options_for(cfg.source.uri))
-    if type(out_fs) is type(src_fs) and _nested(out_path, src_path):
+    if overlap(cfg.output.uri, cfg.source.uri, so.options_for(cfg.output.uri)):
         raise ConfigError(
-            f"output.uri {cfg.output.uri!r} and source.uri {cfg.source.uri!r} overlap; "
-            "write the embeddings to a folder outside the images (and not above them)"
+            f"output.uri {cfg.output.uri!r} and source.uri {cfg.source.uri!r} are the same "
+            "place or one lies inside the other (compared after resolving '..', relative paths "
+            "and symlinks); write the embeddings to a folder outside the images and not above them"
         )
     listing = list_images(cfg.source, so.options_for(cfg.source.uri))
     weights = backbone_bytes(backbone)
@@ -142,6 +144,14 @@ def prepare_embed(
             f"output {cfg.output.uri!r} already holds data; pass --overwrite to replace it, "
             "--resume to finish an interrupted run, or choose another output.uri"
         )
+    elif has_data:
+        _, foreign = output_files(out_fs, out_path)
+        if foreign:
+            raise OutputExistsError(
+                f"output {cfg.output.uri!r} holds files vitflow did not write (e.g. "
+                f"{foreign[0]!r}, {len(foreign)} in all); --overwrite only replaces a previous "
+                "vitflow output, so nothing was deleted. Choose a new or empty output.uri"
+            )
     return plan
 
 
@@ -201,11 +211,6 @@ def _check_bucket(fs, path: str, uri: str) -> None:
         )
 
 
-def _nested(a: str, b: str) -> bool:
-    a, b = a.rstrip("/") + "/", b.rstrip("/") + "/"
-    return a.startswith(b) or b.startswith(a)
-
-
 def input_blocks(table: pa.Table, batch_size: int) -> list[pa.Table]:
     # Small blocks keep the stream fine-grained (decode of block k+1 overlaps the forward of
     # block k); larger ones for big corpora keep the task count reasonable.
@@ -243,8 +248,9 @@ def run_embed(
     started = time.time()
     plan = plan or prepare_embed(cfg, overwrite=overwrite, resume=resume)
     fs, out = plan.output_fs, plan.output_path
-    if overwrite and fs.exists(out):
-        fs.rm(out, recursive=True)
+    if overwrite:
+        removed = remove_output(fs, out)
+        log.info("--overwrite: removed %d files of the previous output", removed)
     fs.makedirs(out, exist_ok=True)
     table = plan.listing.table
     table = table.append_column(
@@ -265,9 +271,8 @@ def run_embed(
     stats: dict = {}
     actors = None
     if todo.num_rows:
-        with ray_session(address) as ray:
-            actors = plan_actors(ray.cluster_resources(), largest_node_cpus(), cfg.compute)
-            log.info("actor plan: %s", actors)
+        with ray_session(address, cfg.compute.local_num_cpus) as ray:
+            actors = plan_pool(ray, cfg.compute)
             stats = _execute(ray, plan, actors, todo, part_sizes)
     elif part_sizes:  # everything left was staged already: just finish those parts
         PartWriter(fs, out, part_sizes)
@@ -394,13 +399,3 @@ def _verify_output(plan: EmbedPlan) -> dict[str, int]:
         )
     ok = sum(1 for s in table.column(columns.STATUS).to_pylist() if s == columns.STATUS_OK)
     return {"listed": len(listed), "ok": ok, "error": len(ids) - ok}
-
-
-def arrow_fs(fs):
-    """A pyarrow filesystem for an fsspec one (local stays native)."""
-    from pyarrow.fs import FSSpecHandler, LocalFileSystem, PyFileSystem
-
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    if protocol in ("file", "local"):
-        return LocalFileSystem()
-    return PyFileSystem(FSSpecHandler(fs))

@@ -37,7 +37,7 @@ def load_embeddings(
         >>> df, X = load_embeddings("embeddings", feature="emb", split="train",
         ...                         return_vectors=True)  # doctest: +SKIP
     """
-    from vitflow.sources import open_fs
+    from vitflow.storage import open_fs
 
     fs, path = open_fs(uri, storage_options)
     if not fs.exists(path):
@@ -62,7 +62,7 @@ def load_embeddings(
 
 
 def _read_parts(fs, path, uri, feature, split, include_errors):
-    from vitflow.embed import arrow_fs
+    from vitflow.storage import arrow_fs
 
     dataset = pads.dataset(
         path, format="parquet", filesystem=arrow_fs(fs), exclude_invalid_files=True

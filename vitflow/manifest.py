@@ -73,7 +73,7 @@ def write_manifest(fs, output_path: str, manifest: dict[str, Any]) -> None:
 
 def read_manifest(uri: str) -> dict[str, Any]:
     """The manifest of an embeddings output (local path or fsspec URL)."""
-    from vitflow.sources import open_fs
+    from vitflow.storage import open_fs
 
     fs, path = open_fs(uri)
     with fs.open(f"{path.rstrip('/')}/{columns.MANIFEST_NAME}", "r") as f:

@@ -29,10 +29,12 @@ import pyarrow.parquet as pq
 from vitflow import columns
 
 STAGING = "_staging"
+RUN_STATE = "_vitflow_run.json"  # what an unfinished run was doing, for --resume
 ERROR_BUDGET_MIN_ROWS = 100
 PART_COLUMN = "__part"
 _PART_FILE = re.compile(r"^part-(\d{5,})\.parquet$")
 _PIECE_FILE = re.compile(r"^part-(\d{5,})-[0-9a-f]+\.parquet$")
+_TMP_FILE = re.compile(r"^_tmp-[0-9a-f]{32}-")
 
 
 class ErrorBudgetExceeded(RuntimeError):
@@ -56,6 +58,54 @@ def finished_parts(fs, out_path: str) -> set[int]:
         if m:
             done.add(int(m.group(1)))
     return done
+
+
+def is_output_file(relpath: str) -> bool:
+    """Whether a file (path relative to the output folder) is one an embed run writes: a
+    part, the manifest, the run state, a staged piece or a temporary file of either."""
+    top, _, rest = relpath.partition("/")
+    if not rest:
+        return bool(
+            _PART_FILE.match(top)
+            or top in (columns.MANIFEST_NAME, RUN_STATE)
+            or _TMP_FILE.match(top)
+        )
+    return (
+        top == STAGING
+        and "/" not in rest
+        and bool(_PIECE_FILE.match(rest) or _TMP_FILE.match(rest))
+    )
+
+
+def output_files(fs, out_path: str) -> tuple[list[str], list[str]]:
+    """``(ours, foreign)``: the files under ``out_path`` an embed run wrote, and the others
+    (paths relative to ``out_path``)."""
+    out = out_path.rstrip("/")
+    try:
+        found = fs.find(out, withdirs=False) if fs.isdir(out) else []
+    except FileNotFoundError:
+        found = []
+    rel = sorted(
+        posixpath.relpath(p, out) if p.startswith("/") else p[len(out) :].lstrip("/") for p in found
+    )
+    ours = [r for r in rel if is_output_file(r)]
+    return ours, [r for r in rel if not is_output_file(r)]
+
+
+def remove_output(fs, out_path: str) -> int:
+    """Delete a previous embed output's files (and nothing else); returns how many.
+
+    Callers check first that :func:`output_files` found nothing foreign."""
+    out = out_path.rstrip("/")
+    ours, foreign = output_files(fs, out)
+    if foreign:  # the caller's check ran on an older view; never delete what is not ours
+        raise FileExistsError(f"{posixpath.join(out, foreign[0])} was not written by vitflow")
+    for rel in ours:
+        fs.rm(posixpath.join(out, rel))
+    staging = posixpath.join(out, STAGING)
+    if fs.exists(staging) and not _ls(fs, staging):
+        fs.rm(staging, recursive=True)
+    return len(ours)
 
 
 def _ls(fs, path: str) -> list[str]:

@@ -19,7 +19,7 @@ import torch
 from vitflow.backbone import Backbone, backbone_bytes
 from vitflow.errors import ConfigError, VitflowError
 from vitflow.runtime import ray_session
-from vitflow.sources import open_fs
+from vitflow.storage import open_fs
 from vitflow.training.config import TrainConfig
 from vitflow.training.data import ImageStore, list_class_folders
 from vitflow.training.loop import STATE_FILE, build_model, embed_images, mean_std, train_worker
