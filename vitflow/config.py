@@ -239,6 +239,12 @@ class ComputeConfig(_Section):
         None, gt=0, description="torch intra-op threads in a CPU actor; null = sized from the node."
     )
     decode_num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per read+decode task.")
+    local_num_cpus: int | None = Field(
+        None,
+        gt=0,
+        description="CPUs of the local Ray vitflow starts when no cluster is given; null = "
+        "Ray's own detection, which respects a container's CPU limit.",
+    )
     max_error_fraction: float | None = Field(
         None,
         ge=0.0,

@@ -45,7 +45,7 @@ from vitflow.index_table import (
     stored_job,
     table_schema,
 )
-from vitflow.runtime import largest_node_cpus, plan_actors, ray_session
+from vitflow.runtime import plan_pool, ray_session
 from vitflow.sinks import ERROR_BUDGET_MIN_ROWS
 from vitflow.stages import EmbedStats, output_schema
 
@@ -333,8 +333,8 @@ def _embed_into(plan: ReindexPlan, stager: FileStager, address: str | None):
     row_of = {id_: i for i, id_ in enumerate(todo[columns.ID].to_pylist())}
     file_schema = pa.schema([f.remove_metadata() for f in plan.schema])
     adds, seen, errors = [], [], 0
-    with ray_session(address) as ray:
-        actors = plan_actors(ray.cluster_resources(), largest_node_cpus(), cfg.compute)
+    with ray_session(address, cfg.compute.local_num_cpus) as ray:
+        actors = plan_pool(ray, cfg.compute)
         stats_name = f"vitflow-reindex-stats-{plan.run_id[:12]}"
         stats = ray.remote(num_cpus=0)(EmbedStats).options(name=stats_name).remote()
         try:

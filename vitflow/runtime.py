@@ -100,6 +100,19 @@ def plan_actors(cluster: dict[str, float], node_cpus: float, compute: ComputeCon
     return ActorPlan(n, num_cpus, 0.0, threads, "cpu")
 
 
+def plan_pool(ray, compute: ComputeConfig) -> ActorPlan:
+    """Size the model actor pool on the connected cluster, and for GPU actors check first that
+    torch can use the GPU Ray hands out (see :mod:`vitflow.accelerator`)."""
+    actors = plan_actors(ray.cluster_resources(), largest_node_cpus(), compute)
+    log.info("actor plan: %s", actors)
+    if actors.device == "cuda" and actors.num_gpus > 0:
+        from vitflow.accelerator import check_cluster_cuda
+
+        report = check_cluster_cuda(ray, actors.num_gpus)
+        log.info("CUDA check: %s", report)
+    return actors
+
+
 def _object_store_bytes() -> int:
     # Ray's default is 30% of RAM; embedding batches are small, so cap it for laptops.
     try:
@@ -110,10 +123,11 @@ def _object_store_bytes() -> int:
 
 
 @contextmanager
-def ray_session(address: str | None = None):
+def ray_session(address: str | None = None, num_cpus: float | None = None):
     """Use the Ray already initialised in this process, attach to ``address``, or start one.
 
-    A Ray started here is shut down on exit; one that was running already is left alone.
+    A Ray started here is sized by Ray's own (container-aware) detection unless ``num_cpus``
+    says otherwise, and is shut down on exit; one that was running already is left alone.
     """
     import ray
 
@@ -124,8 +138,10 @@ def ray_session(address: str | None = None):
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
     else:
+        # No num_cpus: Ray's own detection reads the container's CPU quota, where
+        # os.cpu_count() would report every core of the host.
         ray.init(
-            num_cpus=os.cpu_count(),
+            num_cpus=num_cpus,
             object_store_memory=_object_store_bytes(),
             logging_level=logging.WARNING,
         )
@@ -133,6 +149,22 @@ def ray_session(address: str | None = None):
         yield ray
     finally:
         ray.shutdown()
+
+
+def local_resources(num_cpus: float | None = None) -> dict[str, float]:
+    """What a local Ray started here would report, found without starting it (for
+    ``--dry-run``): Ray's container-aware CPU count and the GPUs torch can see."""
+    from ray._private.utils import get_num_cpus
+
+    cpus = float(num_cpus) if num_cpus else float(get_num_cpus())
+    gpus = 0.0
+    try:
+        import torch
+
+        gpus = float(torch.cuda.device_count()) if torch.cuda.is_available() else 0.0
+    except Exception:  # a broken CUDA setup: Ray would not see a usable GPU either
+        gpus = 0.0
+    return {"CPU": cpus, "GPU": gpus}
 
 
 def largest_node_cpus() -> float:

@@ -244,9 +244,13 @@ class EmbedWorker:
 
         torch.set_num_threads(torch_threads)
         cfg = EmbedConfig.model_validate(job)
-        self.device = torch.device(
-            device if device != "cuda" or torch.cuda.is_available() else "cpu"
-        )
+        if device == "cuda" and not torch.cuda.is_available():
+            # Never fall back to the CPU while holding a GPU: the run would crawl, and the
+            # manifest would say cuda. The driver's probe normally stops the job earlier.
+            from vitflow.accelerator import cuda_problem, cuda_report
+
+            raise RuntimeError(cuda_problem(cuda_report(), "this model actor's node"))
+        self.device = torch.device(device)
         bb = backbone_from_bytes(ray.get(weights[0]), cfg.model)
         self.pre = Preprocessor(bb.data_config)
         self.extractor = FeatureExtractor(
@@ -258,12 +262,24 @@ class EmbedWorker:
         self.stats = ray.get_actor(stats_actor) if stats_actor else None
         self.node_id = ray.get_runtime_context().get_node_id()
         if self.stats is not None:  # where each replica was placed, even if it gets no batch
-            self.stats.add.remote(node=self.node_id)
+            self.stats.add.remote(node=self.node_id, actor=self._describe())
         # Count real backbone passes at its stem (first child module), so the run's stats
         # show one pass per batch however many feature sets are requested.
         self.stem_calls = 0
         stem = next(bb.model.children())
         stem.register_forward_pre_hook(lambda *_: setattr(self, "stem_calls", self.stem_calls + 1))
+
+    def _describe(self) -> dict:
+        """What this replica really runs on, for the manifest."""
+        import os
+
+        out = {"node": self.node_id, "pid": os.getpid(), "device": str(self.device)}
+        if self.device.type == "cuda":
+            out["device_name"] = torch.cuda.get_device_name(self.device)
+            out["torch_cuda"] = torch.version.cuda
+        else:
+            out["torch_threads"] = torch.get_num_threads()
+        return out
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         ok = batch[columns.STATUS] == columns.STATUS_OK
@@ -298,12 +314,15 @@ class EmbedStats:
         self.totals = dict.fromkeys(("batches", "batches_with_images", "forwards", "images"), 0)
         self.totals["model_seconds"] = 0.0
         self.nodes: set[str] = set()
+        self.actors: list[dict] = []
 
-    def add(self, node: str | None = None, **kw):
+    def add(self, node: str | None = None, actor: dict | None = None, **kw):
         if node:
             self.nodes.add(node)
+        if actor is not None:
+            self.actors.append(actor)
         for k, v in kw.items():
             self.totals[k] += v
 
     def get(self) -> dict:
-        return {**self.totals, "model_nodes": sorted(self.nodes)}
+        return {**self.totals, "model_nodes": sorted(self.nodes), "model_actors": self.actors}
