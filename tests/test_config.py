@@ -460,3 +460,114 @@ def test_feature_name_must_be_identifier(name):
 @pytest.mark.parametrize("name", ["cls_last", "_x", "Emb2"])
 def test_feature_name_identifiers_accepted(name):
     assert load_config(base=with_section("features", [{"name": name}])).features[0].name == name
+
+
+# --- YAML 1.2 core values, typed --set, hostile job files ------------------------------------
+
+
+@pytest.mark.parametrize(
+    "override, attr, expected",
+    [
+        ("output.uri=2024-01-01", ("output", "uri"), "2024-01-01"),  # YAML 1.1: a date
+        ("output.uri=no", ("output", "uri"), "no"),  # YAML 1.1: False
+        ("output.uri=010", ("output", "uri"), "010"),  # a string field keeps the text
+        ("model.name=1e3", ("model", "name"), "1e3"),
+        ("source.uri=[a, b]", ("source", "uri"), "[a, b]"),
+        ("compute.batch_size=010", ("compute", "batch_size"), 10),  # 1.2: decimal, not octal
+        ("compute.batch_size=0x10", ("compute", "batch_size"), 16),
+        ("compute.local_num_cpus=null", ("compute", "local_num_cpus"), None),
+        ("model.checkpoint=", ("model", "checkpoint"), None),
+    ],
+)
+def test_set_types_values_by_the_field(override, attr, expected):
+    cfg = load_config(base=MINIMAL, overrides=[override])
+    got = getattr(getattr(cfg, attr[0]), attr[1])
+    assert got == expected and type(got) is type(expected)
+
+
+def test_set_keeps_yaml_for_untyped_kwargs():
+    cfg = load_config(base=MINIMAL, overrides=["model.kwargs.dynamic_img_size=true"])
+    assert cfg.model.kwargs == {"dynamic_img_size": True}
+    cfg = load_config(base=MINIMAL, overrides=["model.kwargs.act=no"])
+    assert cfg.model.kwargs == {"act": "no"}  # YAML 1.2: `no` is text, never False
+
+
+def test_yaml_file_is_read_as_yaml_1_2(tmp_path):
+    p = write(
+        tmp_path,
+        """\
+        source: {uri: imgs, labels: none}
+        model: {name: resnet18, kwargs: {tag: on, when: 2024-01-01, n: 010}}
+        output: {uri: 2024-01-01}
+        """,
+    )
+    cfg = load_config(path=p)
+    assert cfg.output.uri == "2024-01-01" and cfg.source.labels == "none"
+    assert cfg.model.kwargs == {"tag": "on", "when": "2024-01-01", "n": 10}
+
+
+def test_a_yaml_alias_bomb_is_refused_without_expanding(tmp_path):
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    text = "source: {uri: imgs}\noutput: {uri: out}\nmodel:\n  name: resnet18\n  kwargs:\n"
+    text += "".join(f"    {line}\n" for line in lines)
+    p = tmp_path / "bomb.yaml"
+    p.write_text(text)
+    assert p.stat().st_size < 2048
+    msg = config_error(path=p)
+    assert "alias" in msg and len(msg) < 400
+
+
+def test_a_huge_job_file_is_refused_at_once(tmp_path):
+    from vitflow.jobfile import MAX_JOB_BYTES
+
+    p = tmp_path / "huge.yaml"
+    with p.open("w") as f:
+        f.write("source: {uri: imgs}\nmodel: {name: resnet18}\noutput: {uri: out}\n#")
+        f.write("x" * (MAX_JOB_BYTES + 1))
+    msg = config_error(path=p)
+    assert "bytes" in msg and "at most" in msg
+
+
+def test_a_job_file_that_is_not_utf8_is_one_sentence(tmp_path):
+    p = tmp_path / "latin1.yaml"
+    p.write_bytes("source: {uri: caf\u00e9}\n".encode("latin-1"))
+    assert "not UTF-8" in config_error(path=p)
+
+
+def test_long_values_are_cut_in_messages():
+    msg = config_error(base=MINIMAL, overrides=["compute.batch_size=" + "9x" * 5000])
+    assert "characters)" in msg and len(msg) < 600
+
+
+# --- where the weights come from -----------------------------------------------------------
+
+
+def test_weights_and_checkpoint_together_are_refused():
+    msg = config_error(
+        base=with_section("model", {"name": "resnet18", "weights": "hub", "checkpoint": "w.pth"})
+    )
+    assert "keep one" in msg
+
+
+def test_pretrained_true_is_the_old_spelling_of_weights_hub():
+    cfg = load_config(base=with_section("model", {"name": "resnet18", "pretrained": True}))
+    assert cfg.model.weights == "hub" and cfg.model.weights_source == "hub"
+    msg = config_error(
+        base=with_section("model", {"name": "resnet18", "pretrained": True, "weights": "random"})
+    )
+    assert "contradicts" in msg
+
+
+def test_a_job_without_weights_is_refused_naming_the_three_ways(tmp_path):
+    from vitflow.embed import prepare_embed
+
+    (tmp_path / "imgs").mkdir()
+    cfg = load_config(base=with_section("source", {"uri": str(tmp_path / "imgs")}))
+    with pytest.raises(ConfigError) as info:
+        prepare_embed(cfg)
+    msg = str(info.value)
+    for way in ("model.checkpoint", "model.weights: hub", "model.weights: random"):
+        assert way in msg
+    for flag in ("--checkpoint", "--pretrained", "--random-weights"):
+        assert flag in msg
