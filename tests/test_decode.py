@@ -6,12 +6,15 @@ import io
 import os
 import re
 import struct
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
 import zlib
 
 import numpy as np
+import pillow_heif
 import pytest
 from PIL import Image, ImageFile
 
@@ -26,6 +29,11 @@ RED, GREEN, BLUE, YELLOW = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)
 
 
 def encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
+    if fmt == "HEIF":
+        # Writing goes through pillow-heif's Pillow plugin, the writer that turns an EXIF
+        # orientation into the irot box phones write. decode_image registers the same
+        # opener on its first HEIF file, with the same call.
+        pillow_heif.register_heif_opener()
     buf = io.BytesIO()
     img.save(buf, fmt, **kwargs)
     return buf.getvalue()
@@ -104,7 +112,8 @@ def test_mpo_first_picture_is_decoded():
 
 
 def test_supported_formats_and_default_limit():
-    assert {"JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF", "GIF"} == SUPPORTED_FORMATS
+    expected = {"JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF", "GIF", "AVIF", "HEIF"}
+    assert expected == SUPPORTED_FORMATS
     assert DEFAULT_MAX_PIXELS == 89_478_485
 
 
@@ -286,6 +295,196 @@ def test_multipage_tiff_gives_first_page():
     assert (out == GREEN).all()
 
 
+# --- AVIF and HEIF/HEIC (phone photos) -------------------------------------
+
+# The closest to lossless each writer gets: top quality, full-resolution chroma. Pixels
+# still pass through YCbCr, so they come back within a few levels, not bit-exact.
+NEAR_LOSSLESS = {
+    "AVIF": {"quality": 100, "subsampling": "4:4:4"},
+    "HEIF": {"quality": -1, "chroma": 444},
+}
+
+
+def gradient(w: int = 64, h: int = 48) -> np.ndarray:
+    """Smooth ramps in every channel: what lossy codecs keep, unlike noise or hard edges."""
+    y, x = np.mgrid[0:h, 0:w]
+    return np.stack([x * 255 // (w - 1), y * 255 // (h - 1), (x + y) * 2], axis=-1).astype(np.uint8)
+
+
+def heif_16bit(arr: np.ndarray, mode: str, *, save_to_12bit: bool) -> bytes:
+    """A 10-bit (or 12-bit) HEIF from 16-bit samples; Pillow has no 16-bit RGB mode to save."""
+    h, w = arr.shape[:2]
+    buf = io.BytesIO()
+    pillow_heif.from_bytes(mode=mode, size=(w, h), data=arr.astype("<u2").tobytes()).save(
+        buf, quality=-1, chroma=444, save_to_12bit=save_to_12bit
+    )
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["AVIF", "HEIF"])
+def test_avif_and_heif_round_trip_within_a_few_levels(fmt):
+    src = gradient()
+    data = encode(Image.fromarray(src), fmt, **NEAR_LOSSLESS[fmt])
+    with Image.open(io.BytesIO(data)) as img:
+        assert img.format == fmt
+    out = decode_image(data)
+    assert out.size == (64, 48)
+    assert np.abs(rgb_array(out) - src).max() <= 3
+
+
+@pytest.mark.parametrize("fmt", ["AVIF", "HEIF"])
+def test_generic_mif1_brand_is_read_whatever_the_codec(fmt):
+    # "mif1" says HEIF container, not which codec: AV1 (Pillow) or HEVC (pillow-heif).
+    data = bytearray(encode(Image.new("RGB", (16, 8), BLUE), fmt, **NEAR_LOSSLESS[fmt]))
+    data[8:12] = b"mif1"
+    out = rgb_array(decode_image(bytes(data)))
+    assert out.shape == (8, 16, 3)
+    assert np.abs(out - BLUE).max() <= 3
+
+
+@pytest.mark.parametrize(("fmt", "kwargs"), [("AVIF", {}), ("HEIF", {"quality": 80})])
+def test_lossy_avif_and_heif_round_trip_approximately(fmt, kwargs):
+    src = gradient()
+    out = decode_image(encode(Image.fromarray(src), fmt, **kwargs))
+    assert out.size == (64, 48)
+    assert np.abs(rgb_array(out) - src).mean() < 4
+
+
+@pytest.mark.parametrize(("orientation", "k"), [(6, -1), (8, 1), (3, 2)])
+@pytest.mark.parametrize("fmt", ["AVIF", "HEIF"])
+def test_avif_and_heif_orientation_is_applied_once(fmt, orientation, k):
+    # Both writers store the EXIF orientation as irot/imir boxes. Pillow's AVIF reader hands
+    # them back as the EXIF tag; libheif applies them itself. Applied twice, 6 and 8 would
+    # come out upside down and 3 not turned at all.
+    src = blocks(40, 20)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(Image.fromarray(src), fmt, exif=exif.tobytes(), **NEAR_LOSSLESS[fmt])
+    out = rgb_array(decode_image(data))
+    expected = np.rot90(src, k=k).astype(int)
+    assert out.shape == expected.shape
+    h, w = expected.shape[:2]
+    for y in (h // 4, 3 * h // 4):
+        for x in (w // 4, 3 * w // 4):
+            assert np.abs(out[y, x] - expected[y, x]).max() <= 6, (y, x)
+
+
+@pytest.mark.parametrize("fmt", ["AVIF", "HEIF"])
+def test_avif_and_heif_alpha_is_composited_on_white(fmt):
+    rgba = np.zeros((16, 16, 4), dtype=np.uint8)
+    rgba[..., :3] = (200, 30, 60)
+    rgba[:, :8, 3] = 0
+    rgba[:, 8:, 3] = 255
+    rgba[8:, 8:, 3] = 128
+    data = encode(Image.fromarray(rgba), fmt, **NEAR_LOSSLESS[fmt])
+    with Image.open(io.BytesIO(data)) as img:
+        assert img.mode == "RGBA"
+    out = rgb_array(decode_image(data))
+    a = rgba[..., 3:].astype(float) / 255
+    expected = a * rgba[..., :3] + (1 - a) * 255
+    assert out[4, 4].tolist() == [255, 255, 255]
+    assert np.abs(out - expected).max() <= 2
+
+
+@pytest.mark.parametrize("save_to_12bit", [False, True], ids=["10bit", "12bit"])
+def test_high_bit_depth_heif_becomes_8bit_rgb(save_to_12bit):
+    src = gradient().astype(np.uint16) * 257  # 16-bit samples, 8-bit value v * 257
+    out = decode_image(heif_16bit(src, "RGB;16", save_to_12bit=save_to_12bit))
+    assert out.size == (64, 48)
+    assert np.abs(rgb_array(out) - np.rint(src / 257)).max() <= 3
+
+
+@pytest.mark.parametrize("save_to_12bit", [False, True], ids=["10bit", "12bit"])
+def test_high_bit_depth_grayscale_heif_is_scaled(save_to_12bit):
+    ramp = np.linspace(0, 65535, 64).astype(np.uint16)
+    src = np.repeat(ramp[None, :], 8, axis=0)
+    data = heif_16bit(src, "L;16", save_to_12bit=save_to_12bit)
+    out = rgb_array(decode_image(data))
+    with Image.open(io.BytesIO(data)) as img:
+        assert img.mode == "I;16"  # pillow-heif hands deep grayscale over as 16-bit
+    for c in range(3):
+        assert np.abs(out[..., c] - np.rint(src / 257)).max() <= 1
+
+
+def _python(code: str, *args: str) -> str:
+    """Runs ``code`` in a fresh interpreter (plugin registration is per process); its stdout."""
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+@pytest.mark.parametrize("brand", [b"heic", b"mif1"])
+def test_heif_without_pillow_heif_is_an_error_naming_the_fix(tmp_path, brand):
+    # A generic "mif1" file is claimed by Pillow's AVIF reader too, which cannot read HEVC.
+    heic = bytearray(encode(Image.fromarray(blocks()), "HEIF", quality=90))
+    heic[8:12] = brand
+    assert decode_image(bytes(heic)).size == (40, 20)  # with the plugin it reads
+    (tmp_path / "a.heic").write_bytes(heic)
+    (tmp_path / "b.avif").write_bytes(encode(Image.fromarray(blocks()), "AVIF"))
+    out = _python(
+        """
+import sys
+from pathlib import Path
+
+sys.modules["pillow_heif"] = None  # what `import pillow_heif` meets where it is not installed
+from vitflow.decode import DecodeError, decode_image
+
+try:
+    decode_image(Path(sys.argv[1]).read_bytes())
+except DecodeError as e:
+    print(e)
+else:
+    print("decoded without pillow-heif")
+print(decode_image(Path(sys.argv[2]).read_bytes()).size)
+""",
+        str(tmp_path / "a.heic"),
+        str(tmp_path / "b.avif"),
+    )
+    reason, avif_size = out.strip().splitlines()
+    assert reason.startswith("HEIF/HEIC image, but the pillow-heif plugin")
+    assert reason.endswith("pip install pillow-heif")
+    assert avif_size == "(40, 20)"  # other formats are unaffected
+
+
+def test_heif_opener_is_registered_lazily_and_changes_nothing_else(tmp_path):
+    (tmp_path / "a.png").write_bytes(encode(Image.fromarray(blocks()), "PNG"))
+    (tmp_path / "b.heic").write_bytes(encode(Image.fromarray(blocks()), "HEIF", quality=90))
+    out = _python(
+        """
+import copy, sys
+from pathlib import Path
+from PIL import Image, ImageFile
+from vitflow.decode import decode_image
+
+png, heic = (Path(p).read_bytes() for p in sys.argv[1:3])
+decode_image(png)
+print("imported before HEIF:", "pillow_heif" in sys.modules)
+import pillow_heif.options as options
+
+Image.init()
+opened = set(Image.OPEN)
+pillow = (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES)
+settings = {k: copy.deepcopy(v) for k, v in vars(options).items() if k.isupper()}
+sizes = {decode_image(heic).size for _ in range(3)}
+print("sizes:", sizes)
+print("new openers:", sorted(set(Image.OPEN) - opened), "HEIF ids:", Image.ID.count("HEIF"))
+print("pillow globals kept:", pillow == (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES))
+print("pillow-heif options kept:", settings == {k: v for k, v in vars(options).items() if k.isupper()})
+""",
+        str(tmp_path / "a.png"),
+        str(tmp_path / "b.heic"),
+    )
+    assert out.splitlines() == [
+        "imported before HEIF: False",
+        "sizes: {(40, 20)}",
+        "new openers: ['HEIF'] HEIF ids: 1",
+        "pillow globals kept: True",
+        "pillow-heif options kept: True",
+    ]
+
+
 # --- refusals ----------------------------------------------------------------
 
 
@@ -374,7 +573,16 @@ def _mutations(data: bytes, rng: np.random.Generator, n: int):
 @pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow's own notes on corrupt metadata
 @pytest.mark.parametrize(
     ("fmt", "kwargs"),
-    [("JPEG", {}), ("PNG", {}), ("GIF", {}), ("WEBP", {}), ("TIFF", {}), ("BMP", {})],
+    [
+        ("JPEG", {}),
+        ("PNG", {}),
+        ("GIF", {}),
+        ("WEBP", {}),
+        ("TIFF", {}),
+        ("BMP", {}),
+        ("AVIF", {}),
+        ("HEIF", {}),
+    ],
 )
 def test_damaged_files_only_ever_raise_decode_error(fmt, kwargs):
     rng = np.random.default_rng(42)

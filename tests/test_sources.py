@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 from pathlib import Path
 
 import fsspec
+import numpy as np
+import pillow_heif
 import pytest
+from PIL import Image
 
 from vitflow import columns
 from vitflow.config import IMAGE_EXTENSIONS, SourceConfig
+from vitflow.decode import decode_image
 from vitflow.errors import ConfigError
-from vitflow.sources import image_id, label_and_split, list_images
+from vitflow.sources import SkippedFiles, image_id, label_and_split, list_images
 from vitflow.synthetic import make_image_folder
 
 # --- label_and_split -----------------------------------------------------------------------------
@@ -200,6 +205,25 @@ def test_filters_recursive_sorted_case_insensitive_skips_hidden(messy_tree):
         assert Path(p).read_bytes() == (messy_tree / r).read_bytes()
 
 
+def test_messy_tree_counts_listed_and_skipped(messy_tree):
+    listing = list_images(SourceConfig(uri=str(messy_tree)))
+    assert listing.by_extension == {
+        ".jpg": 2,  # z.jpg, A.JPG: counted lower-cased
+        ".png": 2,
+        ".bmp": 1,
+        ".gif": 1,
+        ".jpeg": 1,
+        ".tif": 1,
+        ".tiff": 1,
+        ".webp": 1,
+    }
+    assert list(listing.by_extension)[:2] == [".jpg", ".png"]  # most common first
+    assert listing.skipped == SkippedFiles(by_extension={".bak": 1, ".txt": 1, "": 1}, hidden=3)
+    assert listing.skipped.describe() == "3 (.bak 1, .txt 1, no extension 1), hidden: 3"
+    files = [p for p in messy_tree.rglob("*") if p.is_file()]
+    assert len(listing) + listing.skipped.total == len(files) == 16
+
+
 def test_every_default_extension_is_listed(tmp_path):
     for i, ext in enumerate(IMAGE_EXTENSIONS):
         _touch(tmp_path / f"{i}{ext.upper()}")
@@ -253,6 +277,8 @@ def test_fsspec_url_source():
         assert rows[1][columns.LABEL] == "cat"
         assert rows[1][columns.SPLIT] == "train"
         assert rows[1]["size"] == 3
+        assert listing.by_extension == {".jpg": 1, ".png": 1}
+        assert listing.skipped == SkippedFiles(by_extension={}, hidden=1)
         for r in rows:
             assert r[columns.PATH].startswith("memory://")
             with fsspec.open(r[columns.PATH], "rb") as f:
@@ -287,8 +313,97 @@ def test_folder_without_images(tmp_path):
         list_images(SourceConfig(uri=str(tmp_path)))
     assert "no images" in str(info.value)
     assert str(tmp_path) in str(info.value)
+    assert "found 1 .txt file;" in str(info.value)
+    assert "skipped 1 hidden file " in str(info.value)
+
+
+def test_no_images_names_what_was_found_and_the_fix(tmp_path):
+    for i in range(40):
+        _touch(tmp_path / "raw" / f"IMG_{i:04d}.CR2")
+    _touch(tmp_path / "raw" / "notes.txt")
+    with pytest.raises(ConfigError) as info:
+        list_images(SourceConfig(uri=str(tmp_path)))
+    message = str(info.value)
+    assert "found 40 .cr2 files, 1 .txt file; add their extension to source.extensions" in message
+    assert "if Pillow can read them" in message
+    assert "hidden" not in message
+
+
+def test_no_images_message_stays_short_with_many_extensions(tmp_path):
+    for i, ext in enumerate(["a", "b", "c", "d", "e", "f", "g"]):
+        for j in range(10 - i):
+            _touch(tmp_path / f"{j}.{ext}")
+    _touch(tmp_path / "Makefile")
+    with pytest.raises(ConfigError) as info:
+        list_images(SourceConfig(uri=str(tmp_path)))
+    # The five most common are named; the rest (5 .f, 4 .g, 1 Makefile) are summed.
+    found = "found 10 .a files, 9 .b files, 8 .c files, 7 .d files, 6 .e files and 10 more files;"
+    assert found in str(info.value)
 
 
 def test_empty_folder(tmp_path):
     with pytest.raises(ConfigError, match="no images"):
         list_images(SourceConfig(uri=str(tmp_path)))
+
+
+# --- skipped files and phone formats ------------------------------------------------------------
+
+
+def _phone_folder(root: Path) -> None:
+    """Real image files next to what a phone backup or a shared drive also holds."""
+    rgb = Image.fromarray(np.full((12, 16, 3), (200, 80, 40), dtype=np.uint8))
+    root.mkdir(parents=True)
+    rgb.save(root / "a.jpg", "JPEG")
+    rgb.save(root / "b.avif", "AVIF")
+    pillow_heif.from_pillow(rgb).save(root / "IMG_0001.HEIC", quality=90)
+    _touch(root / "notes.txt")
+    _touch(root / "album" / "todo.txt")
+    _touch(root / "art.psd")
+    _touch(root / ".DS_Store")
+    _touch(root / "README")
+
+
+def test_listing_counts_phone_formats_and_what_it_skips(tmp_path):
+    _phone_folder(tmp_path / "photos")
+    listing = list_images(SourceConfig(uri=str(tmp_path / "photos")))
+    assert listing.table.column("relpath").to_pylist() == ["IMG_0001.HEIC", "a.jpg", "b.avif"]
+    assert listing.by_extension == {".avif": 1, ".heic": 1, ".jpg": 1}
+    skipped = listing.skipped
+    assert skipped.by_extension == {".txt": 2, ".psd": 1, "": 1}
+    assert skipped.hidden == 1
+    assert skipped.total == 5
+    assert skipped.describe() == "4 (.txt 2, .psd 1, no extension 1), hidden: 1"
+    assert json.loads(json.dumps(skipped.to_dict())) == {
+        "by_extension": {".txt": 2, ".psd": 1, "": 1},
+        "hidden": 1,
+    }
+    # Every listed file decodes: HEIC and AVIF are images like the rest.
+    for path in listing.table.column("path").to_pylist():
+        assert decode_image(Path(path).read_bytes()).size == (16, 12)
+
+
+def test_restricted_extensions_count_the_others_as_skipped(tmp_path):
+    _phone_folder(tmp_path / "photos")
+    listing = list_images(SourceConfig(uri=str(tmp_path / "photos"), extensions=[".jpg"]))
+    assert listing.table.column("relpath").to_pylist() == ["a.jpg"]
+    assert listing.by_extension == {".jpg": 1}
+    assert listing.skipped.by_extension == {
+        ".txt": 2,
+        ".avif": 1,
+        ".heic": 1,
+        ".psd": 1,
+        "": 1,
+    }
+    assert listing.skipped.hidden == 1
+    assert listing.skipped.describe() == (
+        "6 (.txt 2, .avif 1, .heic 1, .psd 1, no extension 1), hidden: 1"
+    )
+
+
+def test_nothing_skipped(tmp_path):
+    make_image_folder(tmp_path, classes=("a",), per_class=2, splits=None, size=(16, 12))
+    listing = list_images(SourceConfig(uri=str(tmp_path)))
+    assert listing.by_extension == {".jpg": 2}
+    assert listing.skipped == SkippedFiles()
+    assert listing.skipped.total == 0
+    assert listing.skipped.describe() == "0, hidden: 0"

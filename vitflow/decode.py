@@ -5,21 +5,38 @@ become an RGB image raises :class:`DecodeError`, whose text is stored in the
 error row, so one bad file never takes a whole batch down with an unexpected
 exception type.
 
-The module changes no global state: Pillow's ``MAX_IMAGE_PIXELS`` and
-``ImageFile.LOAD_TRUNCATED_IMAGES`` are read, never written, because decoding
-runs in worker processes that other code shares.
+AVIF is read by Pillow itself; HEIF/HEIC (phone photos) by the pillow-heif plugin.
+
+The module changes no global state beyond one thing: the first HEIF file a process
+meets registers pillow-heif's Pillow opener (once; nothing else, no pillow-heif
+option, is set). Pillow's ``MAX_IMAGE_PIXELS`` and ``ImageFile.LOAD_TRUNCATED_IMAGES``
+are read, never written, because decoding runs in worker processes that other code
+shares.
 """
 
 from __future__ import annotations
 
+import functools
 import io
+import threading
 import warnings
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, features
 
-SUPPORTED_FORMATS: frozenset[str] = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF", "GIF"})
+SUPPORTED_FORMATS: frozenset[str] = frozenset(
+    {"JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF", "GIF", "AVIF", "HEIF"}
+)
 DEFAULT_MAX_PIXELS: int = 89_478_485
+
+# ISO-BMFF files start with an "ftyp" box whose major brand (bytes 8..12) names the
+# content: these are the brands pillow-heif's opener accepts (HEVC stills and sequences,
+# and the generic HEIF ones), and the AV1 brands of AVIF.
+_HEIF_BRANDS = frozenset(
+    {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1", b"msf1"}
+)
+_AVIF_BRANDS = frozenset({b"avif", b"avis"})
+_HEIF_LOCK = threading.Lock()
 
 _ORIENTATION_TAG = 0x0112
 # Integer modes Pillow uses for 16-bit grayscale (PNG, TIFF); "I" also holds them.
@@ -28,6 +45,63 @@ _INT_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
 
 class DecodeError(ValueError):
     """A file that cannot become an RGB image; str(e) is the readable reason stored in the error row."""
+
+
+def _brand(data: bytes) -> bytes | None:
+    """The ISO-BMFF major brand of ``data`` (``b"heic"``, ``b"avif"``), or None if not ISO-BMFF."""
+    head = bytes(data[4:12])
+    return head[4:] if head[:4] == b"ftyp" else None
+
+
+@functools.cache
+def _register_heif_opener() -> str | None:
+    try:
+        from pillow_heif import register_heif_opener
+
+        # No arguments: keyword arguments would change pillow-heif's process-wide options.
+        register_heif_opener()
+    except Exception as e:  # not installed, or its native library does not load
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _heif_plugin_error() -> str | None:
+    """Registers pillow-heif's opener on first use (once per process); why not, if it cannot.
+
+    Lazy, so that jobs without HEIF files never import the plugin. An interrupted attempt
+    (a decode timeout is a BaseException) is not cached, so the next file tries again.
+    """
+    with _HEIF_LOCK:
+        return _register_heif_opener()
+
+
+def _unidentified(data: bytes) -> DecodeError:
+    """Why Pillow could not identify ``data``, naming the fix where there is one."""
+    brand = _brand(data)
+    if brand in _HEIF_BRANDS:
+        missing = _heif_plugin_error()
+        if missing is not None:
+            return DecodeError(
+                f"HEIF/HEIC image, but the pillow-heif plugin that decodes it is not "
+                f"available ({missing}); pip install pillow-heif"
+            )
+        return DecodeError(
+            f"corrupt or truncated HEIF/HEIC image ({len(data)} bytes, brand "
+            f"{brand.decode('latin-1')!r}): pillow-heif cannot read its header"
+        )
+    if brand in _AVIF_BRANDS:
+        if not features.check("avif"):
+            return DecodeError(
+                "AVIF image, but this Pillow was built without AVIF support; "
+                "pip install -U pillow (a build where PIL.features.check('avif') is True)"
+            )
+        return DecodeError(
+            f"corrupt or truncated AVIF image ({len(data)} bytes): Pillow cannot read its header"
+        )
+    return DecodeError(
+        f"bytes are not a recognised image format ({len(data)} bytes, "
+        f"starting {bytes(data[:8])!r}), or the image header is corrupt"
+    )
 
 
 def _reason(e: BaseException) -> str:
@@ -54,7 +128,12 @@ def _pillow_refused(e: Exception, max_pixels: int) -> DecodeError:
 
 
 def _upright(img: Image.Image) -> Image.Image:
-    """Applies the EXIF orientation tag, so the image is as a viewer displays it."""
+    """Applies the EXIF orientation tag, so the image is as a viewer displays it.
+
+    AVIF and HEIF store orientation as irot/imir boxes. Pillow's AVIF reader reports them as
+    this tag, so they are applied here; libheif applies them while decoding and pillow-heif
+    resets the tag to 1, so a HEIF image is never turned twice.
+    """
     try:
         orientation = img.getexif().get(_ORIENTATION_TAG, 1)
     except Exception:
@@ -121,10 +200,15 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
     Raises:
         DecodeError: If the bytes are empty, not an image, in a format outside
             ``SUPPORTED_FORMATS``, too large, corrupt or truncated, or in a
-            mode that cannot be converted to RGB.
+            mode that cannot be converted to RGB; also for a HEIF/HEIC file when
+            the pillow-heif plugin is not installed (the reason says so).
     """
     if len(data) == 0:
         raise DecodeError("empty file (0 bytes)")
+    if _brand(data) in _HEIF_BRANDS:
+        # Before Image.open, which only knows HEIF once the opener is registered. When the
+        # plugin is missing, Pillow's AVIF reader may still claim a generic "mif1" file.
+        _heif_plugin_error()
     with warnings.catch_warnings():
         # The max_pixels check below replaces Pillow's warning, which would
         # otherwise be printed once per large image.
@@ -132,10 +216,7 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
         try:
             img = Image.open(io.BytesIO(data))
         except Image.UnidentifiedImageError as e:
-            raise DecodeError(
-                f"bytes are not a recognised image format ({len(data)} bytes, "
-                f"starting {bytes(data[:8])!r}), or the image header is corrupt"
-            ) from e
+            raise _unidentified(data) from e
         except Image.DecompressionBombError as e:
             raise _pillow_refused(e, max_pixels) from e
         except Exception as e:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import posixpath
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
@@ -46,6 +48,50 @@ def label_and_split(relpath: str, labels: str, split: str | None) -> tuple[str |
     return label, found_split
 
 
+def file_extension(relpath: str) -> str:
+    """The lower-cased extension of a path's file name, dot included (``.jpg``); ``""`` if none."""
+    return posixpath.splitext(relpath)[1].lower()
+
+
+def format_counts(counts: Mapping[str, int]) -> str:
+    """``.txt 2, .psd 1``: counts per extension for a summary line (``""`` reads as no extension)."""
+    return ", ".join(f"{ext or 'no extension'} {n}" for ext, n in counts.items())
+
+
+def _by_count(counter: Counter[str]) -> dict[str, int]:
+    # Most common first, then by name, no extension last: the order a summary line shows.
+    return dict(sorted(counter.items(), key=lambda kv: (-kv[1], kv[0] == "", kv[0])))
+
+
+@dataclass(frozen=True)
+class SkippedFiles:
+    """Files under a source that the listing leaves out, counted by why.
+
+    A file is never dropped silently: it is either listed (and becomes a row) or counted here.
+    """
+
+    # Not listed because their extension is not in source.extensions; per lower-cased
+    # extension ("" for a file name without one), most common first.
+    by_extension: dict[str, int] = field(default_factory=dict)
+    # Hidden: the file or a folder on its path (below the root) starts with ".".
+    hidden: int = 0
+
+    @property
+    def total(self) -> int:
+        """Every file left out, hidden ones included."""
+        return sum(self.by_extension.values()) + self.hidden
+
+    def describe(self) -> str:
+        """For a summary line after ``skipped:``, e.g. ``3 (.txt 2, .psd 1), hidden: 1``."""
+        n = sum(self.by_extension.values())
+        detail = f" ({format_counts(self.by_extension)})" if n else ""
+        return f"{n}{detail}, hidden: {self.hidden}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form for the manifest: ``{"by_extension": {".txt": 2}, "hidden": 1}``."""
+        return {"by_extension": dict(self.by_extension), "hidden": self.hidden}
+
+
 @dataclass(frozen=True)
 class Listing:
     """The files of a source: an arrow table with one row per image (see :func:`list_images`)."""
@@ -53,6 +99,10 @@ class Listing:
     root: str
     protocol: str
     table: pa.Table
+    # Listed files per lower-cased extension, most common first (sums to len(self)).
+    by_extension: dict[str, int] = field(default_factory=dict)
+    # Files under the root that are not listed, and why.
+    skipped: SkippedFiles = field(default_factory=SkippedFiles)
 
     def __len__(self) -> int:
         return self.table.num_rows
@@ -72,8 +122,15 @@ def open_fs(uri: str, storage_options: dict[str, Any] | None = None):
 def list_images(cfg: SourceConfig, storage_options: dict[str, Any] | None = None) -> Listing:
     """List the images under ``cfg.uri`` (recursively), sorted by path.
 
-    Hidden files and folders (``.name``) are skipped. Columns: ``id``, ``path`` (full path
-    or URL), ``relpath``, ``label``, ``split``, ``size``, ``mtime``.
+    Hidden files and folders (``.name``) are skipped, and so are files whose name does not
+    end in one of ``cfg.extensions``; both are counted in ``Listing.skipped``, so no file
+    under the root goes unaccounted for. Columns: ``id``, ``path`` (full path or URL),
+    ``relpath``, ``label``, ``split``, ``size``, ``mtime``.
+
+    Example:
+        >>> listing = list_images(SourceConfig(uri="./images"))  # doctest: +SKIP
+        >>> listing.by_extension, listing.skipped.describe()  # doctest: +SKIP
+        ({'.jpg': 40, '.heic': 13}, '3 (.txt 2, .psd 1), hidden: 1')
     """
     fs, root = open_fs(cfg.uri, storage_options)
     try:
@@ -93,12 +150,18 @@ def _list(fs, root: str, cfg: SourceConfig) -> Listing:
     root = root.rstrip("/")
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     rows = []
+    listed: Counter[str] = Counter()
+    unlisted: Counter[str] = Counter()
+    hidden = 0
     for path, info in sorted(fs.find(root, withdirs=False, detail=True).items()):
         rel = posixpath.relpath(path, root) if protocol == "file" else path[len(root) :].lstrip("/")
         if any(part.startswith(".") for part in rel.split("/")):
+            hidden += 1
             continue
         if not rel.lower().endswith(cfg.extensions):
+            unlisted[file_extension(rel)] += 1
             continue
+        listed[file_extension(rel)] += 1
         label, split = label_and_split(rel, cfg.labels, cfg.split)
         rows.append(
             {
@@ -111,11 +174,9 @@ def _list(fs, root: str, cfg: SourceConfig) -> Listing:
                 "mtime": _mtime(info),
             }
         )
+    skipped = SkippedFiles(by_extension=_by_count(unlisted), hidden=hidden)
     if not rows:
-        raise ConfigError(
-            f"no images found under {cfg.uri!r} (looked for {', '.join(cfg.extensions)}); "
-            "check source.uri and source.extensions"
-        )
+        raise ConfigError(_nothing_listed(cfg, skipped))
     schema = pa.schema(
         [
             (columns.ID, pa.string()),
@@ -127,7 +188,35 @@ def _list(fs, root: str, cfg: SourceConfig) -> Listing:
             ("mtime", pa.string()),
         ]
     )
-    return Listing(root=root, protocol=protocol, table=pa.Table.from_pylist(rows, schema=schema))
+    return Listing(
+        root=root,
+        protocol=protocol,
+        table=pa.Table.from_pylist(rows, schema=schema),
+        by_extension=_by_count(listed),
+        skipped=skipped,
+    )
+
+
+def _nothing_listed(cfg: SourceConfig, skipped: SkippedFiles, shown: int = 5) -> str:
+    """The "no images found" message, saying what was there instead."""
+    parts = [f"no images found under {cfg.uri!r} (looked for {', '.join(cfg.extensions)})"]
+    if skipped.by_extension:
+        items = list(skipped.by_extension.items())
+        found = ", ".join(
+            f"{n} {ext or 'extension-less'} file{'' if n == 1 else 's'}" for ext, n in items[:shown]
+        )
+        if len(items) > shown:
+            found += f" and {sum(n for _, n in items[shown:])} more files"
+        parts.append(
+            f"found {found}; add their extension to source.extensions if Pillow can read them"
+        )
+    if skipped.hidden:
+        parts.append(
+            f"skipped {skipped.hidden} hidden file{'' if skipped.hidden == 1 else 's'} "
+            "(a name or folder starting with '.')"
+        )
+    parts.append("check source.uri and source.extensions")
+    return "; ".join(parts)
 
 
 def _mtime(info: dict[str, Any]) -> str | None:
