@@ -90,6 +90,14 @@ def embed(
     resume: Annotated[
         bool, typer.Option("--resume", help="Finish an interrupted run in the same output.")
     ] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Check the job end to end and print the listing, model, features, actor plan "
+            "and output layout; start no work.",
+        ),
+    ] = False,
     address: AddressOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -121,6 +129,11 @@ def embed(
         from vitflow.embed import prepare_embed, run_embed
 
         plan = prepare_embed(cfg, overwrite=overwrite, resume=resume)
+        if dry_run:
+            from vitflow.dryrun import describe_plan, plan_here
+
+            typer.echo(describe_plan(plan, *plan_here(cfg.compute, address)))
+            return
         typer.echo(
             f"vitflow embed: {len(plan.listing)} images from {cfg.source.uri} -> {cfg.output.uri} "
             f"| model {plan.backbone.name} | features "
@@ -130,10 +143,12 @@ def embed(
     except VitflowError as e:
         _fail(str(e))
         return
-    _print_summary(result)
+    _print_summary(result, plan)
 
 
-def _print_summary(result) -> None:
+def _print_summary(result, plan) -> None:
+    from vitflow.dryrun import weights_line
+
     m = result.manifest
     lines = [
         "",
@@ -148,6 +163,8 @@ def _print_summary(result) -> None:
         f"  errors        : {result.error}",
         f"  accounted for : {result.ok + result.error} of {result.listed} "
         + ("(every file has a row)" if result.ok + result.error == result.listed else "(MISMATCH)"),
+        f"  skipped       : {plan.listing.skipped.describe()}",
+        f"  weights       : {weights_line(plan.cfg.model, plan.backbone.checkpoint_sha256)}",
         f"  wall time     : {result.seconds:.1f} s ({result.images_per_second:.1f} images/s)",
         "  features      : " + ", ".join(f"{k} [{v['dim']}]" for k, v in m["features"].items()),
         f"  output        : {result.output_uri}",
@@ -364,6 +381,56 @@ def jobs_stop(job_id: str, address: JobsAddressOpt) -> None:
 
     stopped = _jobs_call(jobs.stop_job, address, job_id)
     typer.echo(f"{job_id}: {'stop requested' if stopped else 'not running'}")
+
+
+@app.command()
+def init(
+    path: Annotated[Path, typer.Argument(help="Where to write the job file.")] = Path("job.yaml"),
+    example: Annotated[
+        str | None,
+        typer.Option("--example", help="Start from this example job instead (see --list)."),
+    ] = None,
+    list_: Annotated[bool, typer.Option("--list", help="List the example jobs.")] = False,
+) -> None:
+    """Write a commented job file to start from.
+
+    Example: vitflow init job.yaml && vitflow embed job.yaml --dry-run
+    """
+    from vitflow import examples
+
+    if list_:
+        for name in examples.list_examples():
+            typer.echo(name)
+        return
+    try:
+        written = (
+            examples.write_example(example, path) if example else examples.write_example(path=path)
+        )
+    except VitflowError as e:
+        _fail(str(e))
+        return
+    typer.echo(f"wrote {written}; edit source.uri and the model, then: vitflow embed {written}")
+
+
+@app.command()
+def schema(
+    kind: Annotated[str, typer.Argument(help="embed (also reindex) | train.")] = "embed",
+) -> None:
+    """Print the JSON Schema of a job file, for editors (YAML language servers) and checks."""
+    import json
+
+    from vitflow.config import EmbedConfig
+
+    if kind in ("embed", "reindex"):
+        model = EmbedConfig
+    elif kind == "train":
+        from vitflow.training.config import TrainConfig
+
+        model = TrainConfig
+    else:
+        _fail(f"unknown job kind {kind!r}; use embed, reindex or train")
+        return
+    typer.echo(json.dumps(model.model_json_schema(), indent=2))
 
 
 @app.command()

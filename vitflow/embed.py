@@ -287,6 +287,7 @@ def run_embed(
         seconds=seconds,
         stats={**stats, "resumed_parts": len(done)},
         actors=actors.__dict__ if actors else None,
+        listing=plan.listing,
     )
     write_manifest(fs, out, manifest)
     fs.rm(posixpath.join(out, RUN_STATE))

@@ -23,7 +23,9 @@ def versions() -> dict[str, str]:
     return out
 
 
-def build_manifest(cfg, backbone, features, *, counts, seconds, stats, actors) -> dict[str, Any]:
+def build_manifest(
+    cfg, backbone, features, *, counts, seconds, stats, actors, listing=None
+) -> dict[str, Any]:
     """Everything needed to reproduce and trust an output: config, model, features, counts."""
     model = backbone.model
     return {
@@ -55,6 +57,10 @@ def build_manifest(cfg, backbone, features, *, counts, seconds, stats, actors) -
         },
         "columns": [*columns.META_COLUMNS, *(p.name for p in features)],
         "counts": counts,
+        # What the source held besides the listed files: nothing is left out unsaid.
+        "listing": None
+        if listing is None
+        else {"by_extension": dict(listing.by_extension), "skipped": listing.skipped.to_dict()},
         "timing": {
             "wall_seconds": round(seconds, 3),
             "images_per_second": round(counts["listed"] / seconds, 2) if seconds else None,

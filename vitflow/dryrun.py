@@ -1,0 +1,79 @@
+"""``vitflow embed --dry-run``: what a job would do, checked end to end, with no work started.
+
+Everything here comes from :func:`vitflow.embed.prepare_embed` (model built and probed,
+feature widths measured, source listed, output rules checked) plus the actor plan for the
+machine the job would start its local Ray on. No Ray is started and nothing is written.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+from vitflow import columns
+from vitflow.runtime import ActorPlan, local_resources, plan_actors
+
+_TOP = 8  # labels shown by name; the rest are counted
+
+
+def _counts(counter: Counter | dict, top: int = _TOP) -> str:
+    items = sorted(counter.items(), key=lambda kv: (-kv[1], str(kv[0])))
+    shown = ", ".join(f"{k if k is not None else '(none)'} {v}" for k, v in items[:top])
+    more = len(items) - top
+    return shown + (f", ... {more} more" if more > 0 else "")
+
+
+def weights_line(model_cfg, checkpoint_sha256: str | None) -> str:
+    """How the run's weights were chosen, as the summary and the dry run say it."""
+    source = model_cfg.weights_source
+    if source == "checkpoint":
+        sha = f" (sha256 {checkpoint_sha256[:12]})" if checkpoint_sha256 else ""
+        return f"checkpoint {model_cfg.checkpoint}{sha}"
+    if source == "hub":
+        return "hub (timm's pretrained weights)"
+    return "random (seeded random init: the vectors carry no meaning)"
+
+
+def describe_plan(plan, actors: ActorPlan, where: str) -> str:
+    """The dry run's report for an :class:`~vitflow.embed.EmbedPlan`."""
+    cfg, listing = plan.cfg, plan.listing
+    t = listing.table
+    dc = plan.backbone.data_config
+    n_params = sum(p.numel() for p in plan.backbone.model.parameters())
+    parts = math.ceil(len(listing) / cfg.output.rows_per_file)
+    lines = [
+        "vitflow embed --dry-run: checked, nothing started",
+        f"  source    : {cfg.source.uri}",
+        f"  listed    : {len(listing)} files ({_counts(listing.by_extension, 20)})",
+        f"  skipped   : {listing.skipped.describe()}",
+        f"  labels    : {len(set(t.column(columns.LABEL).to_pylist()) - {None})} "
+        f"({_counts(Counter(t.column(columns.LABEL).to_pylist()))})",
+        f"  splits    : {_counts(Counter(t.column(columns.SPLIT).to_pylist()))}",
+        f"  model     : {plan.backbone.name} | {n_params / 1e6:.1f}M parameters | input "
+        f"{'x'.join(map(str, dc['input_size']))}, {dc.get('interpolation')}, crop_pct "
+        f"{dc.get('crop_pct')}",
+        f"  weights   : {weights_line(cfg.model, plan.backbone.checkpoint_sha256)}",
+        "  features  : "
+        + "; ".join(
+            f"{p.name} [{p.dim}] = layers {list(p.indices)} {p.pool} {p.aggregate} {p.normalize}"
+            if p.pool != "head"
+            else f"{p.name} [{p.dim}] = projection head {p.normalize}"
+            for p in plan.features
+        ),
+        f"  actors    : {actors.num_actors} x {actors.device} (num_cpus {actors.num_cpus:g}, "
+        f"num_gpus {actors.num_gpus:g}, torch threads {actors.torch_threads}), "
+        f"batch {cfg.compute.batch_size}, {cfg.compute.precision}; decode tasks "
+        f"{cfg.compute.decode_num_cpus:g} CPU each — {where}",
+        f"  output    : {cfg.output.uri}: {parts} part(s) of up to {cfg.output.rows_per_file} "
+        f"rows (part-00000.parquet ...) + {columns.MANIFEST_NAME}",
+    ]
+    return "\n".join(lines)
+
+
+def plan_here(compute, address: str | None) -> tuple[ActorPlan, str]:
+    """The actor plan on this machine's resources, without starting Ray."""
+    res = local_resources(compute.local_num_cpus)
+    where = f"planned for this machine ({res['CPU']:g} CPUs, {res['GPU']:g} GPUs)" + (
+        "; on the cluster the pool is sized from its resources at run time" if address else ""
+    )
+    return plan_actors(res, res["CPU"], compute), where
