@@ -13,12 +13,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import fsspec
 import pyarrow as pa
 
 from vitflow import columns
 from vitflow.config import SourceConfig
 from vitflow.errors import ConfigError
+from vitflow.storage import open_fs, protocol_of
 
 SPLIT_NAMES = frozenset({"train", "validation", "val", "test"})
 
@@ -108,17 +108,6 @@ class Listing:
         return self.table.num_rows
 
 
-def open_fs(uri: str, storage_options: dict[str, Any] | None = None):
-    """``(filesystem, path)`` for a local path or fsspec URL."""
-    try:
-        return fsspec.core.url_to_fs(uri, **(storage_options or {}))
-    except (ValueError, ImportError) as e:
-        raise ConfigError(
-            f"cannot open {uri!r}: {e}; check the URL's protocol (e.g. s3://bucket/prefix) and "
-            "that its fsspec package is installed"
-        ) from e
-
-
 def list_images(cfg: SourceConfig, storage_options: dict[str, Any] | None = None) -> Listing:
     """List the images under ``cfg.uri`` (recursively), sorted by path.
 
@@ -148,7 +137,7 @@ def _list(fs, root: str, cfg: SourceConfig) -> Listing:
     if not fs.isdir(root):
         raise ConfigError(f"source {cfg.uri!r} is a file; source.uri must be a folder or prefix")
     root = root.rstrip("/")
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    protocol = protocol_of(fs)
     rows = []
     listed: Counter[str] = Counter()
     unlisted: Counter[str] = Counter()
