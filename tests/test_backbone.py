@@ -85,6 +85,19 @@ def test_missing_and_unexpected_keys_are_named(tmp_path):
     assert "unexpected keys: blocks.9.mlp.fc1.weight" in msg
 
 
+def test_only_missing_keys_suggest_a_partial_save(tmp_path):
+    state = _vit(num_classes=0).state_dict()
+    state = {k: v for k, v in state.items() if not k.startswith("blocks.3.")}
+    path = tmp_path / "partial.safetensors"
+    save_file(state, path)
+    with pytest.raises(ModelError) as e:
+        create_backbone(_cfg(path))
+    msg = str(e.value)
+    assert "missing keys: blocks.3.attn.proj.bias" in msg
+    assert "unexpected keys" not in msg
+    assert "partial save" in msg and "depth" in msg
+
+
 def test_shape_mismatch_is_named(tmp_path):
     path = tmp_path / "wide.pth"
     torch.save(_vit(num_classes=0, embed_dim=48, num_heads=2).state_dict(), path)

@@ -2,156 +2,41 @@
 
 The backbone is always created without its classifier (``num_classes=0``): embeddings
 never need it, and a whole-model checkpoint's head keys are then recognised and skipped.
-Checkpoints are read with safetensors or ``torch.load(weights_only=True)`` only, so a
-checkpoint file can never run code.
+Reading and converting checkpoint files lives in :mod:`vitflow.checkpoints`.
 """
 
 from __future__ import annotations
 
 import difflib
 import hashlib
-import io
 import json
 import logging
 from dataclasses import dataclass
 from typing import Any
 
-import fsspec
 import timm
 import torch
 from safetensors.torch import load as load_safetensors_bytes
 from timm.data import resolve_model_data_config
 
+from vitflow.checkpoints import match_state_dict, read_checkpoint, safetensors_metadata
 from vitflow.config import ModelConfig
 from vitflow.errors import ModelError
 from vitflow.heads import HEAD_PREFIX, ProjectionHead
 
+__all__ = [
+    "Backbone",
+    "backbone_bytes",
+    "backbone_from_bytes",
+    "create_backbone",
+    "create_model",
+    "data_config",
+    "match_state_dict",
+    "read_checkpoint",
+    "weights_fingerprint",
+]
+
 log = logging.getLogger(__name__)
-
-# Wrapper keys under which training scripts (timm, Lightning, DeiT, MAE) nest the weights.
-_NESTED_KEYS = ("state_dict", "model", "module", "state_dict_ema", "model_ema")
-_STRIP_PREFIXES = ("module.", "_orig_mod.", "model.", "backbone.")
-_MAX_KEYS_SHOWN = 8
-
-
-@dataclass
-class Checkpoint:
-    """A state dict read from disk or object storage, with the file's sha256."""
-
-    state_dict: dict[str, torch.Tensor]
-    sha256: str
-    metadata: dict[str, str]
-
-
-def read_checkpoint(uri: str, storage_options: dict[str, Any] | None = None) -> Checkpoint:
-    """Read a ``.safetensors`` or ``.pth``/``.pt``/``.bin`` state dict from a path or URL."""
-    try:
-        with fsspec.open(uri, "rb", **(storage_options or {})) as f:
-            raw = f.read()
-    except FileNotFoundError as e:
-        raise ModelError(f"checkpoint {uri!r} does not exist; fix model.checkpoint") from e
-    except OSError as e:
-        raise ModelError(f"checkpoint {uri!r} cannot be read: {e}") from e
-    sha = hashlib.sha256(raw).hexdigest()
-    metadata: dict[str, str] = {}
-    if uri.endswith(".safetensors"):
-        try:
-            state = load_safetensors_bytes(raw)
-            metadata = _safetensors_metadata(raw)
-        except Exception as e:  # safetensors raises its own SafetensorError
-            raise ModelError(f"checkpoint {uri!r} is not a valid safetensors file: {e}") from e
-    else:
-        try:
-            state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ModelError(
-                f"checkpoint {uri!r} cannot be loaded with torch.load(weights_only=True): {e}. "
-                "Only plain state dicts (tensors in dicts) are accepted; re-save it as one or "
-                "as .safetensors"
-            ) from e
-    return Checkpoint(state_dict=_unwrap(state, uri), sha256=sha, metadata=metadata)
-
-
-def _safetensors_metadata(raw: bytes) -> dict[str, str]:
-    import struct
-
-    (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8 : 8 + n])
-    return dict(header.get("__metadata__") or {})
-
-
-def _unwrap(state: Any, uri: str) -> dict[str, torch.Tensor]:
-    for _ in range(3):
-        if isinstance(state, dict) and not _is_tensor_dict(state):
-            nested = next((state[k] for k in _NESTED_KEYS if isinstance(state.get(k), dict)), None)
-            if nested is None:
-                break
-            state = nested
-    if not isinstance(state, dict) or not _is_tensor_dict(state):
-        raise ModelError(
-            f"checkpoint {uri!r} does not hold a state dict of tensors "
-            f"(top-level keys: {list(state)[:_MAX_KEYS_SHOWN] if isinstance(state, dict) else type(state).__name__})"
-        )
-    return dict(state)
-
-
-def _is_tensor_dict(d: dict) -> bool:
-    return bool(d) and all(isinstance(v, torch.Tensor) for v in d.values())
-
-
-def _classifier_prefixes(model: torch.nn.Module) -> tuple[str, ...]:
-    names = model.pretrained_cfg.get("classifier") or ()
-    if isinstance(names, str):
-        names = (names,)
-    return tuple(n + "." for n in names)
-
-
-def match_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], uri: str) -> dict:
-    """Return the subset of ``state`` that loads into ``model``, or raise naming every mismatch.
-
-    Keys of the model's classifier head are dropped (the backbone has none); common wrapper
-    prefixes (``module.`` from DDP, ``_orig_mod.`` from torch.compile) are stripped when that
-    makes the keys match.
-    """
-    expected = model.state_dict()
-    state = _strip_prefixes(state, set(expected))
-    head = _classifier_prefixes(model)
-    dropped = [k for k in state if k not in expected and k.startswith(head)]
-    kept = {k: v for k, v in state.items() if k not in dropped}
-    missing = sorted(set(expected) - set(kept))
-    unexpected = sorted(set(kept) - set(expected))
-    shapes = sorted(
-        f"{k} {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
-        for k, v in kept.items()
-        if k in expected and tuple(v.shape) != tuple(expected[k].shape)
-    )
-    if missing or unexpected or shapes:
-        parts = []
-        for label, keys in (
-            ("missing keys", missing),
-            ("unexpected keys", unexpected),
-            ("shape mismatches", shapes),
-        ):
-            if keys:
-                more = (
-                    f" (+{len(keys) - _MAX_KEYS_SHOWN} more)" if len(keys) > _MAX_KEYS_SHOWN else ""
-                )
-                parts.append(f"{label}: {', '.join(keys[:_MAX_KEYS_SHOWN])}{more}")
-        raise ModelError(
-            f"checkpoint {uri!r} does not fit model {model.pretrained_cfg.get('architecture')!r}: "
-            + "; ".join(parts)
-            + ". Check model.name (and model.kwargs) match the architecture the checkpoint was saved from"
-        )
-    if dropped:
-        log.info("checkpoint %s: ignoring %d classifier-head keys", uri, len(dropped))
-    return kept
-
-
-def _strip_prefixes(state: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
-    for prefix in _STRIP_PREFIXES:
-        if all(k.startswith(prefix) for k in state) and not any(k in expected for k in state):
-            state = {k[len(prefix) :]: v for k, v in state.items()}
-    return state
 
 
 def create_model(cfg: ModelConfig) -> torch.nn.Module:
@@ -173,15 +58,30 @@ def create_model(cfg: ModelConfig) -> torch.nn.Module:
     except Exception as e:
         if cfg.weights == "hub":
             raise ModelError(
-                f"could not fetch the hub weights of {cfg.name!r}: {e}. Without internet, copy "
-                "a Hugging Face cache that holds them to this machine (HF_HUB_CACHE), or pass "
-                "the weights file as model.checkpoint (--checkpoint)"
+                f"could not fetch the hub weights of {cfg.name!r}: {type(e).__name__}: {e}. "
+                f"{_hub_cache_hint(cfg.name)}Without internet, copy a Hugging Face cache that "
+                "holds them to this machine and set HF_HUB_CACHE (with HF_HUB_OFFLINE=1), or "
+                "pass the weights file as model.checkpoint (--checkpoint); see docs/weights.md"
             ) from e
         raise ModelError(
             f"timm cannot build {cfg.name!r} with model.kwargs {cfg.kwargs}: "
             f"{type(e).__name__}: {e}"
         ) from e
     return model.eval()
+
+
+def _hub_cache_hint(name: str) -> str:
+    """Where timm looked for ``name``'s hub weights, as a sentence (empty if unknown)."""
+    from huggingface_hub import constants
+
+    try:
+        repo = getattr(timm.models.get_pretrained_cfg(name), "hf_hub_id", None)
+    except RuntimeError:  # an unknown pretrained tag; timm's own message says so
+        return ""
+    if not repo:
+        return ""
+    folder = f"{constants.HF_HUB_CACHE}/models--{repo.split('@')[0].replace('/', '--')}"
+    return f"timm reads them from the hub repo {repo} (cached in {folder}). "
 
 
 def data_config(model: torch.nn.Module) -> dict[str, Any]:
@@ -339,5 +239,5 @@ def backbone_from_bytes(raw: bytes, cfg: ModelConfig) -> Backbone:
     # The weights are all here: never fetch hub weights again on a worker.
     cfg = cfg.model_copy(update={"weights": None})
     return create_backbone(
-        cfg, state_dict=load_safetensors_bytes(raw), metadata=_safetensors_metadata(raw)
+        cfg, state_dict=load_safetensors_bytes(raw), metadata=safetensors_metadata(raw)
     )

@@ -1,0 +1,310 @@
+"""Reading checkpoint files and fitting their weights to a timm model.
+
+Checkpoints are read with safetensors or ``torch.load(weights_only=True)`` only, so a
+checkpoint file can never run code. Official layouts (Meta's DINOv2 and MAE, OpenAI CLIP,
+open_clip, DeiT) are converted by the timm model's own ``checkpoint_filter_fn``, which also
+resamples the position embedding to ``model.kwargs.img_size``; what is left over is named
+key by key.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import io
+import json
+import logging
+import sys
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import timm
+import torch
+from safetensors.torch import load as load_safetensors_bytes
+
+from vitflow.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+# Wrapper keys under which training scripts (timm, Lightning, DeiT, MAE) nest the weights.
+_NESTED_KEYS = ("state_dict", "model", "module", "state_dict_ema", "model_ema")
+_STRIP_PREFIXES = ("module.", "_orig_mod.", "model.", "backbone.")
+_MAX_KEYS_SHOWN = 8
+
+
+@dataclass
+class Checkpoint:
+    """A state dict read from disk or object storage, with the file's sha256."""
+
+    state_dict: dict[str, torch.Tensor]
+    sha256: str
+    metadata: dict[str, str]
+
+
+def read_checkpoint(uri: str, storage_options: dict[str, Any] | None = None) -> Checkpoint:
+    """Read a ``.safetensors`` or ``.pth``/``.pt``/``.bin`` state dict from a path or URL."""
+    try:
+        with fsspec.open(uri, "rb", **(storage_options or {})) as f:
+            raw = f.read()
+    except FileNotFoundError as e:
+        raise ModelError(f"checkpoint {uri!r} does not exist; fix model.checkpoint") from e
+    except OSError as e:
+        raise ModelError(f"checkpoint {uri!r} cannot be read: {e}") from e
+    sha = hashlib.sha256(raw).hexdigest()
+    metadata: dict[str, str] = {}
+    if uri.endswith(".safetensors"):
+        try:
+            state = load_safetensors_bytes(raw)
+            metadata = safetensors_metadata(raw)
+        except Exception as e:  # safetensors raises its own SafetensorError
+            raise ModelError(f"checkpoint {uri!r} is not a valid safetensors file: {e}") from e
+    elif _is_torchscript(raw):
+        # Loading one means running its code, which weights_only exists to prevent.
+        raise ModelError(
+            f"checkpoint {uri!r} is a TorchScript archive (as OpenAI's CLIP .pt files are), "
+            "which vitflow does not load. Save its state dict once, on a machine you trust: "
+            "python -c \"import torch; torch.save(torch.jit.load('ViT-B-32.pt', "
+            "map_location='cpu').state_dict(), 'ViT-B-32.pth')\" and set model.checkpoint to "
+            "the .pth (see docs/weights.md)"
+        )
+    else:
+        try:
+            state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ModelError(
+                f"checkpoint {uri!r} cannot be loaded with torch.load(weights_only=True): {e}. "
+                "Only plain state dicts (tensors in dicts) are accepted; re-save it as one or "
+                "as .safetensors"
+            ) from e
+    return Checkpoint(state_dict=_unwrap(state, uri), sha256=sha, metadata=metadata)
+
+
+def _is_torchscript(raw: bytes) -> bool:
+    try:
+        with zipfile.ZipFile(io.BytesIO(raw)) as z:
+            return any(n.endswith("/constants.pkl") or "/code/" in n for n in z.namelist())
+    except zipfile.BadZipFile:
+        return False
+
+
+def safetensors_metadata(raw: bytes) -> dict[str, str]:
+    import struct
+
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    return dict(header.get("__metadata__") or {})
+
+
+def _unwrap(state: Any, uri: str) -> dict[str, torch.Tensor]:
+    for _ in range(3):
+        if isinstance(state, dict) and not _is_tensor_dict(state):
+            nested = next((state[k] for k in _NESTED_KEYS if isinstance(state.get(k), dict)), None)
+            if nested is None:
+                break
+            state = nested
+    if not isinstance(state, dict) or not _is_tensor_dict(state):
+        raise ModelError(
+            f"checkpoint {uri!r} does not hold a state dict of tensors "
+            f"(top-level keys: {list(state)[:_MAX_KEYS_SHOWN] if isinstance(state, dict) else type(state).__name__})"
+        )
+    return dict(state)
+
+
+def _is_tensor_dict(d: dict) -> bool:
+    return bool(d) and all(isinstance(v, torch.Tensor) for v in d.values())
+
+
+def _classifier_prefixes(model: torch.nn.Module) -> tuple[str, ...]:
+    names = model.pretrained_cfg.get("classifier") or ()
+    if isinstance(names, str):
+        names = (names,)
+    return tuple(n + "." for n in names)
+
+
+# Parts of a checkpoint that are not the image encoder. The backbone skips them; they stay
+# in the file (and in read_checkpoint's state dict) for whatever needs them later.
+_MAE_DECODER = ("decoder_embed", "decoder_blocks.", "decoder_norm", "decoder_pred", "decoder_pos")
+_CLIP_IMAGE_TOWER = "visual."
+
+
+def non_encoder_keys(state: dict[str, torch.Tensor], expected: set[str]) -> dict[str, list[str]]:
+    """Name the keys of ``state`` that belong to another part of the network than the encoder.
+
+    Args:
+        state: a checkpoint's state dict, wrapper prefixes already stripped.
+        expected: the model's own keys; these are never listed.
+
+    Returns:
+        ``{part: sorted keys}`` for the parts found: ``"MAE decoder"`` (``decoder_*`` and the
+        ``mask_token`` that goes with it in MAE's full checkpoints) and ``"CLIP text tower"``
+        (everything outside ``visual.`` in an OpenAI CLIP or open_clip checkpoint).
+    """
+    parts: dict[str, list[str]] = {}
+    decoder = [k for k in state if k.startswith(_MAE_DECODER)]
+    if decoder:
+        # Without a decoder, mask_token is DINOv2's, which timm's filter needs to see.
+        parts["MAE decoder"] = decoder + [k for k in ("mask_token",) if k in state]
+    if any(k.startswith(_CLIP_IMAGE_TOWER) for k in state):
+        parts["CLIP text tower"] = [k for k in state if not k.startswith(_CLIP_IMAGE_TOWER)]
+    parts = {part: sorted(k for k in keys if k not in expected) for part, keys in parts.items()}
+    return {part: keys for part, keys in parts.items() if keys}
+
+
+def timm_checkpoint_filter(model: torch.nn.Module) -> Callable | None:
+    """The ``checkpoint_filter_fn`` timm applies to this model's pretrained weights, if any.
+
+    timm hands it to ``build_model_with_cfg`` from the module that registers the model, which
+    is not always the module of its class (``vision_transformer_hybrid`` builds a
+    ``VisionTransformer``), so that module is asked first.
+    """
+    names = []
+    arch = model.pretrained_cfg.get("architecture")
+    if arch and timm.is_model(arch):
+        names.append(timm.models.model_entrypoint(arch).__module__)
+    names.append(type(model).__module__)
+    for name in names:
+        fn = getattr(sys.modules.get(name), "checkpoint_filter_fn", None)
+        if callable(fn):
+            if "adapt_layer_scale" in inspect.signature(fn).parameters:
+                # As timm's DeiT entrypoints do: DeiT III's official checkpoints name layer
+                # scale gamma_1/gamma_2; timm's own ViT keys (ls1.gamma) never match it.
+                fn = functools.partial(fn, adapt_layer_scale=True)
+            return fn
+    return None
+
+
+def convert_checkpoint(
+    model: torch.nn.Module, state: dict[str, torch.Tensor], uri: str
+) -> dict[str, torch.Tensor]:
+    """Convert ``state`` to timm's layout for ``model`` with timm's own filter for it.
+
+    The filter renames official layouts (Meta's DINOv2, OpenAI CLIP, open_clip, DeiT III) and
+    resamples the position embedding (and patch embedding) to the model's size; a state dict
+    already in timm's layout passes through. ``state`` itself is not modified.
+    """
+    fn = timm_checkpoint_filter(model)
+    if fn is None:
+        return dict(state)
+    base = getattr(fn, "func", fn)
+    where = f"{base.__module__}.{base.__name__}"
+    try:
+        try:
+            out = fn(dict(state), model)
+        except TypeError:  # one-argument filters, which timm's load_pretrained also accepts
+            out = fn(dict(state))
+    except Exception as e:
+        raise ModelError(
+            f"checkpoint {uri!r} cannot be converted to the layout of "
+            f"{model.pretrained_cfg.get('architecture')!r} by timm's {where}: "
+            f"{type(e).__name__}: {e}. Re-save it in timm's layout, or set model.name to the "
+            "architecture it was saved from"
+        ) from e
+    if set(out) != set(state):
+        log.info("checkpoint %s: converted to timm's layout by %s", uri, where)
+    return out
+
+
+def match_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], uri: str) -> dict:
+    """Return the weights in ``state`` that load into ``model``, or raise naming every mismatch.
+
+    In order: common wrapper prefixes (``module.`` from DDP, ``_orig_mod.`` from
+    torch.compile) are stripped when that makes the keys match; parts that are not the image
+    encoder (an MAE decoder, a CLIP text tower) are skipped with an info log; timm's
+    ``checkpoint_filter_fn`` for the model converts official layouts and resamples the
+    position embedding (:func:`convert_checkpoint`); keys of the model's classifier head are
+    dropped (the backbone has none). Whatever is left must match the model exactly.
+    ``state`` is not modified.
+    """
+    expected = model.state_dict()
+    state = _strip_prefixes(state, set(expected))
+    other = non_encoder_keys(state, set(expected))
+    for part, keys in other.items():
+        groups = sorted({k.split(".")[0] for k in keys})
+        log.info(
+            "checkpoint %s: ignoring %d keys of the %s for the backbone (%s)",
+            uri,
+            len(keys),
+            part,
+            ", ".join(groups[:_MAX_KEYS_SHOWN]),
+        )
+    skip = {k for keys in other.values() for k in keys}
+    state = convert_checkpoint(model, {k: v for k, v in state.items() if k not in skip}, uri)
+    head = _classifier_prefixes(model)
+    dropped = [k for k in state if k not in expected and k.startswith(head)]
+    kept = {k: v for k, v in state.items() if k not in dropped}
+    missing = sorted(set(expected) - set(kept))
+    unexpected = sorted(set(kept) - set(expected))
+    shapes = sorted(
+        f"{k} {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+        for k, v in kept.items()
+        if k in expected and tuple(v.shape) != tuple(expected[k].shape)
+    )
+    if missing or unexpected or shapes:
+        raise _mismatch_error(model, uri, kept, missing, unexpected, shapes)
+    if dropped:
+        log.info("checkpoint %s: ignoring %d classifier-head keys", uri, len(dropped))
+    return kept
+
+
+def _shown(keys: list[str]) -> str:
+    more = f" (+{len(keys) - _MAX_KEYS_SHOWN} more)" if len(keys) > _MAX_KEYS_SHOWN else ""
+    return ", ".join(keys[:_MAX_KEYS_SHOWN]) + more
+
+
+def _mismatch_error(
+    model: torch.nn.Module,
+    uri: str,
+    kept: dict[str, torch.Tensor],
+    missing: list[str],
+    unexpected: list[str],
+    shapes: list[str],
+) -> ModelError:
+    arch = model.pretrained_cfg.get("architecture")
+    if not set(kept) - set(unexpected):
+        return ModelError(
+            f"checkpoint {uri!r} holds no weight of model {arch!r}, even after timm's conversion "
+            f"for it: its keys look like {', '.join(sorted(kept)[:3]) or 'nothing'}, the "
+            f"model's like {', '.join(missing[:3])}. The file is in a layout timm does not "
+            "convert for this model (re-save it in timm's layout), or it holds another "
+            "architecture (set model.name to that one)"
+        )
+    parts = [
+        f"{label}: {_shown(keys)}"
+        for label, keys in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches", shapes),
+        )
+        if keys
+    ]
+    if shapes or (missing and unexpected):
+        hint = (
+            "Check that model.name and model.kwargs (e.g. embed_dim, depth, patch_size) "
+            "describe the architecture the checkpoint was saved from"
+        )
+    elif missing:
+        hint = (
+            "The checkpoint lacks weights the model has: it is a partial save (e.g. of the "
+            "trainable parameters only), or of a shallower variant (check model.name and "
+            "model.kwargs such as depth)"
+        )
+    else:
+        hint = (
+            "The checkpoint has weights the model lacks: it is of a deeper or larger variant "
+            "(check model.name and model.kwargs such as depth), or it carries modules besides "
+            "the image encoder (remove them from the file)"
+        )
+    return ModelError(
+        f"checkpoint {uri!r} does not fit model {arch!r}: " + "; ".join(parts) + ". " + hint
+    )
+
+
+def _strip_prefixes(state: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
+    for prefix in _STRIP_PREFIXES:
+        if all(k.startswith(prefix) for k in state) and not any(k in expected for k in state):
+            state = {k[len(prefix) :]: v for k, v in state.items()}
+    return state
