@@ -330,3 +330,29 @@ def test_refuses_an_output_that_is_not_a_delta_table(base_corpus, tmp_path):
     (tmp_path / "out" / "part-00000.parquet").write_bytes(b"")
     with pytest.raises(ConfigError, match="no Delta table"):
         plan_reindex(job(base_corpus, tmp_path / "out"))
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_index_readers_give_the_embed_outputs_vector_type(changed_index, ray_local):
+    """Delta's protocol has only variable-length arrays, so the files hold list<float32> with
+    the width in the field's metadata; every vitflow reader gives fixed_size_list[D], exactly
+    the parquet output's type, and polars gets Array(Float32, D) with the README's recipe."""
+    import polars as pl
+
+    from vitflow.index_table import read_index
+    from vitflow.loading import load_embeddings
+    from vitflow.stages import output_schema
+
+    tmp, *_ = changed_index
+    uri = str(tmp / "index")
+    table = read_index(uri, include_errors=True)
+    dims = {f.name: f.type.list_size for f in table.schema if pa.types.is_fixed_size_list(f.type)}
+    assert dims and all(d > 0 for d in dims.values())
+    written_by_embed = output_schema(dims)
+    for name in dims:
+        assert table.schema.field(name).type == written_by_embed.field(name).type
+    df = load_embeddings(uri)
+    assert all(len(v) == dims["emb"] for v in df["emb"])
+    recipe = pl.read_delta(uri).with_columns(pl.col("emb").list.to_array(dims["emb"]))
+    assert recipe.schema["emb"] == pl.Array(pl.Float32, dims["emb"])
