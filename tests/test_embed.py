@@ -232,7 +232,7 @@ def test_model_errors_fail_before_any_work(corpus, tmp_path):
         run_embed(job(root, out="never", **{"features.0.layers": "[7]"}))
     with pytest.raises(ModelError, match="does not exist"):
         run_embed(job(root, out="never", **{"model.checkpoint": str(tmp_path / "missing.pth")}))
-    with pytest.raises(ConfigError, match="overlap"):
+    with pytest.raises(ConfigError, match="same place or one lies inside the other"):
         run_embed(job(root, out="images/emb"))
     assert not (root / "never").exists()
 

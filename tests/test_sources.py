@@ -77,6 +77,14 @@ def test_image_id_format_and_golden_value():
         assert image_id(rel) == image_id("".join(rel))  # pure function of the text
 
 
+def test_image_id_of_raw_bytes():
+    # A UTF-8 name hashes the same as text or bytes; a name that is not UTF-8 (listed by its
+    # raw bytes) cannot collide with any text name, not even with its escaped spelling.
+    assert image_id("ünïcode/ß.png".encode()) == image_id("ünïcode/ß.png")
+    assert image_id(b"caf\xe9.jpg") != image_id("caf\\xe9.jpg")
+    assert re.fullmatch(r"[0-9a-f]{16}", image_id(b"caf\xe9.jpg"))
+
+
 def test_image_id_distinguishes_paths():
     rels = [f"{s}/{c}/{i:03d}.jpg" for s in ("train", "val") for c in "abc" for i in range(50)]
     assert len({image_id(r) for r in rels}) == len(rels)
@@ -113,7 +121,9 @@ def test_lists_generated_tree_with_labels_and_splits(tmp_path):
         columns.SPLIT,
         "size",
         "mtime",
+        columns.LIST_ERROR,
     ]
+    assert t.column(columns.LIST_ERROR).null_count == 12  # nothing refused before reading
     rows = t.to_pylist()
     expected = sorted(
         str(p.relative_to(tmp_path)).replace(os.sep, "/")
@@ -398,6 +408,82 @@ def test_restricted_extensions_count_the_others_as_skipped(tmp_path):
     assert listing.skipped.describe() == (
         "6 (.txt 2, .avif 1, .heic 1, .psd 1, no extension 1), hidden: 1"
     )
+
+
+def test_skipped_folders_are_described_only_when_there_are_some():
+    skipped = SkippedFiles(
+        by_extension={".txt": 2},
+        hidden=1,
+        symlinked_folders=1,
+        symlink_loops=2,
+        unreadable_folders=3,
+    )
+    assert skipped.total == 3  # files only: a folder that was not walked is no file
+    assert skipped.describe() == (
+        "2 (.txt 2), hidden: 1, symlinked folders: 1 (set source.follow_symlinks: true to walk "
+        "them), symlink loops: 2 (not entered: each leads back to a folder above it), "
+        "unreadable folders: 3 (check their permissions)"
+    )
+    assert skipped.to_dict() == {
+        "by_extension": {".txt": 2},
+        "hidden": 1,
+        "symlinked_folders": 1,
+        "symlink_loops": 2,
+        "unreadable_folders": 3,
+    }
+    # An ordinary folder reads (and records) exactly as before.
+    plain = SkippedFiles(by_extension={".txt": 2}, hidden=1)
+    assert plain.describe() == "2 (.txt 2), hidden: 1"
+    assert plain.to_dict() == {"by_extension": {".txt": 2}, "hidden": 1}
+
+
+def test_folder_symlinks_are_counted_and_walked_on_request(tmp_path):
+    src = tmp_path / "src"
+    _touch(src / "cat" / "a.jpg")
+    _touch(tmp_path / "elsewhere" / "dog" / "b.jpg")
+    (src / "more").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    listing = list_images(SourceConfig(uri=str(src)))
+    assert listing.table.column("relpath").to_pylist() == ["cat/a.jpg"]
+    assert listing.skipped.symlinked_folders == 1
+    assert listing.skipped.describe() == (
+        "0, hidden: 0, symlinked folders: 1 (set source.follow_symlinks: true to walk them)"
+    )
+    followed = list_images(SourceConfig(uri=str(src), follow_symlinks=True))
+    assert followed.table.column("relpath").to_pylist() == ["cat/a.jpg", "more/dog/b.jpg"]
+    assert followed.table.column(columns.LABEL).to_pylist() == ["cat", "dog"]
+    assert followed.skipped == SkippedFiles()
+
+
+def test_only_folder_symlinks_name_the_fix(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    _touch(tmp_path / "elsewhere" / "b.jpg")
+    (src / "photos").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    with pytest.raises(ConfigError) as info:
+        list_images(SourceConfig(uri=str(src)))
+    assert "1 folder symlink not walked; set source.follow_symlinks: true" in str(info.value)
+    assert len(list_images(SourceConfig(uri=str(src), follow_symlinks=True))) == 1
+
+
+def test_an_unreadable_folder_is_counted(tmp_path, monkeypatch):
+    _touch(tmp_path / "a.jpg")
+    _touch(tmp_path / "locked" / "b.jpg")
+    (tmp_path / "locked").chmod(0)
+    if os.geteuid() == 0:  # root reads any folder: deny this one the way the kernel would
+        real_scandir = os.scandir
+
+        def scandir(path):
+            if os.fsdecode(path).endswith("/locked"):
+                raise PermissionError(13, "Permission denied", path)
+            return real_scandir(path)
+
+        monkeypatch.setattr(os, "scandir", scandir)
+    try:
+        listing = list_images(SourceConfig(uri=str(tmp_path)))
+    finally:
+        (tmp_path / "locked").chmod(0o755)
+    assert listing.table.column("relpath").to_pylist() == ["a.jpg"]
+    assert listing.skipped.unreadable_folders == 1
 
 
 def test_nothing_skipped(tmp_path):

@@ -21,4 +21,9 @@ META_COLUMNS = (ID, PATH, LABEL, SPLIT, STATUS, ERROR, WIDTH, HEIGHT)
 # never written to the output.
 PIXELS = "__pixels"
 
+# Internal listing column: why a listed file is an error row before anything reads it (a
+# file name that is not UTF-8, a symlink leaving the source); null for the others. The
+# decode stage turns it into status "error" without opening the file; never written out.
+LIST_ERROR = "__list_error"
+
 MANIFEST_NAME = "_manifest.json"

@@ -55,6 +55,13 @@ class StorageConfig(_Section):
         description="Attempts per request inside the S3 client (botocore); null = its default. "
         "vitflow retries a failed read 4 more times with backoff on top.",
     )
+    retry_seconds: float = Field(
+        120.0,
+        gt=0,
+        description="How long vitflow keeps retrying (with backoff) while the store cannot be "
+        "reached, for reads and writes alike; past it the run stops, resumably, in one "
+        "sentence. A single unreadable file is retried 4 times and becomes an error row.",
+    )
 
     def options_for(self, uri: str) -> dict[str, Any]:
         """fsspec storage options for ``uri`` (empty for local paths and other protocols)."""
@@ -95,6 +102,12 @@ class SourceConfig(_Section):
         60.0,
         gt=0,
         description="A file whose decode + resize takes longer is cut off as an error row.",
+    )
+    follow_symlinks: bool = Field(
+        False,
+        description="false: a file symlink leading outside the source becomes an error row "
+        "(never read) and folder symlinks are counted, not walked; true: follow both (a folder "
+        "link back to a folder above it is not entered). Links inside the source are always read.",
     )
 
     @field_validator("extensions")

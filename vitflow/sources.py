@@ -2,12 +2,19 @@
 
 The listing is the job's ledger: each listed file comes out as exactly one row (``ok`` or
 ``error``), so it is computed once, on the driver, before any work starts.
+
+A local folder is walked with raw (bytes) names, so a name that is not UTF-8, a symlink
+leading out of the folder or a broken one is a listed file like any other: it becomes an
+error row with the reason, decided here and never read (``columns.LIST_ERROR``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
 import posixpath
+import stat
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -18,17 +25,22 @@ import pyarrow as pa
 from vitflow import columns
 from vitflow.config import SourceConfig
 from vitflow.errors import ConfigError
-from vitflow.storage import open_fs, protocol_of
+from vitflow.storage import is_local, open_fs, protocol_of
+
+log = logging.getLogger(__name__)
 
 SPLIT_NAMES = frozenset({"train", "validation", "val", "test"})
 
 
-def image_id(relpath: str) -> str:
+def image_id(relpath: str | bytes) -> str:
     """Stable id of an image: 16 hex chars of BLAKE2b over its path relative to the source root.
 
-    Relative, so the same corpus copied to another bucket or machine keeps its ids.
+    Relative, so the same corpus copied to another bucket or machine keeps its ids. A text
+    path is hashed as UTF-8; a name that is not UTF-8 is passed as its raw bytes, which no
+    UTF-8 name encodes to, so its id is stable and distinct.
     """
-    return hashlib.blake2b(relpath.encode("utf-8"), digest_size=8).hexdigest()
+    raw = relpath if isinstance(relpath, bytes) else relpath.encode("utf-8")
+    return hashlib.blake2b(raw, digest_size=8).hexdigest()
 
 
 def label_and_split(relpath: str, labels: str, split: str | None) -> tuple[str | None, str | None]:
@@ -68,6 +80,7 @@ class SkippedFiles:
     """Files under a source that the listing leaves out, counted by why.
 
     A file is never dropped silently: it is either listed (and becomes a row) or counted here.
+    Folders the walk did not enter are counted too, since their files cannot be.
     """
 
     # Not listed because their extension is not in source.extensions; per lower-cased
@@ -75,21 +88,46 @@ class SkippedFiles:
     by_extension: dict[str, int] = field(default_factory=dict)
     # Hidden: the file or a folder on its path (below the root) starts with ".".
     hidden: int = 0
+    # Folder symlinks not walked because source.follow_symlinks is false.
+    symlinked_folders: int = 0
+    # Folder symlinks (followed) that lead back into a folder already on the walk's path.
+    symlink_loops: int = 0
+    # Folders that could not be read (permission denied, removed during the walk).
+    unreadable_folders: int = 0
 
     @property
     def total(self) -> int:
-        """Every file left out, hidden ones included."""
+        """Every file left out, hidden ones included (the uncounted folders are not files)."""
         return sum(self.by_extension.values()) + self.hidden
 
     def describe(self) -> str:
-        """For a summary line after ``skipped:``, e.g. ``3 (.txt 2, .psd 1), hidden: 1``."""
+        """For a summary line after ``skipped:``, e.g. ``3 (.txt 2, .psd 1), hidden: 1``, then
+        any folders not walked: ``, symlinked folders: 1 (set source.follow_symlinks: ...)``."""
         n = sum(self.by_extension.values())
         detail = f" ({format_counts(self.by_extension)})" if n else ""
-        return f"{n}{detail}, hidden: {self.hidden}"
+        text = f"{n}{detail}, hidden: {self.hidden}"
+        if self.symlinked_folders:
+            text += (
+                f", symlinked folders: {self.symlinked_folders} "
+                "(set source.follow_symlinks: true to walk them)"
+            )
+        if self.symlink_loops:
+            text += (
+                f", symlink loops: {self.symlink_loops} "
+                "(not entered: each leads back to a folder above it)"
+            )
+        if self.unreadable_folders:
+            text += f", unreadable folders: {self.unreadable_folders} (check their permissions)"
+        return text
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form for the manifest: ``{"by_extension": {".txt": 2}, "hidden": 1}``."""
-        return {"by_extension": dict(self.by_extension), "hidden": self.hidden}
+        """JSON-ready form for the manifest: ``{"by_extension": {".txt": 2}, "hidden": 1}``,
+        plus ``symlinked_folders``, ``symlink_loops``, ``unreadable_folders`` when not 0."""
+        out: dict[str, Any] = {"by_extension": dict(self.by_extension), "hidden": self.hidden}
+        for key in ("symlinked_folders", "symlink_loops", "unreadable_folders"):
+            if getattr(self, key):
+                out[key] = getattr(self, key)
+        return out
 
 
 @dataclass(frozen=True)
@@ -114,7 +152,14 @@ def list_images(cfg: SourceConfig, storage_options: dict[str, Any] | None = None
     Hidden files and folders (``.name``) are skipped, and so are files whose name does not
     end in one of ``cfg.extensions``; both are counted in ``Listing.skipped``, so no file
     under the root goes unaccounted for. Columns: ``id``, ``path`` (full path or URL),
-    ``relpath``, ``label``, ``split``, ``size``, ``mtime``.
+    ``relpath``, ``label``, ``split``, ``size``, ``mtime`` and the internal
+    ``columns.LIST_ERROR``.
+
+    In a local folder, a file that must not or cannot be read is listed with its reason in
+    ``LIST_ERROR`` (it becomes an error row): a name that is not UTF-8 (shown with
+    backslash escapes, id from the raw bytes), a symlink leading outside the folder (unless
+    ``cfg.follow_symlinks``), a broken symlink, a pipe or device. Folder symlinks are walked
+    only with ``cfg.follow_symlinks``, otherwise counted in ``Listing.skipped``.
 
     Example:
         >>> listing = list_images(SourceConfig(uri="./images"))  # doctest: +SKIP
@@ -131,6 +176,31 @@ def list_images(cfg: SourceConfig, storage_options: dict[str, Any] | None = None
         ) from e
 
 
+LISTING_SCHEMA = pa.schema(
+    [
+        (columns.ID, pa.string()),
+        (columns.PATH, pa.string()),
+        ("relpath", pa.string()),
+        (columns.LABEL, pa.string()),
+        (columns.SPLIT, pa.string()),
+        ("size", pa.int64()),
+        ("mtime", pa.string()),
+        (columns.LIST_ERROR, pa.string()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class _Found:
+    """A file under the source as the walk found it, before the listing's rules apply."""
+
+    rel: bytes  # path relative to the root, raw bytes ("/"-separated)
+    size: int
+    mtime: str | None
+    error: str | None = None  # why it must not be read (set by the local walk)
+    path: str | None = None  # full URL of a remote file; local paths are root + rel
+
+
 def _list(fs, root: str, cfg: SourceConfig) -> Listing:
     if not fs.exists(root):
         raise ConfigError(f"source {cfg.uri!r} does not exist; fix source.uri")
@@ -138,12 +208,24 @@ def _list(fs, root: str, cfg: SourceConfig) -> Listing:
         raise ConfigError(f"source {cfg.uri!r} is a file; source.uri must be a folder or prefix")
     root = root.rstrip("/")
     protocol = protocol_of(fs)
+    folders: Counter[str] = Counter()
+    if is_local(fs):
+        walk = _LocalWalk(root, cfg.follow_symlinks)
+        found, folders = walk.run(), walk.folders
+    else:  # object stores: no symlinks, and keys are UTF-8 text
+        found = []
+        for path, info in fs.find(root, withdirs=False, detail=True).items():
+            rel = path[len(root) :].lstrip("/")
+            size = int(info.get("size") or 0)
+            found.append(
+                _Found(rel.encode("utf-8"), size, _mtime(info), None, f"{protocol}://{path}")
+            )
     rows = []
     listed: Counter[str] = Counter()
     unlisted: Counter[str] = Counter()
     hidden = 0
-    for path, info in sorted(fs.find(root, withdirs=False, detail=True).items()):
-        rel = posixpath.relpath(path, root) if protocol == "file" else path[len(root) :].lstrip("/")
+    for f in sorted(found, key=lambda f: f.rel):  # byte order = code point order of UTF-8
+        rel, name_error = _relpath_text(f.rel)
         if any(part.startswith(".") for part in rel.split("/")):
             hidden += 1
             continue
@@ -154,36 +236,162 @@ def _list(fs, root: str, cfg: SourceConfig) -> Listing:
         label, split = label_and_split(rel, cfg.labels, cfg.split)
         rows.append(
             {
-                columns.ID: image_id(rel),
-                columns.PATH: path if protocol == "file" else f"{protocol}://{path}",
+                columns.ID: image_id(f.rel),
+                columns.PATH: f.path or f"{root}/{rel}",
                 "relpath": rel,
                 columns.LABEL: label,
                 columns.SPLIT: split,
-                "size": int(info.get("size") or 0),
-                "mtime": _mtime(info),
+                "size": f.size,
+                "mtime": f.mtime,
+                # A link leaving the source outranks its name: renaming would not make it readable.
+                columns.LIST_ERROR: f.error or name_error,
             }
         )
-    skipped = SkippedFiles(by_extension=_by_count(unlisted), hidden=hidden)
+    skipped = SkippedFiles(by_extension=_by_count(unlisted), hidden=hidden, **folders)
     if not rows:
         raise ConfigError(_nothing_listed(cfg, skipped))
-    schema = pa.schema(
-        [
-            (columns.ID, pa.string()),
-            (columns.PATH, pa.string()),
-            ("relpath", pa.string()),
-            (columns.LABEL, pa.string()),
-            (columns.SPLIT, pa.string()),
-            ("size", pa.int64()),
-            ("mtime", pa.string()),
-        ]
-    )
+    refused = Counter(r[columns.LIST_ERROR].split(" (")[0] for r in rows if r[columns.LIST_ERROR])
+    if refused:
+        log.warning(
+            "%d listed file(s) become error rows without being read: %s",
+            sum(refused.values()),
+            ", ".join(f"{reason} {n}" for reason, n in refused.most_common()),
+        )
     return Listing(
         root=root,
         protocol=protocol,
-        table=pa.Table.from_pylist(rows, schema=schema),
+        table=pa.Table.from_pylist(rows, schema=LISTING_SCHEMA),
         by_extension=_by_count(listed),
         skipped=skipped,
     )
+
+
+# --- local folders: raw names, symlinks, special files ------------------------------------
+
+OUTSIDE_LINK = (
+    "symlink outside the source (target not shown); not read: copy the file into the "
+    "source, or set source.follow_symlinks: true to follow links that leave it"
+)
+BROKEN_LINK = "broken symlink (its target does not exist; target not shown)"
+_SPECIAL = {
+    stat.S_IFIFO: "a named pipe",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+}
+
+
+def _relpath_text(rel: bytes) -> tuple[str, str | None]:
+    """``(text, error)``: the relative path as text; a name that is not UTF-8 is shown with
+    its undecodable bytes backslash-escaped (``caf\\xe9.jpg``), and ``error`` says why and
+    how to fix it."""
+    try:
+        return rel.decode("utf-8"), None
+    except UnicodeDecodeError:
+        pass
+    parts = rel.split(b"/")
+    i = next(i for i, p in enumerate(parts) if not _is_utf8(p))
+    what = "file name" if i == len(parts) - 1 else "folder name"
+    return rel.decode("utf-8", errors="backslashreplace"), (
+        f"{what} is not valid UTF-8 (raw bytes {parts[i]!r}); rename it to UTF-8, "
+        "e.g. with convmv -f latin1 -t utf8, to embed it"
+    )
+
+
+def _is_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+class _LocalWalk:
+    """Every non-folder entry under a local ``root``, walked with bytes names (no decoding).
+
+    Folder symlinks are entered only when ``follow``; a folder whose (device, inode) is
+    already on the walk's path is a loop and is not entered again. ``folders`` counts the
+    folders not entered, by :class:`SkippedFiles` field name.
+    """
+
+    def __init__(self, root: str, follow: bool):
+        self.top = os.fsencode(root or "/")
+        if not _is_utf8(self.top):
+            raise ConfigError(
+                f"source {root!r} is not a valid UTF-8 path; rename the folder or point "
+                "source.uri at one with a UTF-8 name"
+            )
+        self.real_top = os.path.realpath(self.top).rstrip(b"/") + b"/"
+        self.follow = follow
+        self.found: list[_Found] = []
+        self.folders: Counter[str] = Counter()
+        st = os.stat(self.top)
+        # (relative folder, (device, inode) of each folder from the root down to it)
+        self.stack: list[tuple[bytes, tuple[tuple[int, int], ...]]] = [
+            (b"", ((st.st_dev, st.st_ino),))
+        ]
+
+    def run(self) -> list[_Found]:
+        while self.stack:
+            rel_dir, chain = self.stack.pop()
+            try:
+                with os.scandir(self.top + b"/" + rel_dir if rel_dir else self.top) as it:
+                    entries = list(it)
+            except OSError:
+                if not rel_dir:
+                    raise  # the root itself: list_images reports it
+                self.folders["unreadable_folders"] += 1
+                continue
+            for entry in entries:
+                rel = rel_dir + b"/" + entry.name if rel_dir else entry.name
+                try:
+                    own = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue  # removed since its folder was read: no longer under the source
+                if stat.S_ISDIR(own.st_mode):
+                    self._enter(rel, chain, own)
+                elif stat.S_ISLNK(own.st_mode):
+                    self._link(entry, rel, own, chain)
+                else:
+                    self.found.append(_file(rel, own))
+        return self.found
+
+    def _link(self, entry: os.DirEntry, rel: bytes, own: os.stat_result, chain) -> None:
+        """A symlink: stat its target (never open it), then list, enter or count it."""
+        try:
+            target = os.stat(entry.path)  # follows the link
+        except FileNotFoundError:
+            self.found.append(_Found(rel, 0, str(own.st_mtime), BROKEN_LINK))
+            return
+        except OSError as e:  # a loop of links, a target we may not see
+            reason = f"symlink cannot be followed ({e.strerror}; target not shown)"
+            self.found.append(_Found(rel, 0, str(own.st_mtime), reason))
+            return
+        if stat.S_ISDIR(target.st_mode):
+            if self.follow:
+                self._enter(rel, chain, target)
+            else:
+                self.folders["symlinked_folders"] += 1
+        elif self.follow or os.path.realpath(entry.path).startswith(self.real_top):
+            self.found.append(_file(rel, target))
+        else:
+            # Size and time of the link itself: nothing about the target reaches the output.
+            self.found.append(_Found(rel, 0, str(own.st_mtime), OUTSIDE_LINK))
+
+    def _enter(self, rel: bytes, chain, st: os.stat_result) -> None:
+        key = (st.st_dev, st.st_ino)
+        if key in chain:
+            self.folders["symlink_loops"] += 1
+        else:
+            self.stack.append((rel, (*chain, key)))
+
+
+def _file(rel: bytes, st: os.stat_result) -> _Found:
+    if stat.S_ISREG(st.st_mode):
+        return _Found(rel, int(st.st_size), str(st.st_mtime))
+    kind = _SPECIAL.get(stat.S_IFMT(st.st_mode), "an entry of another kind")
+    reason = f"not a regular file ({kind}); only regular files are read"
+    return _Found(rel, 0, str(st.st_mtime), reason)
 
 
 def _nothing_listed(cfg: SourceConfig, skipped: SkippedFiles, shown: int = 5) -> str:
@@ -204,6 +412,14 @@ def _nothing_listed(cfg: SourceConfig, skipped: SkippedFiles, shown: int = 5) ->
             f"skipped {skipped.hidden} hidden file{'' if skipped.hidden == 1 else 's'} "
             "(a name or folder starting with '.')"
         )
+    if skipped.symlinked_folders:
+        n = skipped.symlinked_folders
+        parts.append(
+            f"{n} folder symlink{' not' if n == 1 else 's not'} walked; set "
+            "source.follow_symlinks: true to walk them"
+        )
+    if skipped.unreadable_folders:
+        parts.append(f"{skipped.unreadable_folders} folder(s) could not be read (permissions?)")
     parts.append("check source.uri and source.extensions")
     return "; ".join(parts)
 

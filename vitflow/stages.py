@@ -114,7 +114,9 @@ def decode_batch(
 
     Returns the pass-through columns plus ``status``, ``error``, ``width``, ``height`` and
     ``uint8`` pixels ``(B, H, W, 3)`` (zeros on error rows). A file whose decode and resize
-    take longer than ``decode_timeout_s`` is cut off and becomes an error row.
+    take longer than ``decode_timeout_s`` is cut off and becomes an error row. A row the
+    listing already refused (a reason in ``columns.LIST_ERROR``) is an error row with that
+    reason, and its file is never opened.
     """
     pre = _preprocessor(data_config_json)
     _, h, w = pre.input_size
@@ -124,7 +126,11 @@ def decode_batch(
     error = np.full(n, None, dtype=object)
     width = np.full(n, -1, dtype=np.int32)
     height = np.full(n, -1, dtype=np.int32)
+    refused = _strings(batch[columns.LIST_ERROR]) if columns.LIST_ERROR in batch else [None] * n
     for i, path in enumerate(batch[columns.PATH]):
+        if refused[i] is not None:
+            status[i], error[i] = columns.STATUS_ERROR, refused[i]
+            continue
         try:
             data = read_bytes(path, storage_options)
         except Exception as e:  # any read failure is this file's, not the job's
