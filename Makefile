@@ -10,6 +10,20 @@ STAMP := $(VENV)/.installed
 # pip's local wheel folders print one warning per package; keep the log readable.
 # Only grep's "no line left" status is ignored: with pipefail a failing pip still fails make.
 PIPQUIET := (grep -v "is ignored: it is neither a file nor a directory" || true)
+# The exact versions `make install` installs, tested together; pyproject.toml has only ranges.
+CONSTRAINTS := constraints.txt
+# make install TORCH=cpu: PyTorch's CPU-only wheels instead of PyPI's default CUDA build (several
+# GB less on a laptop); another of PyTorch's indexes works too (TORCH=cu128). The flavour of a
+# .venv is fixed at its first install: to switch, rm -rf .venv first.
+TORCH ?=
+TORCH_INDEX ?= https://download.pytorch.org/whl/$(TORCH)
+# Fails unless .venv's torch is that build (read from its metadata: no import). pip falls back to
+# other indexes it knows when TORCH_INDEX is unreachable or lacks the pinned version.
+TORCH_CHECK = $(BIN)/python -c 'import sys; from importlib.metadata import requires, version; \
+	v = version("torch"); cuda = any(r.startswith(("nvidia", "cuda")) for r in requires("torch") or []); \
+	sys.exit(None if v.endswith("+$(TORCH)") or ("$(TORCH)" == "cpu" and not cuda) else \
+	f"$(VENV) has torch {v}, not the $(TORCH) build from $(TORCH_INDEX) (a venv keeps the torch it was \
+	made with; pip takes another when that index is unreachable): rm -rf $(VENV), then make install TORCH=$(TORCH)")'
 
 export HF_HUB_OFFLINE ?= 1
 export RAY_USAGE_STATS_ENABLED := 0
@@ -17,17 +31,25 @@ export RAY_USAGE_STATS_ENABLED := 0
 .PHONY: help install demo test test-fast lint bench clean
 
 help:
-	@echo "make install  - create .venv and install vitflow with its dev tools (idempotent)"
+	@echo "make install  - create .venv and install vitflow with its dev tools, pinned by constraints.txt (idempotent)"
+	@echo "                TORCH=cpu: PyTorch's CPU-only build instead of the CUDA one (much smaller)"
 	@echo "make demo     - embed a generated image folder on a local Ray and show the result"
 	@echo "make test     - run the whole test suite (no GPU, no network)"
 	@echo "make lint     - ruff"
 	@echo "make bench    - embed throughput (vitflow vs plain loop vs bare model), training 1 vs 2 workers"
 
 install: $(STAMP)
+ifneq ($(TORCH),)
+	@$(TORCH_CHECK)
+endif
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -e '.[dev]' 2>&1 | $(PIPQUIET)
+ifneq ($(TORCH),)
+	$(BIN)/python -m pip install -q --no-deps torch torchvision -c $(CONSTRAINTS) --index-url $(TORCH_INDEX) 2>&1 | $(PIPQUIET)
+	@$(TORCH_CHECK)
+endif
+	$(BIN)/python -m pip install -q -e '.[dev]' -c $(CONSTRAINTS) 2>&1 | $(PIPQUIET)
 	$(BIN)/python -c "import vitflow, torch, timm, ray; print('installed: torch', torch.__version__, '| timm', timm.__version__, '| ray', ray.__version__)"
 	@touch $(STAMP)
 

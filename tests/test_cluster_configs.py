@@ -42,11 +42,14 @@ RAY_UP_CONFIGS = sorted(CLUSTER.glob("*.yaml"))
 MANIFESTS = sorted(KUBERAY.glob("*.yaml"))
 SECRET = "vitflow-ray-token"
 PYPROJECT = (REPO / "pyproject.toml").read_text()
+CONSTRAINTS = (REPO / "constraints.txt").read_text()
 
 
 def _pin(name: str) -> str:
-    m = re.search(rf'"{re.escape(name)}(?:\[[^\]]*\])?==([^"]+)"', PYPROJECT)
-    assert m, f"{name} is not pinned in pyproject.toml"
+    """The exact version the test suite runs with (constraints.txt, which `make install` uses
+    and the cluster installs with too)."""
+    m = re.search(rf"^{re.escape(name)}==(\S+)$", CONSTRAINTS, re.M)
+    assert m, f"{name} is not pinned in constraints.txt"
     return m.group(1)
 
 
@@ -323,7 +326,7 @@ def test_setup_installs_pinned_vitflow_and_cuda_torch(path):
     torch, torchvision, ray_version = _pin("torch"), _pin("torchvision"), _pin("ray")
     assert f"torch=={torch} torchvision=={torchvision}" in setup
     assert re.search(r"--index-url https://download\.pytorch\.org/whl/cu\d+", setup)
-    assert f"~/vitflow-dist/{WHEEL}" in setup
+    assert f"-c ~/vitflow-dist/constraints.txt ~/vitflow-dist/{WHEEL}" in setup
     assert f"m.version('vitflow') == '{VITFLOW_VERSION}'" in setup
     assert cfg["file_mounts"]["~/vitflow-dist"] == "./dist"  # git-ignored, built locally
     assert cfg["docker"]["image"] == f"rayproject/ray:{ray_version}-py311-gpu"
@@ -366,6 +369,7 @@ def test_dockerfile_pins_the_same_versions():
     assert f"ARG RAY_IMAGE=rayproject/ray:{_pin('ray')}-py311-gpu" in text
     assert f"torch=={_pin('torch')} torchvision=={_pin('torchvision')}" in text
     assert f"ARG VITFLOW_WHEEL={WHEEL}" in text
+    assert 'pip install --no-cache-dir -c /tmp/constraints.txt "/tmp/${VITFLOW_WHEEL}"' in text
     assert f"m.version('vitflow') == '{VITFLOW_VERSION}'" in text
 
 

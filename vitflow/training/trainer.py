@@ -8,6 +8,7 @@ its projection head and preprocessing) plus the loss-curve and projection plots.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import posixpath
@@ -95,6 +96,20 @@ def _latest_checkpoint(run_uri: str) -> tuple[str | None, int]:
     return None, 0
 
 
+def require_train_extra(cfg: TrainConfig) -> None:
+    """Refuse before Ray starts when the ``[train]`` extra is missing: its plots and kNN
+    monitor would otherwise fail only after the last training step."""
+    needed = {"sklearn": "scikit-learn", "matplotlib": "matplotlib"}
+    if cfg.tracking == "mlflow":
+        needed["mlflow"] = "mlflow-skinny"
+    missing = [dist for mod, dist in needed.items() if importlib.util.find_spec(mod) is None]
+    if missing:
+        raise VitflowError(
+            f"vitflow train needs {' and '.join(missing)}, which a plain install leaves out: "
+            "pip install 'vitflow[train]'"
+        )
+
+
 def run_train(cfg: TrainConfig, *, address: str | None = None) -> TrainResult:
     """Pretrain a backbone with SimCLR or SIMO2 on Ray Train, then export it.
 
@@ -106,6 +121,7 @@ def run_train(cfg: TrainConfig, *, address: str | None = None) -> TrainResult:
         >>> cfg = load_config("jobs/simo2-digits.yaml", schema=TrainConfig)  # doctest: +SKIP
         >>> run_train(cfg).backbone_path  # doctest: +SKIP
     """
+    require_train_extra(cfg)
     check_train_job(cfg)
     run_uri = cfg.output.uri.rstrip("/")
     if "://" not in run_uri:
