@@ -1,121 +1,35 @@
-"""Reading checkpoint files and fitting their weights to a timm model.
+"""Fitting a checkpoint's weights to a timm model.
 
-Checkpoints are read with safetensors or ``torch.load(weights_only=True)`` only, so a
-checkpoint file can never run code. Official layouts (Meta's DINOv2 and MAE, OpenAI CLIP,
-open_clip, DeiT) are converted by the timm model's own ``checkpoint_filter_fn``, which also
-resamples the position embedding to ``model.kwargs.img_size``; what is left over is named
-key by key.
+Official layouts (Meta's DINOv2 and MAE, OpenAI CLIP, open_clip, DeiT) are converted by the
+timm model's own ``checkpoint_filter_fn``, which also resamples the position embedding to
+``model.kwargs.img_size``; parts that are not the image encoder (an MAE decoder, a CLIP text
+tower) are set aside with a log; what is left over is named key by key. Reading the files
+lives in :mod:`vitflow.checkpoint_files`.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import inspect
-import io
-import json
 import logging
 import sys
-import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
-import fsspec
 import timm
 import torch
-from safetensors.torch import load as load_safetensors_bytes
 
+from vitflow.checkpoint_files import (  # noqa: F401 - re-exported for callers of this module
+    Checkpoint,
+    read_checkpoint,
+    safetensors_metadata,
+)
 from vitflow.errors import ModelError
 
 log = logging.getLogger(__name__)
 
-# Wrapper keys under which training scripts (timm, Lightning, DeiT, MAE) nest the weights.
-_NESTED_KEYS = ("state_dict", "model", "module", "state_dict_ema", "model_ema")
+
 _STRIP_PREFIXES = ("module.", "_orig_mod.", "model.", "backbone.")
 _MAX_KEYS_SHOWN = 8
-
-
-@dataclass
-class Checkpoint:
-    """A state dict read from disk or object storage, with the file's sha256."""
-
-    state_dict: dict[str, torch.Tensor]
-    sha256: str
-    metadata: dict[str, str]
-
-
-def read_checkpoint(uri: str, storage_options: dict[str, Any] | None = None) -> Checkpoint:
-    """Read a ``.safetensors`` or ``.pth``/``.pt``/``.bin`` state dict from a path or URL."""
-    try:
-        with fsspec.open(uri, "rb", **(storage_options or {})) as f:
-            raw = f.read()
-    except FileNotFoundError as e:
-        raise ModelError(f"checkpoint {uri!r} does not exist; fix model.checkpoint") from e
-    except OSError as e:
-        raise ModelError(f"checkpoint {uri!r} cannot be read: {e}") from e
-    sha = hashlib.sha256(raw).hexdigest()
-    metadata: dict[str, str] = {}
-    if uri.endswith(".safetensors"):
-        try:
-            state = load_safetensors_bytes(raw)
-            metadata = safetensors_metadata(raw)
-        except Exception as e:  # safetensors raises its own SafetensorError
-            raise ModelError(f"checkpoint {uri!r} is not a valid safetensors file: {e}") from e
-    elif _is_torchscript(raw):
-        # Loading one means running its code, which weights_only exists to prevent.
-        raise ModelError(
-            f"checkpoint {uri!r} is a TorchScript archive (as OpenAI's CLIP .pt files are), "
-            "which vitflow does not load. Save its state dict once, on a machine you trust: "
-            "python -c \"import torch; torch.save(torch.jit.load('ViT-B-32.pt', "
-            "map_location='cpu').state_dict(), 'ViT-B-32.pth')\" and set model.checkpoint to "
-            "the .pth (see docs/weights.md)"
-        )
-    else:
-        try:
-            state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ModelError(
-                f"checkpoint {uri!r} cannot be loaded with torch.load(weights_only=True): {e}. "
-                "Only plain state dicts (tensors in dicts) are accepted; re-save it as one or "
-                "as .safetensors"
-            ) from e
-    return Checkpoint(state_dict=_unwrap(state, uri), sha256=sha, metadata=metadata)
-
-
-def _is_torchscript(raw: bytes) -> bool:
-    try:
-        with zipfile.ZipFile(io.BytesIO(raw)) as z:
-            return any(n.endswith("/constants.pkl") or "/code/" in n for n in z.namelist())
-    except zipfile.BadZipFile:
-        return False
-
-
-def safetensors_metadata(raw: bytes) -> dict[str, str]:
-    import struct
-
-    (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8 : 8 + n])
-    return dict(header.get("__metadata__") or {})
-
-
-def _unwrap(state: Any, uri: str) -> dict[str, torch.Tensor]:
-    for _ in range(3):
-        if isinstance(state, dict) and not _is_tensor_dict(state):
-            nested = next((state[k] for k in _NESTED_KEYS if isinstance(state.get(k), dict)), None)
-            if nested is None:
-                break
-            state = nested
-    if not isinstance(state, dict) or not _is_tensor_dict(state):
-        raise ModelError(
-            f"checkpoint {uri!r} does not hold a state dict of tensors "
-            f"(top-level keys: {list(state)[:_MAX_KEYS_SHOWN] if isinstance(state, dict) else type(state).__name__})"
-        )
-    return dict(state)
-
-
-def _is_tensor_dict(d: dict) -> bool:
-    return bool(d) and all(isinstance(v, torch.Tensor) for v in d.values())
 
 
 def _classifier_prefixes(model: torch.nn.Module) -> tuple[str, ...]:
