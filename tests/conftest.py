@@ -136,3 +136,35 @@ def kill_run(proc, ray_tmp) -> None:
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     kill_processes_under(ray_tmp)
+
+
+def wait_until(predicate, timeout: float, what: str, poll: float = 0.05) -> None:
+    """Poll ``predicate`` until it is true; fail naming ``what`` after ``timeout`` seconds."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(poll)
+    raise TimeoutError(f"waited {timeout} s for {what}")
+
+
+def output_progress(fs, out: str) -> tuple[int, int, bool]:
+    """``(staged pieces, finished parts, manifest written)`` of an embed output on any fsspec
+    filesystem: what a fault test watches to strike mid-run, not after a fixed time."""
+    import posixpath
+    import re
+
+    fs.invalidate_cache(out)
+    try:
+        names = [posixpath.basename(p.rstrip("/")) for p in fs.ls(out, detail=False)]
+    except FileNotFoundError:
+        return 0, 0, False
+    try:
+        fs.invalidate_cache(posixpath.join(out, "_staging"))
+        staged = len(fs.ls(posixpath.join(out, "_staging"), detail=False))
+    except FileNotFoundError:
+        staged = 0
+    parts = sum(bool(re.match(r"^part-\d{5,}\.parquet$", n)) for n in names)
+    return staged, parts, "_manifest.json" in names

@@ -1,13 +1,21 @@
-"""A fault-injecting HTTP proxy for the S3 tests: forwards to an upstream server, but answers
-503 SlowDown to GETs of keys containing "flaky" (the first N times) or "broken" (always).
+"""A fault-injecting HTTP proxy for the S3 tests: forwards to an upstream server, but
 
-Run: python tests/faultproxy.py UPSTREAM_PORT LISTEN_PORT [FLAKY_FAILURES]
+- answers 503 SlowDown to GETs of keys containing "flaky" (the first N times) or "broken"
+  (always);
+- while the file given as ``--down-file`` exists, drops every connection without an answer
+  (the endpoint "goes away", as in an outage);
+- with ``--latency-ms``, waits that long before forwarding each request (a distant region).
+
+Run: python tests/faultproxy.py UPSTREAM_PORT LISTEN_PORT [FLAKY_FAILURES] [--down-file F]
+     [--latency-ms N]
 """
 
 from __future__ import annotations
 
+import argparse
 import http.client
-import sys
+import os
+import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -17,7 +25,9 @@ SLOW_DOWN = (
 )
 
 
-def make_handler(upstream: int, flaky_failures: int):
+def make_handler(
+    upstream: int, flaky_failures: int, down_file: str | None = None, latency_ms: float = 0.0
+):
     seen: Counter[str] = Counter()
 
     class Handler(BaseHTTPRequestHandler):
@@ -27,6 +37,12 @@ def make_handler(upstream: int, flaky_failures: int):
             pass
 
         def _forward(self):
+            if down_file and os.path.exists(down_file):
+                self.close_connection = True  # no answer at all: the endpoint is gone
+                self.connection.close()
+                return
+            if latency_ms:
+                time.sleep(latency_ms / 1000)
             path = self.path.split("?", 1)[0]
             if self.command == "GET" and ("broken" in path or "flaky" in path):
                 seen[path] += 1
@@ -60,6 +76,12 @@ def make_handler(upstream: int, flaky_failures: int):
 
 
 if __name__ == "__main__":
-    up, listen = int(sys.argv[1]), int(sys.argv[2])
-    flaky = int(sys.argv[3]) if len(sys.argv) > 3 else 2
-    ThreadingHTTPServer(("127.0.0.1", listen), make_handler(up, flaky)).serve_forever()
+    parser = argparse.ArgumentParser()
+    parser.add_argument("upstream", type=int)
+    parser.add_argument("listen", type=int)
+    parser.add_argument("flaky", type=int, nargs="?", default=2)
+    parser.add_argument("--down-file")
+    parser.add_argument("--latency-ms", type=float, default=0.0)
+    a = parser.parse_args()
+    handler = make_handler(a.upstream, a.flaky, a.down_file, a.latency_ms)
+    ThreadingHTTPServer(("127.0.0.1", a.listen), handler).serve_forever()

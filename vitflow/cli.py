@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import sys
+import traceback
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -46,6 +48,58 @@ VerboseOpt = Annotated[
 def _fail(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code=1)
+
+
+@contextmanager
+def _job_errors(verbose: bool = False, interrupted: str = "nothing was changed"):
+    """Turn whatever stops a job into one sentence on stderr and exit code 1 (130 for
+    Ctrl-C); ``--verbose`` adds the traceback. Only the CLI does this."""
+    try:
+        yield
+    except (typer.Exit, typer.Abort):
+        raise
+    except KeyboardInterrupt:
+        # Caught here, inside the command: typer would exit before vitflow could say this.
+        typer.echo(f"\ninterrupted: {interrupted}", err=True)
+        raise typer.Exit(code=130) from None
+    except Exception as e:
+        if verbose:
+            traceback.print_exc()
+        _fail(_one_sentence(e, verbose))
+
+
+def _one_sentence(e: Exception, verbose: bool) -> str:
+    from vitflow.errors import job_error_in
+    from vitflow.retry import is_disk_full, is_outage
+
+    job_error = job_error_in(e)
+    if job_error is not None:
+        return str(job_error)
+    if is_disk_full(e):
+        where = next((x.filename for x in _chain(e) if getattr(x, "filename", None)), None)
+        return (
+            f"disk full{f' writing {where}' if where else ''}: free space there, then rerun "
+            "with --resume to finish the job (what was written so far is kept)"
+        )
+    if is_outage(e):
+        return (
+            f"the object store could not be reached ({type(e).__name__}: "
+            f"{_first_line(e)}); check the endpoint and network, then rerun (with --resume "
+            "for an embed job that had started)"
+        )
+    hint = "" if verbose else "; rerun with --verbose for the traceback"
+    return f"unexpected error: {type(e).__name__}: {_first_line(e)}{hint}"
+
+
+def _chain(e: BaseException):
+    while e is not None:
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
 
 
 @app.command()
@@ -120,29 +174,33 @@ def embed(
         "model.checkpoint": checkpoint,
         "model.weights": weights,
     }
-    try:
+    with _job_errors(verbose, "rerun the same command with --resume to finish"):
         data = read_yaml(config) if config is not None else {}
         for key, value in shortcuts.items():
             if value is not None:
                 set_path(data, key, value)
         cfg = load_config(base=data, overrides=set_ or [])
-        from vitflow.embed import prepare_embed, run_embed
-
-        plan = prepare_embed(cfg, overwrite=overwrite, resume=resume)
         if dry_run:
             from vitflow.dryrun import describe_plan, plan_here
+            from vitflow.embed import prepare_embed
 
+            plan = prepare_embed(cfg, overwrite=overwrite, resume=resume)
             typer.echo(describe_plan(plan, *plan_here(cfg.compute, address)))
             return
-        typer.echo(
-            f"vitflow embed: {len(plan.listing)} images from {cfg.source.uri} -> {cfg.output.uri} "
-            f"| model {plan.backbone.name} | features "
-            + ", ".join(f"{n}[{d}]" for n, d in plan.dims.items())
-        )
-        result = run_embed(cfg, overwrite=overwrite, resume=resume, address=address, plan=plan)
-    except VitflowError as e:
-        _fail(str(e))
-        return
+        from vitflow.outputs import output_lock
+
+        # The output is ours before anything is checked against it (and before torch is
+        # imported): a second run is told at once that another one is writing there.
+        with output_lock(cfg):
+            from vitflow.embed import prepare_embed, run_embed
+
+            plan = prepare_embed(cfg, overwrite=overwrite, resume=resume)
+            typer.echo(
+                f"vitflow embed: {len(plan.listing)} images from {cfg.source.uri} -> "
+                f"{cfg.output.uri} | model {plan.backbone.name} | features "
+                + ", ".join(f"{n}[{d}]" for n, d in plan.dims.items())
+            )
+            result = run_embed(cfg, overwrite=overwrite, resume=resume, address=address, plan=plan)
     _print_summary(result, plan)
 
 
@@ -188,7 +246,7 @@ def train(
     from vitflow.training.config import TrainConfig
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
-    try:
+    with _job_errors(verbose, "rerun the same command to resume from the newest checkpoint"):
         cfg = load_config(config, overrides=set_ or [], schema=TrainConfig)
         from vitflow.training.trainer import run_train
 
@@ -197,9 +255,6 @@ def train(
             f"{cfg.scaling.num_workers} workers | {cfg.optim.steps} steps -> {cfg.output.uri}"
         )
         result = run_train(cfg, address=address)
-    except VitflowError as e:
-        _fail(str(e))
-        return
     lines = ["", "vitflow train: done"]
     if result.resumed_from_step:
         lines.append(f"  resumed from  : step {result.resumed_from_step}")
@@ -219,11 +274,8 @@ def export_backbone_cmd(
     """Export the newest checkpoint's backbone (+ projection head) as .safetensors."""
     from vitflow.training.trainer import export_backbone
 
-    try:
+    with _job_errors():
         path = export_backbone(run_dir)
-    except VitflowError as e:
-        _fail(str(e))
-        return
     typer.echo(path)
 
 
@@ -252,14 +304,11 @@ def reindex(
     from vitflow.config import load_config
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
-    try:
+    with _job_errors(verbose, "nothing was committed; the index is as it was"):
         cfg = load_config(config, overrides=set_ or [])
         from vitflow.reindex import run_reindex
 
         result = run_reindex(cfg, rebuild=rebuild, address=address)
-    except VitflowError as e:
-        _fail(str(e))
-        return
     if not (result.added or result.updated or result.deleted):
         typer.echo(
             f"vitflow reindex: {cfg.output.uri} is up to date; nothing embedded or committed",

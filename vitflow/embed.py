@@ -22,31 +22,36 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 
 from vitflow import columns
 from vitflow.backbone import Backbone, backbone_bytes, create_backbone, weights_fingerprint
 from vitflow.config import EmbedConfig
-from vitflow.errors import ConfigError, OutputExistsError, VitflowError
+from vitflow.errors import ConfigError, OutputExistsError, VitflowError, job_error_in
 from vitflow.features import FeatureExtractor, FeaturePlan
+from vitflow.locking import LOCK_NAME
 from vitflow.manifest import build_manifest, write_manifest
+from vitflow.outputs import check_output_location, output_lock
 from vitflow.preprocess import Preprocessor
 from vitflow.runtime import ActorPlan, plan_pool, ray_session
 from vitflow.sinks import (
     PART_COLUMN,
     RUN_STATE,
-    ErrorBudgetExceeded,
     PartWriter,
     assign_parts,
     clean_staging,
     finished_parts,
     output_files,
+    part_file,
     remove_output,
     staged_ids,
 )
 from vitflow.sources import Listing, list_images
 from vitflow.stages import EmbedStats, EmbedWorker, decode_batch
-from vitflow.storage import arrow_fs, open_fs, overlap
+from vitflow.storage import (
+    list_names,
+    remove_file,
+    write_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -121,20 +126,14 @@ def prepare_embed(
     extractor = FeatureExtractor(
         backbone.model, cfg.features, pre.input_size, cfg.model.extractor, head=backbone.head
     )
-    out_fs, out_path = open_fs(cfg.output.uri, so.options_for(cfg.output.uri))
-    if overlap(cfg.output.uri, cfg.source.uri, so.options_for(cfg.output.uri)):
-        raise ConfigError(
-            f"output.uri {cfg.output.uri!r} and source.uri {cfg.source.uri!r} are the same "
-            "place or one lies inside the other (compared after resolving '..', relative paths "
-            "and symlinks); write the embeddings to a folder outside the images and not above them"
-        )
+    out_fs, out_path = check_output_location(cfg, bucket=check_output)
     listing = list_images(cfg.source, so.options_for(cfg.source.uri))
     weights = backbone_bytes(backbone)
     plan = EmbedPlan(cfg, backbone, extractor.plans, listing, out_fs, out_path, weights)
     plan.fingerprint = job_fingerprint(cfg, weights, listing)
-    has_data = out_fs.exists(out_path) and bool(out_fs.ls(out_path))
-    if check_output and "://" in cfg.output.uri:
-        _check_bucket(out_fs, out_path, cfg.output.uri)
+    has_data = any(
+        posixpath.basename(p.rstrip("/")) != LOCK_NAME for p in list_names(out_fs, out_path)
+    )
     if not check_output:
         return plan
     if resume:
@@ -176,7 +175,7 @@ def _check_resumable(plan: EmbedPlan) -> None:
             f"output {plan.cfg.output.uri!r} is a finished run; nothing to resume"
         )
     if not fs.exists(state_path):
-        if fs.exists(out) and _ls_names(fs, out):
+        if any(posixpath.basename(p.rstrip("/")) != LOCK_NAME for p in list_names(fs, out)):
             raise OutputExistsError(
                 f"output {plan.cfg.output.uri!r} holds data that no vitflow run left to resume; "
                 "choose another output.uri or pass --overwrite instead of --resume"
@@ -188,26 +187,6 @@ def _check_resumable(plan: EmbedPlan) -> None:
             f"cannot resume {plan.cfg.output.uri!r}: the model weights, feature spec, source "
             "settings or the listed files changed since the interrupted run; rerun with "
             "--overwrite (or use `vitflow reindex` for a source that changes)"
-        )
-
-
-def _ls_names(fs, path: str) -> list[str]:
-    try:
-        return fs.ls(path, detail=False)
-    except FileNotFoundError:
-        return []
-
-
-def _check_bucket(fs, path: str, uri: str) -> None:
-    # s3fs's makedirs would create a mistyped bucket; refuse instead.
-    bucket = path.split("/", 1)[0]
-    try:
-        ok = fs.exists(bucket)
-    except Exception as e:
-        raise ConfigError(f"cannot reach the bucket of output.uri {uri!r}: {e}") from e
-    if not ok:
-        raise ConfigError(
-            f"the bucket {bucket!r} of output.uri {uri!r} does not exist; create it or fix the URI"
         )
 
 
@@ -246,12 +225,19 @@ def run_embed(
         True
     """
     started = time.time()
-    plan = plan or prepare_embed(cfg, overwrite=overwrite, resume=resume)
+    with output_lock(cfg):
+        plan = plan or prepare_embed(cfg, overwrite=overwrite, resume=resume)
+        return _run_locked(plan, overwrite, resume, address, started)
+
+
+def _run_locked(
+    plan: EmbedPlan, overwrite: bool, resume: bool, address: str | None, started: float
+) -> EmbedResult:
+    cfg, retry_s = plan.cfg, plan.cfg.storage.retry_seconds
     fs, out = plan.output_fs, plan.output_path
     if overwrite:
-        removed = remove_output(fs, out)
+        removed = remove_output(fs, out, retry_s)
         log.info("--overwrite: removed %d files of the previous output", removed)
-    fs.makedirs(out, exist_ok=True)
     table = plan.listing.table
     table = table.append_column(
         PART_COLUMN, pa.array(assign_parts(table.num_rows, cfg.output.rows_per_file))
@@ -259,15 +245,14 @@ def run_embed(
     done = finished_parts(fs, out) if resume else set()
     todo = table.filter(pa.array([p not in done for p in table.column(PART_COLUMN).to_pylist()]))
     all_parts = set(table.column(PART_COLUMN).to_pylist())
-    clean_staging(fs, out, keep_parts=(all_parts - done) if resume else None)
+    clean_staging(fs, out, keep_parts=(all_parts - done) if resume else None, retry_s=retry_s)
     part_sizes = {int(p): int(n) for p, n in zip(*_counts(todo.column(PART_COLUMN)), strict=True)}
     # Batches staged before the interruption are reused: only the rest is computed.
     staged = set().union(*staged_ids(fs, out).values()) if resume else set()
     if staged:
         todo = todo.filter(pc.invert(pc.is_in(todo.column(columns.ID), pa.array(sorted(staged)))))
-    fs.pipe_file(
-        posixpath.join(out, RUN_STATE), json.dumps({"fingerprint": plan.fingerprint}).encode()
-    )
+    run_state = json.dumps({"fingerprint": plan.fingerprint}).encode()
+    write_atomic(fs, posixpath.join(out, RUN_STATE), run_state, retry_s=retry_s)
     stats: dict = {}
     actors = None
     if todo.num_rows:
@@ -275,10 +260,10 @@ def run_embed(
             actors = plan_pool(ray, cfg.compute)
             stats = _execute(ray, plan, actors, todo, part_sizes)
     elif part_sizes:  # everything left was staged already: just finish those parts
-        PartWriter(fs, out, part_sizes)
-    clean_staging(fs, out)
+        PartWriter(fs, out, part_sizes, retry_s=retry_s)
+    clean_staging(fs, out, retry_s=retry_s)
     seconds = time.time() - started
-    counts = _verify_output(plan)
+    counts, parts = _verify_output(plan)
     manifest = build_manifest(
         cfg,
         plan.backbone,
@@ -288,9 +273,10 @@ def run_embed(
         stats={**stats, "resumed_parts": len(done)},
         actors=actors.__dict__ if actors else None,
         listing=plan.listing,
+        parts=parts,
     )
-    write_manifest(fs, out, manifest)
-    fs.rm(posixpath.join(out, RUN_STATE))
+    write_manifest(fs, out, manifest, retry_s=retry_s)
+    remove_file(fs, posixpath.join(out, RUN_STATE), retry_s=retry_s)
     return EmbedResult(
         cfg.output.uri,
         counts["listed"],
@@ -321,14 +307,17 @@ def _execute(ray, plan: EmbedPlan, actors: ActorPlan, todo: pa.Table, part_sizes
                 "out_path": plan.output_path,
                 "part_sizes": part_sizes,
                 "max_error_fraction": cfg.compute.max_error_fraction,
+                "retry_s": cfg.storage.retry_seconds,
             },
         )
         try:
             ds.take_all()
         except Exception as e:
-            if ErrorBudgetExceeded.__name__ in str(e):
-                msg = str(e).split(f"{ErrorBudgetExceeded.__name__}: ", 1)[-1].splitlines()[0]
-                raise VitflowError(f"error budget exceeded: {msg}") from None
+            # A job error raised in a task or actor (error budget, storage out past its
+            # retry budget, disk full) arrives wrapped by Ray: give the user its sentence.
+            job_error = job_error_in(e)
+            if job_error is not None:
+                raise job_error from None
             raise
         return ray.get(stats.get.remote())
     finally:
@@ -357,6 +346,7 @@ def embed_stages(
             "max_pixels": cfg.source.max_pixels,
             "decode_timeout_s": cfg.source.decode_timeout_s,
             "storage_options": cfg.storage.options_for(cfg.source.uri),
+            "retry_s": cfg.storage.retry_seconds,
         },
     )
     return ds.map_batches(
@@ -385,18 +375,49 @@ def _counts(col: pa.ChunkedArray):
     return np.unique(col.to_numpy(), return_counts=True)
 
 
-def _verify_output(plan: EmbedPlan) -> dict[str, int]:
-    """Count ok/error rows and check each listed id appears exactly once."""
-    dataset = pads.dataset(plan.output_path, format="parquet", filesystem=arrow_fs(plan.output_fs))
-    table = dataset.to_table(columns=[columns.ID, columns.STATUS])
-    ids = table.column(columns.ID).to_pylist()
-    listed = set(plan.listing.table.column(columns.ID).to_pylist())
-    written = set(ids)
-    if len(ids) != len(written) or written != listed:
+def _verify_output(plan: EmbedPlan) -> tuple[dict[str, int], dict[str, int]]:
+    """Check, part by part, that every listed id is there exactly once.
+
+    Returns ``(counts, parts)``: ok/error/listed counts, and each part file's row count
+    (recorded in the manifest, so readers can tell a complete output from a damaged one).
+    One part is in memory at a time."""
+    listing = plan.listing.table
+    rows = plan.cfg.output.rows_per_file
+    fs, out = plan.output_fs, plan.output_path
+    counts = {"listed": listing.num_rows, "ok": 0, "error": 0}
+    parts: dict[str, int] = {}
+    problems = []
+    for start in range(0, listing.num_rows, rows):
+        name = part_file(start // rows)
+        want = listing.column(columns.ID).slice(start, rows)
+        try:
+            got = _read_columns(fs, posixpath.join(out, name), [columns.ID, columns.STATUS])
+        except FileNotFoundError:
+            problems.append(f"{name} is missing")
+            continue
+        ids = got.column(columns.ID)
+        distinct = pc.count_distinct(ids).as_py()
+        missing = len(want) - pc.sum(pc.is_in(want, ids)).as_py()
+        if got.num_rows != len(want) or distinct != got.num_rows or missing:
+            problems.append(
+                f"{name} has {got.num_rows} rows for {len(want)} files "
+                f"({got.num_rows - distinct} duplicated, {missing} missing)"
+            )
+        ok = pc.sum(pc.equal(got.column(columns.STATUS), columns.STATUS_OK)).as_py() or 0
+        counts["ok"] += ok
+        counts["error"] += got.num_rows - ok
+        parts[name] = got.num_rows
+    if problems:
         raise VitflowError(
-            f"output check failed: {len(listed)} files listed, {len(ids)} rows written "
-            f"({len(ids) - len(written)} duplicated, {len(listed - written)} missing); "
-            "rerun with --resume to complete it"
+            f"output check failed: {'; '.join(problems[:3])}"
+            + (f" (+{len(problems) - 3} more)" if len(problems) > 3 else "")
+            + "; rerun with --resume to complete it"
         )
-    ok = sum(1 for s in table.column(columns.STATUS).to_pylist() if s == columns.STATUS_OK)
-    return {"listed": len(listed), "ok": ok, "error": len(ids) - ok}
+    return counts, parts
+
+
+def _read_columns(fs, path: str, names: list[str]) -> pa.Table:
+    import pyarrow.parquet as pq
+
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f, columns=names)

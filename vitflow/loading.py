@@ -1,14 +1,27 @@
-"""Reading embeddings back: one call to a DataFrame, or plain pandas/polars/duckdb."""
+"""Reading embeddings back: one call to a DataFrame, or plain pandas/polars/duckdb.
+
+Light on purpose: pyarrow, pandas and fsspec only (no torch, no Ray). A reader trusts an
+output only as far as its manifest vouches for it: a folder without ``_manifest.json`` (a
+run that was killed, or a full disk) or whose parts disagree with the manifest is refused
+in one sentence, unless partial data is asked for with ``allow_incomplete=True``.
+"""
 
 from __future__ import annotations
+
+import json
+import logging
+import posixpath
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import pyarrow.types as pat
 
 from vitflow import columns
 from vitflow.errors import VitflowError
+
+log = logging.getLogger(__name__)
 
 
 def load_embeddings(
@@ -18,17 +31,23 @@ def load_embeddings(
     include_errors: bool = False,
     return_vectors: bool = False,
     storage_options: dict | None = None,
+    *,
+    allow_incomplete: bool = False,
 ):
-    """Load an embeddings output written by ``vitflow embed``.
+    """Load an embeddings output written by ``vitflow embed`` (or an index kept by
+    ``vitflow reindex``).
 
     Args:
         uri: the output folder (local path or fsspec URL).
         feature: keep only this vector column (default: all of them).
         split: keep only rows of this split (default: all).
         include_errors: keep ``status == 'error'`` rows too (default: ok rows only).
-        storage_options: fsspec options for object storage (endpoint, anonymous access).
         return_vectors: also return the ``feature`` vectors as one ``float32`` array
             ``(rows, dim)`` in DataFrame order; needs ``feature`` (or a single feature).
+        storage_options: fsspec options for object storage (endpoint, anonymous access).
+        allow_incomplete: read whatever complete parts there are of an output that has no
+            manifest or fewer rows than its manifest lists (a warning says what is missing);
+            by default such an output is refused.
 
     Returns:
         A DataFrame, or ``(DataFrame, ndarray)`` when ``return_vectors``.
@@ -49,7 +68,9 @@ def load_embeddings(
         table = read_index(uri, feature, split, include_errors, storage_options)
         vector_cols = [f.name for f in table.schema if pat.is_fixed_size_list(f.type)]
     else:
-        table, vector_cols = _read_parts(fs, path, uri, feature, split, include_errors)
+        files = checked_parts(fs, path, uri, allow_incomplete=allow_incomplete)
+        paths = [posixpath.join(path.rstrip("/"), name) for name in files]
+        table, vector_cols = _read_parts(fs, paths, uri, feature, split, include_errors)
     df = table.to_pandas()
     if not return_vectors:
         return df
@@ -61,12 +82,91 @@ def load_embeddings(
     return df, vectors_of(table.column(name))
 
 
-def _read_parts(fs, path, uri, feature, split, include_errors):
+def checked_parts(fs, path: str, uri: str, *, allow_incomplete: bool = False) -> list[str]:
+    """The part files of an embed output, after checking them against its manifest.
+
+    Raises:
+        VitflowError: no manifest, a part the manifest lists is missing or has another row
+            count, or a part is corrupt (named). With ``allow_incomplete`` only a corrupt
+            part is an error; missing data is a warning.
+    """
+    from vitflow.sinks import part_files
+
+    out = path.rstrip("/")
+    names = part_files(fs, out)
+    manifest = _manifest(fs, out)
+    rows: dict[str, int] = {}
+    for name in names:
+        try:
+            rows[name] = pq.read_metadata(fs.open(posixpath.join(out, name), "rb")).num_rows
+        except Exception as e:
+            raise VitflowError(
+                f"part {posixpath.join(uri.rstrip('/'), name)!r} is corrupt or truncated "
+                f"({type(e).__name__}: {str(e)[:200]}); delete it and rerun the job with "
+                "--resume to compute it again"
+            ) from None
+    if manifest is None:
+        problem = (
+            f"{uri!r} has no {columns.MANIFEST_NAME}: the run that writes it did not finish "
+            "(killed, or out of disk), or this is not a vitflow output"
+        )
+        _incomplete(problem, f"{len(names)} parts with {sum(rows.values())} rows", allow_incomplete)
+        return names
+    expected = manifest.get("parts")
+    if expected is None:  # outputs from before per-part counts: the total must agree
+        expected = {}
+        if sum(rows.values()) != manifest["counts"]["listed"]:
+            _incomplete(
+                f"{uri!r} holds {sum(rows.values())} rows but its manifest lists "
+                f"{manifest['counts']['listed']} files",
+                "the rows that are there",
+                allow_incomplete,
+            )
+    wrong = [
+        f"{name} {'is missing' if name not in rows else f'has {rows[name]} rows, not {n}'}"
+        for name, n in expected.items()
+        if rows.get(name) != n
+    ] + [f"{name} is not in the manifest" for name in names if expected and name not in expected]
+    if wrong:
+        _incomplete(
+            f"{uri!r} does not match its manifest ({'; '.join(wrong[:3])}"
+            + (f"; +{len(wrong) - 3} more" if len(wrong) > 3 else "")
+            + ")",
+            "the parts that are there",
+            allow_incomplete,
+        )
+    return [n for n in names if n in rows]
+
+
+def _incomplete(problem: str, what: str, allow: bool) -> None:
+    if allow:
+        log.warning("%s; reading %s (allow_incomplete=True)", problem, what)
+        return
+    raise VitflowError(
+        f"{problem}. Rerun the job with --resume to complete it, or pass "
+        "allow_incomplete=True to read the parts that are there"
+    )
+
+
+def _manifest(fs, out: str) -> dict | None:
+    try:
+        with fs.open(posixpath.join(out, columns.MANIFEST_NAME), "rb") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except ValueError as e:
+        raise VitflowError(
+            f"{posixpath.join(out, columns.MANIFEST_NAME)!r} is not valid JSON ({e}); "
+            "rerun the job with --resume to write it again"
+        ) from None
+
+
+def _read_parts(fs, paths, uri, feature, split, include_errors):
     from vitflow.storage import arrow_fs
 
-    dataset = pads.dataset(
-        path, format="parquet", filesystem=arrow_fs(fs), exclude_invalid_files=True
-    )
+    if not paths:
+        raise VitflowError(f"no parquet parts under {uri!r}")
+    dataset = pads.dataset(paths, format="parquet", filesystem=arrow_fs(fs))
     vector_cols = [f.name for f in dataset.schema if pat.is_fixed_size_list(f.type)]
     if feature is not None and feature not in vector_cols:
         raise VitflowError(

@@ -24,7 +24,7 @@ def versions() -> dict[str, str]:
 
 
 def build_manifest(
-    cfg, backbone, features, *, counts, seconds, stats, actors, listing=None
+    cfg, backbone, features, *, counts, seconds, stats, actors, listing=None, parts=None
 ) -> dict[str, Any]:
     """Everything needed to reproduce and trust an output: config, model, features, counts."""
     model = backbone.model
@@ -57,6 +57,8 @@ def build_manifest(
         },
         "columns": [*columns.META_COLUMNS, *(p.name for p in features)],
         "counts": counts,
+        # Rows of every part file: readers refuse an output whose parts disagree.
+        "parts": parts,
         # What the source held besides the listed files: nothing is left out unsaid.
         "listing": None
         if listing is None
@@ -71,10 +73,15 @@ def build_manifest(
     }
 
 
-def write_manifest(fs, output_path: str, manifest: dict[str, Any]) -> None:
-    with fs.open(f"{output_path.rstrip('/')}/{columns.MANIFEST_NAME}", "w") as f:
-        json.dump(manifest, f, indent=2, sort_keys=False)
-        f.write("\n")
+def write_manifest(
+    fs, output_path: str, manifest: dict[str, Any], retry_s: float | None = None
+) -> None:
+    """Write ``_manifest.json`` atomically: a full disk or a kill leaves the old one or none,
+    never an empty or half-written file."""
+    from vitflow.storage import write_atomic
+
+    data = (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode()
+    write_atomic(fs, f"{output_path.rstrip('/')}/{columns.MANIFEST_NAME}", data, retry_s=retry_s)
 
 
 def read_manifest(uri: str) -> dict[str, Any]:

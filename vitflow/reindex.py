@@ -45,6 +45,8 @@ from vitflow.index_table import (
     stored_job,
     table_schema,
 )
+from vitflow.locking import LOCK_NAME
+from vitflow.outputs import output_lock
 from vitflow.runtime import plan_pool, ray_session
 from vitflow.sinks import ERROR_BUDGET_MIN_ROWS
 from vitflow.stages import EmbedStats, output_schema
@@ -215,7 +217,9 @@ def _check_no_foreign_files(embed: EmbedPlan, uri: str) -> None:
     # Orphans of a killed first build are ours (FileStager names); anything else is not.
     fs, path = embed.output_fs, embed.output_path
     names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path)] if fs.exists(path) else []
-    foreign = [n for n in names if n != "_delta_log" and not FileStager.is_staged_name(n)]
+    foreign = [
+        n for n in names if n not in ("_delta_log", LOCK_NAME) and not FileStager.is_staged_name(n)
+    ]
     if foreign:
         raise ConfigError(
             f"output.uri {uri!r} holds files but no Delta table (e.g. {foreign[0]!r}); "
@@ -301,6 +305,14 @@ def run_reindex(
         {"added": 24, "updated": 0, "deleted": 0, "unchanged": 0, "errors": 0, ...}
     """
     started = time.time()
+    # One run at a time: a second one is refused before it plans, not at its commit.
+    with output_lock(cfg, "reindex"):
+        return _reindex_locked(cfg, rebuild, address, started)
+
+
+def _reindex_locked(
+    cfg: EmbedConfig, rebuild: bool, address: str | None, started: float
+) -> ReindexResult:
     plan = plan_reindex(cfg, rebuild=rebuild)
     c = plan.counts
     if not plan.changed:

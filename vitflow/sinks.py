@@ -17,6 +17,8 @@ names, so they never see staging or temporary files.
 
 from __future__ import annotations
 
+import io
+import os
 import posixpath
 import re
 import uuid
@@ -27,6 +29,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from vitflow import columns
+from vitflow.errors import VitflowError
+from vitflow.locking import LOCK_NAME
+from vitflow.retry import DEFAULT_RETRY_SECONDS, retrying
+from vitflow.storage import is_local, list_names, remove_file, write_atomic
 
 STAGING = "_staging"
 RUN_STATE = "_vitflow_run.json"  # what an unfinished run was doing, for --resume
@@ -37,8 +43,8 @@ _PIECE_FILE = re.compile(r"^part-(\d{5,})-[0-9a-f]+\.parquet$")
 _TMP_FILE = re.compile(r"^_tmp-[0-9a-f]{32}-")
 
 
-class ErrorBudgetExceeded(RuntimeError):
-    """Raised inside the writer when too many files fail; the driver turns it into a job error."""
+class ErrorBudgetExceeded(VitflowError):
+    """Raised inside the writer when too many files fail; the job stops, resumably."""
 
 
 def part_file(part: int) -> str:
@@ -48,6 +54,12 @@ def part_file(part: int) -> str:
 def assign_parts(num_rows: int, rows_per_part: int) -> np.ndarray:
     """Part index of each listed row (rows are in listing order)."""
     return np.arange(num_rows, dtype=np.int64) // rows_per_part
+
+
+def part_files(fs, out_path: str) -> list[str]:
+    """Names of the finished part files under ``out_path``, sorted."""
+    names = (posixpath.basename(p.rstrip("/")) for p in _ls(fs, out_path))
+    return sorted(n for n in names if _PART_FILE.match(n))
 
 
 def finished_parts(fs, out_path: str) -> set[int]:
@@ -62,12 +74,12 @@ def finished_parts(fs, out_path: str) -> set[int]:
 
 def is_output_file(relpath: str) -> bool:
     """Whether a file (path relative to the output folder) is one an embed run writes: a
-    part, the manifest, the run state, a staged piece or a temporary file of either."""
+    part, the manifest, the run state, the run lock, a staged piece or a temporary file."""
     top, _, rest = relpath.partition("/")
     if not rest:
         return bool(
             _PART_FILE.match(top)
-            or top in (columns.MANIFEST_NAME, RUN_STATE)
+            or top in (columns.MANIFEST_NAME, RUN_STATE, LOCK_NAME)
             or _TMP_FILE.match(top)
         )
     return (
@@ -81,6 +93,8 @@ def output_files(fs, out_path: str) -> tuple[list[str], list[str]]:
     """``(ours, foreign)``: the files under ``out_path`` an embed run wrote, and the others
     (paths relative to ``out_path``)."""
     out = out_path.rstrip("/")
+    if not is_local(fs):
+        fs.invalidate_cache(out)
     try:
         found = fs.find(out, withdirs=False) if fs.isdir(out) else []
     except FileNotFoundError:
@@ -92,36 +106,35 @@ def output_files(fs, out_path: str) -> tuple[list[str], list[str]]:
     return ours, [r for r in rel if not is_output_file(r)]
 
 
-def remove_output(fs, out_path: str) -> int:
-    """Delete a previous embed output's files (and nothing else); returns how many.
-
-    Callers check first that :func:`output_files` found nothing foreign."""
+def remove_output(fs, out_path: str, retry_s: float | None = None) -> int:
+    """Delete a previous embed output's files (and nothing else; the run lock of the run
+    doing this stays); returns how many. Callers check first that :func:`output_files`
+    found nothing foreign."""
     out = out_path.rstrip("/")
     ours, foreign = output_files(fs, out)
     if foreign:  # the caller's check ran on an older view; never delete what is not ours
         raise FileExistsError(f"{posixpath.join(out, foreign[0])} was not written by vitflow")
+    ours = [rel for rel in ours if rel != LOCK_NAME]
     for rel in ours:
-        fs.rm(posixpath.join(out, rel))
-    staging = posixpath.join(out, STAGING)
-    if fs.exists(staging) and not _ls(fs, staging):
-        fs.rm(staging, recursive=True)
+        remove_file(fs, posixpath.join(out, rel), retry_s=retry_s)
+    _remove_empty_staging(fs, out)
     return len(ours)
 
 
+def _remove_empty_staging(fs, out: str) -> None:
+    staging = posixpath.join(out, STAGING)
+    if is_local(fs) and os.path.isdir(staging) and not os.listdir(staging):
+        os.rmdir(staging)
+
+
 def _ls(fs, path: str) -> list[str]:
-    """Names under ``path``; [] when it does not exist (object stores have no empty folders)."""
-    try:
-        return fs.ls(path, detail=False)
-    except FileNotFoundError:
-        return []
+    return list_names(fs, path)
 
 
-def _write_atomic(fs, table: pa.Table, path: str) -> None:
-    folder, name = posixpath.split(path)
-    tmp = posixpath.join(folder, f"_tmp-{uuid.uuid4().hex}-{name}")
-    with fs.open(tmp, "wb") as f:
-        pq.write_table(table, f)
-    fs.mv(tmp, path)
+def _write_atomic(fs, table: pa.Table, path: str, retry_s: float | None = None) -> None:
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    write_atomic(fs, path, buf.getvalue(), retry_s=retry_s)
 
 
 class PartWriter:
@@ -139,13 +152,16 @@ class PartWriter:
         out_path: str,
         part_sizes: dict[int, int],
         max_error_fraction: float | None = None,
+        retry_s: float | None = None,
     ):
         self.fs, self.out = fs, out_path.rstrip("/")
+        self.retry_s = retry_s
         self.max_error_fraction = max_error_fraction
         self.total = sum(part_sizes.values())
         self.processed = self.errors = 0
         self.staging = posixpath.join(self.out, STAGING)
-        self.fs.makedirs(self.staging, exist_ok=True)
+        if is_local(self.fs):
+            os.makedirs(self.staging, exist_ok=True)
         self.expected = {int(k): int(v) for k, v in part_sizes.items()}
         # A restarted writer (or a resumed run) recounts what earlier incarnations staged,
         # and finishes parts whose every row was already staged.
@@ -163,7 +179,7 @@ class PartWriter:
             part = int(part)
             piece = rows.filter(pa.array(parts == part))
             name = f"part-{part:05d}-{uuid.uuid4().hex[:16]}.parquet"
-            _write_atomic(self.fs, piece, posixpath.join(self.staging, name))
+            _write_atomic(self.fs, piece, posixpath.join(self.staging, name), self.retry_s)
             seen = self.seen.setdefault(part, set())
             seen.update(piece.column(columns.ID).to_pylist())
             if len(seen) >= self.expected.get(part, float("inf")):
@@ -184,23 +200,29 @@ class PartWriter:
         if self.processed >= min(self.total, ERROR_BUDGET_MIN_ROWS):
             if self.errors / self.processed > self.max_error_fraction:
                 raise ErrorBudgetExceeded(
-                    f"{self.errors} of {self.processed} files failed so far, more than "
+                    f"error budget exceeded: {self.errors} of {self.processed} files failed so far, more than "
                     f"compute.max_error_fraction={self.max_error_fraction}; the job stopped with "
                     "its finished parts kept. Fix the inputs (see the error column) or raise the "
                     "budget, then rerun with --resume"
                 )
 
     def _compact(self, part: int) -> int:
-        pieces = sorted(self.fs.glob(posixpath.join(self.staging, f"part-{part:05d}-*.parquet")))
-        tables = []
-        for p in pieces:
-            with self.fs.open(p, "rb") as f:
-                tables.append(pq.read_table(f))
+        prefix = f"part-{part:05d}-"
+        pieces = sorted(
+            p
+            for p in _ls(self.fs, self.staging)
+            if posixpath.basename(p).startswith(prefix) and _PIECE_FILE.match(posixpath.basename(p))
+        )
+        budget = DEFAULT_RETRY_SECONDS if self.retry_s is None else self.retry_s
+        tables = [
+            retrying(lambda p=p: _read_parquet(self.fs, p), what=f"read {p}", budget_s=budget)
+            for p in pieces
+        ]
         table = pa.concat_tables(tables)
         table = _unique_ids(table).sort_by(columns.PATH)
-        _write_atomic(self.fs, table, posixpath.join(self.out, part_file(part)))
+        _write_atomic(self.fs, table, posixpath.join(self.out, part_file(part)), self.retry_s)
         for p in pieces:
-            self.fs.rm(p)
+            remove_file(self.fs, p, retry_s=self.retry_s)
         self.seen.pop(part, None)
         return table.num_rows
 
@@ -220,22 +242,33 @@ def staged_ids(fs, out_path: str) -> dict[int, set[str]]:
     for piece in _ls(fs, posixpath.join(out_path.rstrip("/"), STAGING)):
         m = _PIECE_FILE.match(posixpath.basename(piece))
         if m:
-            with fs.open(piece, "rb") as f:
-                ids = pq.read_table(f, columns=[columns.ID]).column(0)
+            ids = _read_parquet(fs, piece, columns=[columns.ID]).column(0)
             seen.setdefault(int(m.group(1)), set()).update(ids.to_pylist())
     return seen
 
 
-def clean_staging(fs, out_path: str, keep_parts: set[int] | None = None) -> None:
-    """Remove temporary files, and staged pieces of parts not in ``keep_parts``."""
+def clean_staging(
+    fs, out_path: str, keep_parts: set[int] | None = None, retry_s: float | None = None
+) -> None:
+    """Remove temporary files, and staged pieces of parts not in ``keep_parts``.
+
+    Listings come fresh from the store each time (s3fs caches them per process, and a piece
+    listed at the start is usually compacted away by the writer by the end), and a file that
+    is already gone is fine."""
     out = out_path.rstrip("/")
-    for p in _ls(fs, out):
-        if posixpath.basename(p).startswith("_tmp-"):
-            fs.rm(p)
     staging = posixpath.join(out, STAGING)
-    for p in _ls(fs, staging):
-        m = _PIECE_FILE.match(posixpath.basename(p))
-        if not m or keep_parts is None or int(m.group(1)) not in keep_parts:
-            fs.rm(p, recursive=True)
-    if fs.exists(staging) and not _ls(fs, staging):
-        fs.rm(staging, recursive=True)
+    for folder in (out, staging):
+        for p in _ls(fs, folder):
+            name = posixpath.basename(p.rstrip("/"))
+            m = _PIECE_FILE.match(name)
+            stale_piece = folder == staging and (
+                not m or keep_parts is None or int(m.group(1)) not in keep_parts
+            )
+            if _TMP_FILE.match(name) or stale_piece:
+                remove_file(fs, p, retry_s=retry_s)
+    _remove_empty_staging(fs, out)
+
+
+def _read_parquet(fs, path: str, columns: list[str] | None = None) -> pa.Table:
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f, columns=columns)

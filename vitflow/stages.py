@@ -21,8 +21,10 @@ import torch
 
 from vitflow import columns
 from vitflow.decode import DecodeError, decode_image
+from vitflow.errors import StorageUnavailable
 from vitflow.preprocess import Preprocessor
 from vitflow.sinks import PART_COLUMN
+from vitflow.storage import read_bytes
 
 _PASSTHROUGH = (columns.ID, columns.PATH, columns.LABEL, columns.SPLIT)
 
@@ -30,48 +32,6 @@ _PASSTHROUGH = (columns.ID, columns.PATH, columns.LABEL, columns.SPLIT)
 @functools.lru_cache(maxsize=4)
 def _preprocessor(data_config_json: str) -> Preprocessor:
     return Preprocessor(json.loads(data_config_json))
-
-
-@functools.lru_cache(maxsize=8)
-def _filesystem(protocol: str, storage_options_json: str):
-    import fsspec
-
-    return fsspec.filesystem(protocol, **json.loads(storage_options_json))
-
-
-READ_ATTEMPTS = 4
-READ_BACKOFF_S = 0.5
-# Errors that another attempt cannot fix: the file is gone or not readable by us.
-_PERMANENT = (FileNotFoundError, IsADirectoryError, PermissionError, NotADirectoryError)
-
-
-def read_bytes(
-    path: str,
-    storage_options: dict[str, Any] | None = None,
-    attempts: int = READ_ATTEMPTS,
-    backoff_s: float = READ_BACKOFF_S,
-) -> bytes:
-    """Read a whole file from a local path or fsspec URL, retrying transient failures.
-
-    Timeouts, 5xx answers and throttling from object storage are retried ``attempts`` times
-    with exponential backoff (``backoff_s``, doubled each time); a missing or forbidden
-    file fails at once. The last error is raised with the number of attempts.
-    """
-    for attempt in range(1, attempts + 1):
-        try:
-            if "://" not in path:
-                with open(path, "rb") as f:
-                    return f.read()
-            protocol = path.split("://", 1)[0]
-            fs = _filesystem(protocol, json.dumps(storage_options or {}, sort_keys=True))
-            return fs.cat_file(path)
-        except _PERMANENT:
-            raise
-        except Exception as e:
-            if attempt == attempts:
-                raise OSError(f"{type(e).__name__}: {e} (after {attempts} attempts)") from e
-            time.sleep(backoff_s * 2 ** (attempt - 1))
-    raise AssertionError("unreachable")
 
 
 class DecodeTimeout(BaseException):
@@ -109,6 +69,7 @@ def decode_batch(
     max_pixels: int,
     storage_options: dict[str, Any] | None = None,
     decode_timeout_s: float | None = None,
+    retry_s: float | None = None,
 ) -> dict[str, np.ndarray]:
     """Read, decode and resize/crop a batch of listed files (a Ray Data ``map_batches`` UDF).
 
@@ -132,8 +93,10 @@ def decode_batch(
             status[i], error[i] = columns.STATUS_ERROR, refused[i]
             continue
         try:
-            data = read_bytes(path, storage_options)
-        except Exception as e:  # any read failure is this file's, not the job's
+            data = read_bytes(path, storage_options, retry_s=retry_s)
+        except StorageUnavailable:
+            raise  # the store is down, not this file: stop the job (resumably)
+        except Exception as e:  # any other read failure is this file's, not the job's
             status[i], error[i] = columns.STATUS_ERROR, f"read failed: {type(e).__name__}: {e}"
             continue
         try:

@@ -20,7 +20,7 @@ from vitflow.config import SourceConfig
 from vitflow.decode import DecodeError, decode_image
 from vitflow.errors import ConfigError
 from vitflow.sources import list_images
-from vitflow.stages import read_bytes
+from vitflow.storage import read_bytes
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,386 @@
+"""Never lose or corrupt data, and one sentence for every failure, probed with real things:
+damaged outputs, a full tmpfs, two CLI processes on one output, Ctrl-C, an S3 endpoint that
+goes away (through the fault proxy), and locks on a real S3 server."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from tests.conftest import (
+    TINY,
+    free_port,
+    kill_processes_under,
+    output_progress,
+    serving,
+    wait_until,
+)
+from vitflow.config import load_config
+from vitflow.embed import run_embed
+from vitflow.errors import DiskFull, OutputLocked, VitflowError
+from vitflow.loading import load_embeddings
+
+NAME, KW = TINY["vit"]
+CLI = [sys.executable, "-m", "vitflow.cli"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    from vitflow.synthetic import make_image_folder
+
+    root = tmp_path_factory.mktemp("safety")
+    make_image_folder(root / "images", per_class=30, size=(64, 48), with_bad_files=True)
+    torch.manual_seed(4)
+    save_file(timm.create_model(NAME, num_classes=0, **KW).state_dict(), root / "w.safetensors")
+    return root
+
+
+def job_dict(root: Path, out: str, **compute) -> dict:
+    return {
+        "source": {"uri": str(root / "images")},
+        "model": {"name": NAME, "kwargs": KW, "checkpoint": str(root / "w.safetensors")},
+        "features": [{"name": "emb", "layers": 2, "pool": "mean"}],
+        "output": {"uri": out, "rows_per_file": 6},
+        "compute": {"batch_size": 4, **compute},
+    }
+
+
+@pytest.fixture(scope="module")
+def clean(corpus, tmp_path_factory, ray_local):
+    out = tmp_path_factory.mktemp("clean") / "out"
+    run_embed(load_config(base=job_dict(corpus, str(out))))
+    return out
+
+
+def same_rows(df, ref) -> None:
+    df, ref = df.set_index("id").sort_index(), ref.set_index("id").sort_index()
+    assert list(df.index) == list(ref.index) and (df["status"] == ref["status"]).all()
+    ok = df["status"] == "ok"
+    np.testing.assert_allclose(np.stack(df["emb"][ok]), np.stack(ref["emb"][ok]), atol=1e-6)
+
+
+class Run:
+    """A CLI run in its own session with its own Ray temp dir, so the test can signal or kill
+    exactly what it started."""
+
+    def __init__(self, tmp: Path, args: list[str], name: str, env: dict | None = None):
+        self.ray_tmp = Path("/tmp") / f"vitflow-safety-{os.getpid()}-{name}"
+        self.env = {
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "RAY_TMPDIR": str(self.ray_tmp),
+            **(env or {}),
+        }
+        self.proc = subprocess.Popen(
+            [*CLI, *args],
+            env=self.env,
+            start_new_session=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def finish(self, timeout: float = 300) -> tuple[int, str, str]:
+        try:
+            out, err = self.proc.communicate(timeout=timeout)
+        finally:
+            self.stop()
+        return self.proc.returncode, out, err
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+        kill_processes_under(self.ray_tmp)
+
+
+def local_fs():
+    import fsspec
+
+    return fsspec.filesystem("file")
+
+
+# --- readers refuse what is not whole -----------------------------------------------------
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_readers_refuse_an_incomplete_or_damaged_output(clean, tmp_path, caplog):
+    full = load_embeddings(str(clean), include_errors=True)
+    parts = sorted(p.name for p in clean.glob("part-*.parquet"))
+    assert len(parts) >= 3
+
+    # No manifest: the run never finished (killed, disk full).
+    a = tmp_path / "no-manifest"
+    shutil.copytree(clean, a)
+    (a / "_manifest.json").unlink()
+    with pytest.raises(VitflowError, match="has no _manifest.json.*--resume.*allow_incomplete"):
+        load_embeddings(str(a))
+    assert len(load_embeddings(str(a), include_errors=True, allow_incomplete=True)) == len(full)
+
+    # A part missing: refused naming it; partial read on request, with a warning.
+    b = tmp_path / "missing-part"
+    shutil.copytree(clean, b)
+    (b / parts[1]).unlink()
+    with pytest.raises(VitflowError, match=f"{parts[1]} is missing"):
+        load_embeddings(str(b))
+    with caplog.at_level("WARNING", logger="vitflow.loading"):
+        partial = load_embeddings(str(b), include_errors=True, allow_incomplete=True)
+    assert len(partial) < len(full) and parts[1] in caplog.text
+
+    # A truncated part is an error naming the file, even with allow_incomplete.
+    c = tmp_path / "truncated"
+    shutil.copytree(clean, c)
+    data = (c / parts[0]).read_bytes()
+    (c / parts[0]).write_bytes(data[: len(data) // 2])
+    for allow in (False, True):
+        with pytest.raises(VitflowError, match=f"part .*{parts[0]}.* is corrupt or truncated"):
+            load_embeddings(str(c), allow_incomplete=allow)
+
+
+def test_manifest_is_written_atomically_on_a_full_disk(tmp_path):
+    """A full disk while the manifest is written leaves the previous one intact, never an
+    empty file (tmpfs; the fault is ENOSPC from the kernel)."""
+    from vitflow.manifest import write_manifest
+
+    with full_disk(tmp_path, size_kb=64) as mnt:
+        import fsspec
+
+        fs = fsspec.filesystem("file")
+        write_manifest(fs, str(mnt), {"counts": {"listed": 1}})
+        before = (mnt / "_manifest.json").read_bytes()
+        fill(mnt)
+        with pytest.raises(DiskFull, match="disk full.*--resume"):
+            write_manifest(fs, str(mnt), {"counts": {"listed": 2}, "pad": "x" * 200_000})
+        assert (mnt / "_manifest.json").read_bytes() == before
+        assert not list(mnt.glob("_tmp-*"))
+
+
+# --- a full disk during a run: one sentence, then --resume finishes --------------------------
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_disk_full_mid_run_is_one_sentence_and_resume_finishes(corpus, clean, tmp_path):
+    with full_disk(tmp_path, size_kb=1024) as mnt:
+        out = mnt / "out"
+        cfg = tmp_path / "job.yaml"
+        cfg.write_text(yaml.safe_dump(job_dict(corpus, str(out))))
+        # Leave room for a few parts only: the run fills the disk part-way.
+        fill(mnt, leave_kb=48)
+        code, stdout, stderr = Run(tmp_path, ["embed", str(cfg)], "full").finish()
+        assert code == 1, stdout + stderr
+        last = stderr.strip().splitlines()[-1]
+        assert last.startswith("error: disk full") and "--resume" in last, stderr[-2000:]
+        assert str(mnt) in last and "Traceback" not in stderr
+        assert not (out / "_manifest.json").exists()
+        (mnt / "ballast").unlink()  # free the space
+        code, stdout, stderr = Run(tmp_path, ["embed", str(cfg), "--resume"], "full2").finish()
+        assert code == 0, stderr[-3000:]
+        same_rows(
+            load_embeddings(str(out), include_errors=True),
+            load_embeddings(str(clean), include_errors=True),
+        )
+
+
+# --- two runs on one output; Ctrl-C -----------------------------------------------------------
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_a_second_run_is_refused_and_ctrl_c_leaves_a_resumable_output(corpus, clean, tmp_path):
+    out = tmp_path / "out"
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(yaml.safe_dump(job_dict(corpus, str(out), batch_size=1)))
+    first = Run(tmp_path, ["embed", str(cfg)], "first")
+    try:
+        wait_until(
+            lambda: output_progress(local_fs(), str(out))[1] >= 1 or first.proc.poll() is not None,
+            240,
+            "the first part of the first run",
+        )
+        assert first.proc.poll() is None, "the first run ended before the test could interfere"
+        # A second CLI process on the same output, while the first is writing.
+        code, stdout, stderr = Run(tmp_path, ["embed", str(cfg), "--resume"], "second").finish()
+        assert code == 1
+        assert stderr.startswith("error: ") and len(stderr.strip().splitlines()) == 1, stderr
+        assert "is being written by another vitflow run" in stderr
+        assert f"pid {first.proc.pid}" in stderr and "Traceback" not in stderr
+        # Ctrl-C in the terminal: SIGINT to the first run's process group.
+        os.killpg(first.proc.pid, signal.SIGINT)
+        code, stdout, stderr = first.finish(timeout=120)
+    finally:
+        first.stop()
+    assert code == 130, stderr[-3000:]
+    assert "interrupted: rerun the same command with --resume to finish" in stderr
+    assert not (out / "_manifest.json").exists()
+    code, stdout, stderr = Run(tmp_path, ["embed", str(cfg), "--resume"], "resume").finish()
+    assert code == 0, stderr[-3000:]
+    same_rows(
+        load_embeddings(str(out), include_errors=True),
+        load_embeddings(str(clean), include_errors=True),
+    )
+
+
+# --- S3: locks, and an endpoint that goes away -------------------------------------------------
+
+
+def try_lock_elsewhere(endpoint: str, folder: str, stale_s: float = 300.0) -> str:
+    """Take (and release) the lock from another process, as a second run would."""
+    code = f"""
+import s3fs
+from vitflow.errors import OutputLocked
+from vitflow.locking import RunLock
+fs = s3fs.S3FileSystem(endpoint_url={endpoint!r})
+try:
+    with RunLock(fs, {folder!r}, command="reindex", stale_s={stale_s}):
+        print("TOOK")
+except OutputLocked as e:
+    print("REFUSED", e)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout.strip().splitlines()[-1]
+
+
+def test_s3_lock_is_exclusive_and_a_stale_one_is_taken_over(s3_bucket):
+    from vitflow.locking import LOCK_NAME, RunLock
+
+    fs, bucket, endpoint = s3_bucket
+    folder = f"{bucket}/out"
+    holder = RunLock(fs, folder, command="embed", heartbeat_s=3600)  # beats too rarely to help
+    holder.acquire()
+    try:
+        answer = try_lock_elsewhere(endpoint, folder)
+        assert answer.startswith("REFUSED") and f"pid {os.getpid()}" in answer, answer
+        assert "another vitflow run" in answer
+        # Once its heartbeat is older than stale_s, another run takes the lock over.
+        time.sleep(1.5)
+        assert try_lock_elsewhere(endpoint, folder, stale_s=1.0) == "TOOK"
+        assert not fs.exists(f"{folder}/{LOCK_NAME}")  # the taker released it
+        fs.pipe_file(f"{folder}/{LOCK_NAME}", b'{"run_id": "someone else"}')
+    finally:
+        holder.release()  # the stalled holder wakes up: it must not delete another's lock
+    assert fs.cat_file(f"{folder}/{LOCK_NAME}") == b'{"run_id": "someone else"}'
+    fs.rm_file(f"{folder}/{LOCK_NAME}")
+    with RunLock(fs, folder, command="embed"):
+        assert fs.exists(f"{folder}/{LOCK_NAME}")
+        # Re-entrant in one process: the CLI holds the lock around run_embed's own.
+        with RunLock(fs, folder, command="embed"):
+            pass
+        assert fs.exists(f"{folder}/{LOCK_NAME}")
+    assert not fs.exists(f"{folder}/{LOCK_NAME}")
+
+
+@pytest.fixture()
+def outage_proxy(s3_endpoint, tmp_path):
+    """The fault proxy in front of the S3 server; the endpoint is down while ``flag`` exists."""
+    port = free_port()
+    flag = tmp_path / "endpoint-down"
+    script = os.path.join(os.path.dirname(__file__), "faultproxy.py")
+    upstream = s3_endpoint.rsplit(":", 1)[1]
+    cmd = [sys.executable, script, upstream, str(port), "0", "--down-file", str(flag)]
+    with serving(cmd, port) as url:
+        yield url, flag
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_s3_outage_past_the_budget_stops_resumably_and_a_short_one_is_ridden_out(
+    corpus, clean, s3_bucket, outage_proxy, tmp_path
+):
+    fs, bucket, _ = s3_bucket
+    proxy, flag = outage_proxy
+    fs.put(str(corpus / "images"), f"{bucket}/images", recursive=True)
+    job = job_dict(corpus, f"s3://{bucket}/out", batch_size=1)
+    job["source"]["uri"] = f"s3://{bucket}/images"
+    job["storage"] = {"endpoint_url": proxy, "retry_seconds": 8, "client_retries": 1}
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(yaml.safe_dump(job))
+    out = f"{bucket}/out"
+
+    # 1. The endpoint goes away for longer than storage.retry_seconds: one sentence.
+    run = Run(tmp_path, ["embed", str(cfg)], "outage")
+    try:
+        wait_until(lambda: output_progress(fs, out)[1] >= 1, 240, "a finished part")
+        flag.touch()
+        code, stdout, stderr = run.finish(timeout=240)
+    finally:
+        run.stop()
+        flag.unlink(missing_ok=True)
+    assert code == 1, stdout[-2000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("error: could not ") and "--resume" in last, stderr[-3000:]
+    assert "retry_seconds=8" in last and "Traceback" not in stderr
+    assert not output_progress(fs, out)[2]
+
+    # 2. --resume with a budget that outlasts a 6 s outage in the middle: it completes.
+    job["storage"]["retry_seconds"] = 90
+    cfg.write_text(yaml.safe_dump(job))
+    run = Run(tmp_path, ["embed", str(cfg), "--resume"], "outage2")
+    try:
+        parts_before = output_progress(fs, out)[1]
+        wait_until(lambda: output_progress(fs, out)[1] > parts_before, 240, "resumed progress")
+        flag.touch()
+        time.sleep(6)
+        flag.unlink()
+        code, stdout, stderr = run.finish(timeout=300)
+    finally:
+        run.stop()
+        flag.unlink(missing_ok=True)
+    assert code == 0, stderr[-3000:]
+    got = load_embeddings(
+        f"s3://{bucket}/out", include_errors=True, storage_options={"endpoint_url": proxy}
+    )
+    ref = load_embeddings(str(clean), include_errors=True)
+    assert (got["status"] == "ok").sum() == (ref["status"] == "ok").sum()  # no outage error rows
+    same_rows(got, ref)
+
+
+# --- helpers: a real full filesystem ------------------------------------------------------------
+
+
+class full_disk:
+    """A small tmpfs mounted for the test (root can mount; else the test is skipped, naming
+    why). ENOSPC then comes from the kernel, as on a real full disk."""
+
+    def __init__(self, tmp_path: Path, size_kb: int):
+        self.mnt = tmp_path / "tmpfs"
+        self.size_kb = size_kb
+
+    def __enter__(self) -> Path:
+        self.mnt.mkdir()
+        r = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={self.size_kb}k", "tmpfs", str(self.mnt)],
+            capture_output=True,
+            text=True,
+        )
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here to fill a disk ({r.stderr.strip()})")
+        return self.mnt
+
+    def __exit__(self, *exc) -> None:
+        subprocess.run(["umount", "-l", str(self.mnt)], capture_output=True)
+
+
+def fill(mnt: Path, leave_kb: int = 0) -> None:
+    """Fill the tmpfs with a ballast file, leaving about ``leave_kb`` free."""
+    st = os.statvfs(mnt)
+    free = st.f_bavail * st.f_frsize - leave_kb * 1024
+    with open(mnt / "ballast", "wb") as f:
+        try:
+            f.write(b"\0" * max(0, free))
+        except OSError:
+            pass
