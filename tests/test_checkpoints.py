@@ -482,3 +482,25 @@ def test_hub_weights_missing_offline_names_the_cache_folder(tmp_path, hub_env):
     msg = str(e.value)
     assert f"{tmp_path / 'empty'}/models--timm--vit_small_patch14_dinov2.lvd142m" in msg
     assert "HF_HUB_CACHE" in msg and "docs/weights.md" in msg
+
+
+def test_a_checkpoint_of_another_patch_size_is_refused_unless_asked_for(tmp_path):
+    """timm's filter would resample a /16 kernel into a /32 model: a model that runs but is
+    not the checkpoint's. Refused, unless model.kwargs.patch_size asks for it."""
+    import pytest
+    from safetensors.torch import save_file
+
+    from vitflow.config import ModelConfig
+    from vitflow.errors import ModelError
+
+    kw = dict(img_size=64, embed_dim=32, depth=1, num_heads=2)
+    src = timm.create_model("vit_base_patch16_224", num_classes=0, **kw)
+    save_file(src.state_dict(), tmp_path / "b16.safetensors")
+    cfg = ModelConfig(
+        name="vit_base_patch32_224", kwargs=kw, checkpoint=str(tmp_path / "b16.safetensors")
+    )
+    with pytest.raises(ModelError, match="16x16 patch embedding .* 32x32 patches"):
+        create_backbone(cfg)
+    on_purpose = cfg.model_copy(update={"kwargs": {**kw, "patch_size": 32}})
+    bb = create_backbone(on_purpose)
+    assert bb.model.patch_embed.proj.weight.shape[-1] == 32

@@ -150,3 +150,24 @@ def test_sibling_folders_with_a_common_prefix_do_not_overlap(corpus, tree):
     # "images" and "images-emb" share a prefix but are different places.
     plan = prepare_embed(job(corpus, tree / "parent" / "images", tree / "parent" / "images-emb"))
     assert len(plan.listing) > 0
+
+
+def test_a_bind_mount_of_the_source_is_still_the_source(corpus, tree, tmp_path):
+    """Spelling cannot see a bind mount (or another case on a case-insensitive disk); file
+    identity can."""
+    import subprocess
+
+    alias = tmp_path / "alias"
+    alias.mkdir()
+    r = subprocess.run(
+        ["mount", "--bind", str(tree / "parent"), str(alias)], capture_output=True, text=True
+    )
+    if r.returncode != 0:
+        pytest.skip(f"cannot bind-mount here ({r.stderr.strip()})")
+    try:
+        with pytest.raises(ConfigError, match="same place"):
+            prepare_embed(job(corpus, tree / "parent" / "images", alias / "images" / "emb"))
+        with pytest.raises(ConfigError, match="same place"):
+            prepare_embed(job(corpus, alias / "images", tree / "parent"))
+    finally:
+        subprocess.run(["umount", str(alias)], capture_output=True)

@@ -339,17 +339,20 @@ def test_index_readers_give_the_embed_outputs_vector_type(changed_index, ray_loc
     the width in the field's metadata; every vitflow reader gives fixed_size_list[D], exactly
     the parquet output's type, and polars gets Array(Float32, D) with the README's recipe."""
     import polars as pl
+    import pyarrow.parquet as pq
 
+    from vitflow.embed import run_embed
     from vitflow.index_table import read_index
     from vitflow.loading import load_embeddings
-    from vitflow.stages import output_schema
 
     tmp, *_ = changed_index
     uri = str(tmp / "index")
     table = read_index(uri, include_errors=True)
+    # The same job as an embed output: its parquet parts are the reference type.
+    run_embed(job(tmp / "images", tmp / "as-embed"))
+    written_by_embed = pq.read_schema(next((tmp / "as-embed").glob("part-*.parquet")))
     dims = {f.name: f.type.list_size for f in table.schema if pa.types.is_fixed_size_list(f.type)}
-    assert dims and all(d > 0 for d in dims.values())
-    written_by_embed = output_schema(dims)
+    assert set(dims) == {EMB["name"]}
     for name in dims:
         assert table.schema.field(name).type == written_by_embed.field(name).type
     df = load_embeddings(uri)

@@ -260,14 +260,19 @@ def test_s3_lock_is_exclusive_and_a_stale_one_is_taken_over(s3_bucket):
 
     fs, bucket, endpoint = s3_bucket
     folder = f"{bucket}/out"
-    holder = RunLock(fs, folder, command="embed", heartbeat_s=3600)  # beats too rarely to help
+    holder = RunLock(fs, folder, command="embed", heartbeat_s=1.0)
     holder.acquire()
     try:
         answer = try_lock_elsewhere(endpoint, folder)
         assert answer.startswith("REFUSED") and f"pid {os.getpid()}" in answer, answer
         assert "another vitflow run" in answer
-        # Once its heartbeat is older than stale_s, another run takes the lock over.
+        # While it beats, even a lock that looks old by the taker's clock is not taken: the
+        # taker watches the object, and it changes.
         time.sleep(1.5)
+        assert try_lock_elsewhere(endpoint, folder, stale_s=1.0).startswith("REFUSED")
+        # The holder dies (stops beating): the object stops changing and is taken over.
+        holder._stop.set()
+        holder._thread.join()
         assert try_lock_elsewhere(endpoint, folder, stale_s=1.0) == "TOOK"
         assert not fs.exists(f"{folder}/{LOCK_NAME}")  # the taker released it
         fs.pipe_file(f"{folder}/{LOCK_NAME}", b'{"run_id": "someone else"}')
@@ -282,6 +287,21 @@ def test_s3_lock_is_exclusive_and_a_stale_one_is_taken_over(s3_bucket):
             pass
         assert fs.exists(f"{folder}/{LOCK_NAME}")
     assert not fs.exists(f"{folder}/{LOCK_NAME}")
+
+
+def test_s3_run_that_lost_its_lock_stops(s3_bucket):
+    from vitflow.locking import LOCK_NAME, RunLock
+
+    fs, bucket, _ = s3_bucket
+    folder = f"{bucket}/lost"
+    lock = RunLock(fs, folder, command="embed", heartbeat_s=0.5)
+    with lock:
+        lock.check()  # held
+        fs.pipe_file(f"{folder}/{LOCK_NAME}", b'{"run_id": "x", "command": "reindex"}')
+        wait_until(lambda: lock.lost is not None, 30, "the heartbeat to notice")
+        with pytest.raises(OutputLocked, match="was taken over by reindex"):
+            lock.check()
+    assert fs.exists(f"{folder}/{LOCK_NAME}")  # the new holder's lock stays
 
 
 @pytest.fixture()
@@ -384,3 +404,91 @@ def fill(mnt: Path, leave_kb: int = 0) -> None:
             f.write(b"\0" * max(0, free))
         except OSError:
             pass
+
+
+# --- a file that changed since the listing; a failing store; Ray-wrapped errors -----------------
+
+
+def test_read_time_checks_refuse_what_the_listing_would_have(tmp_path):
+    from vitflow.storage import UnreadableFile, read_bytes
+
+    root = tmp_path / "src"
+    root.mkdir()
+    (tmp_path / "secret.txt").write_text("hunter2")
+    (root / "inside.jpg").write_bytes(b"x" * 10)
+    (root / "link_in.jpg").symlink_to(root / "inside.jpg")
+    # Listed as a regular file, then swapped for a link out of the source, a FIFO, a giant.
+    (root / "swapped.jpg").symlink_to(tmp_path / "secret.txt")
+    os.mkfifo(root / "pipe.jpg")
+    (root / "big.jpg").write_bytes(b"y" * 2048)
+    kw = {"root": str(root), "follow_symlinks": False, "max_bytes": 1024}
+    assert read_bytes(str(root / "link_in.jpg"), **kw) == b"x" * 10  # a link inside: fine
+    with pytest.raises(UnreadableFile, match="symlink outside the source") as info:
+        read_bytes(str(root / "swapped.jpg"), **kw)
+    assert "hunter2" not in str(info.value)
+    with pytest.raises(UnreadableFile, match="not a regular file"):
+        read_bytes(str(root / "pipe.jpg"), **kw)  # would block forever if opened for reading
+    with pytest.raises(UnreadableFile, match="2048 bytes, more than source.max_file_bytes=1024"):
+        read_bytes(str(root / "big.jpg"), **kw)
+    assert read_bytes(str(root / "swapped.jpg"), follow_symlinks=True) == b"hunter2"
+
+
+def test_listing_refuses_files_past_max_file_bytes(tmp_path):
+    from vitflow.config import SourceConfig
+    from vitflow.sources import list_images
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "small.jpg").write_bytes(b"x" * 10)
+    (tmp_path / "a" / "huge.jpg").write_bytes(b"x" * 5000)
+    t = list_images(SourceConfig(uri=str(tmp_path), max_file_bytes=1000)).table.to_pylist()
+    why = {r["relpath"]: r["__list_error"] for r in t}
+    assert (
+        why["a/small.jpg"] is None and "more than source.max_file_bytes=1000" in why["a/huge.jpg"]
+    )
+
+
+def test_file_after_file_failing_the_same_way_is_the_store_not_the_files():
+    from vitflow.errors import StorageUnavailable
+    from vitflow.stages import ReadBreaker
+
+    b = ReadBreaker()
+    for _ in range(ReadBreaker.BREAKER_READS - 1):
+        b.failed(PermissionError("The provided token has expired."))
+    b.ok()  # one good read resets it: those were bad files
+    for _ in range(ReadBreaker.BREAKER_READS * 2):
+        b.failed(FileNotFoundError("gone"))  # deleted files are each their own problem
+    for _ in range(ReadBreaker.BREAKER_READS - 1):
+        b.failed(OSError("503 Service Unavailable"))
+    with pytest.raises(StorageUnavailable, match="8 files in a row.*--resume"):
+        b.failed(OSError("503 Service Unavailable"))
+
+
+def test_a_job_error_raised_across_ray_is_its_own_sentence():
+    from ray.exceptions import RayTaskError
+
+    from vitflow.errors import DiskFull, job_error_in
+
+    try:
+        raise DiskFull("disk full: no space left to write /x; free space there")
+    except DiskFull as e:
+        wrapped = RayTaskError("write", "Traceback (most recent call last):\n ...", e)
+        dual = wrapped.as_instanceof_cause()  # what Ray raises: RayTaskError(DiskFull)
+    assert isinstance(dual, DiskFull) and "\n" in str(dual)  # a remote traceback, not a sentence
+    got = job_error_in(dual)
+    assert type(got) is DiskFull and str(got).startswith("disk full") and "\n" not in str(got)
+
+
+def test_bare_part_files_are_not_taken_for_a_vitflow_output(tmp_path):
+    import fsspec
+
+    from vitflow.sinks import output_files
+
+    fs = fsspec.filesystem("file")
+    (tmp_path / "part-00000.parquet").write_bytes(b"someone else's")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "deep.bin").write_bytes(b"")
+    ours, foreign = output_files(fs, str(tmp_path))
+    assert ours == [] and foreign == ["data/", "part-00000.parquet"]
+    (tmp_path / "_manifest.json").write_text("{}")
+    ours, foreign = output_files(fs, str(tmp_path))
+    assert "part-00000.parquet" in ours and foreign == ["data/"]

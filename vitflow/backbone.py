@@ -171,7 +171,13 @@ def create_backbone(
         }
         body = {k: v for k, v in state_dict.items() if not k.startswith(HEAD_PREFIX)}
         model.load_state_dict(
-            match_state_dict(model, body, cfg.checkpoint or "state dict"), strict=True
+            match_state_dict(
+                model,
+                body,
+                cfg.checkpoint or "state dict",
+                allow_patch_resample="patch_size" in cfg.kwargs,
+            ),
+            strict=True,
         )
         if head_state:
             spec = json.loads(metadata.get(META_HEAD, "{}"))

@@ -91,6 +91,26 @@ def timm_checkpoint_filter(model: torch.nn.Module) -> Callable | None:
     return None
 
 
+# Where each layout keeps its patch embedding (timm/DINOv2/MAE/DeiT, OpenAI CLIP, open_clip).
+_PATCH_KERNELS = ("patch_embed.proj.weight", "visual.conv1.weight", "conv1.weight")
+
+
+def _check_patch_size(model: torch.nn.Module, state: dict[str, torch.Tensor], uri: str) -> None:
+    mine = model.state_dict().get("patch_embed.proj.weight")
+    theirs = next((state[k] for k in _PATCH_KERNELS if k in state), None)
+    if mine is None or theirs is None or theirs.ndim != 4:
+        return
+    if tuple(theirs.shape[-2:]) != tuple(mine.shape[-2:]):
+        raise ModelError(
+            f"checkpoint {uri!r} has a {theirs.shape[-2]}x{theirs.shape[-1]} patch embedding but "
+            f"model {model.pretrained_cfg.get('architecture')!r} uses "
+            f"{mine.shape[-2]}x{mine.shape[-1]} patches; loading it would resample the patch "
+            "weights and give another model's vectors. Use the model name with the checkpoint's "
+            "patch size (e.g. patch14 for DINOv2), or set model.kwargs.patch_size to resample "
+            "on purpose"
+        )
+
+
 def convert_checkpoint(
     model: torch.nn.Module, state: dict[str, torch.Tensor], uri: str
 ) -> dict[str, torch.Tensor]:
@@ -122,7 +142,13 @@ def convert_checkpoint(
     return out
 
 
-def match_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], uri: str) -> dict:
+def match_state_dict(
+    model: torch.nn.Module,
+    state: dict[str, torch.Tensor],
+    uri: str,
+    *,
+    allow_patch_resample: bool = False,
+) -> dict:
     """Return the weights in ``state`` that load into ``model``, or raise naming every mismatch.
 
     In order: common wrapper prefixes (``module.`` from DDP, ``_orig_mod.`` from
@@ -132,6 +158,10 @@ def match_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], uri
     position embedding (:func:`convert_checkpoint`); keys of the model's classifier head are
     dropped (the backbone has none). Whatever is left must match the model exactly.
     ``state`` is not modified.
+
+    timm's filter would also resample a patch embedding of another patch size; that gives
+    a model that runs but is not the checkpoint's, so it is refused unless
+    ``allow_patch_resample`` (set when the job asks for ``model.kwargs.patch_size``).
     """
     expected = model.state_dict()
     state = _strip_prefixes(state, set(expected))
@@ -146,6 +176,8 @@ def match_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], uri
             ", ".join(groups[:_MAX_KEYS_SHOWN]),
         )
     skip = {k for keys in other.values() for k in keys}
+    if not allow_patch_resample:
+        _check_patch_size(model, state, uri)
     state = convert_checkpoint(model, {k: v for k, v in state.items() if k not in skip}, uri)
     head = _classifier_prefixes(model)
     dropped = [k for k in state if k not in expected and k.startswith(head)]

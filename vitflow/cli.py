@@ -51,7 +51,7 @@ def _fail(message: str) -> None:
 
 
 @contextmanager
-def _job_errors(verbose: bool = False, interrupted: str = "nothing was changed"):
+def _job_errors(verbose: bool = False, interrupted="nothing was changed"):
     """Turn whatever stops a job into one sentence on stderr and exit code 1 (130 for
     Ctrl-C); ``--verbose`` adds the traceback. Only the CLI does this."""
     try:
@@ -60,7 +60,8 @@ def _job_errors(verbose: bool = False, interrupted: str = "nothing was changed")
         raise
     except KeyboardInterrupt:
         # Caught here, inside the command: typer would exit before vitflow could say this.
-        typer.echo(f"\ninterrupted: {interrupted}", err=True)
+        hint = interrupted() if callable(interrupted) else interrupted
+        typer.echo(f"\ninterrupted: {hint}", err=True)
         raise typer.Exit(code=130) from None
     except Exception as e:
         if verbose:
@@ -174,12 +175,31 @@ def embed(
         "model.checkpoint": checkpoint,
         "model.weights": weights,
     }
-    with _job_errors(verbose, "rerun the same command with --resume to finish"):
+    job: dict = {}
+
+    def resume_hint() -> str:
+        # What finishes the job depends on how far an --overwrite run got.
+        if not overwrite:
+            return "rerun the same command with --resume to finish"
+        try:
+            from vitflow.sinks import RUN_STATE
+            from vitflow.storage import open_fs
+
+            cfg = job["cfg"]
+            fs, out = open_fs(cfg.output.uri, cfg.storage.options_for(cfg.output.uri))
+            started = fs.exists(f"{out.rstrip('/')}/{RUN_STATE}")
+        except Exception:
+            started = False
+        if started:
+            return "rerun with --resume instead of --overwrite to finish"
+        return "the old output was being removed; rerun the same command to start again"
+
+    with _job_errors(verbose, resume_hint):
         data = read_yaml(config) if config is not None else {}
         for key, value in shortcuts.items():
             if value is not None:
                 set_path(data, key, value)
-        cfg = load_config(base=data, overrides=set_ or [])
+        cfg = job["cfg"] = load_config(base=data, overrides=set_ or [])
         if dry_run:
             from vitflow.dryrun import describe_plan, plan_here
             from vitflow.embed import prepare_embed

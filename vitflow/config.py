@@ -98,6 +98,12 @@ class SourceConfig(_Section):
         gt=0,
         description="Images with more pixels are error rows (decompression-bomb guard).",
     )
+    max_file_bytes: int = Field(
+        1 << 31,
+        gt=0,
+        description="Larger files are error rows and are never read (a stray 30 GB TIFF must "
+        "not take down the decode workers).",
+    )
     decode_timeout_s: float | None = Field(
         60.0,
         gt=0,

@@ -28,6 +28,10 @@ SUPPORTED_FORMATS: frozenset[str] = frozenset(
     {"JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF", "GIF", "AVIF", "HEIF"}
 )
 DEFAULT_MAX_PIXELS: int = 89_478_485
+# Formats libjpeg can scale while decoding (Image.draft: 1/2, 1/4, 1/8 in the DCT domain).
+DRAFT_FORMATS: frozenset[str] = frozenset({"JPEG", "MPO"})
+# Where decode_image records the file's own size when a draft decoded it smaller.
+_FULL_SIZE_KEY = "vitflow.full_size"
 
 # ISO-BMFF files start with an "ftyp" box whose major brand (bytes 8..12) names the
 # content: these are the brands pillow-heif's opener accepts (HEVC stills and sequences,
@@ -127,6 +131,19 @@ def _pillow_refused(e: Exception, max_pixels: int) -> DecodeError:
     )
 
 
+def exif_orientation(img: Image.Image) -> int:
+    """The EXIF orientation tag (1..8) of an opened image; 1 when absent or unreadable.
+
+    For JPEG it is known from the header alone, before any pixel is decoded.
+    """
+    try:
+        orientation = img.getexif().get(_ORIENTATION_TAG, 1)
+    except Exception:
+        # A corrupt EXIF block should not cost an otherwise decodable image.
+        return 1
+    return orientation if orientation in range(1, 9) else 1
+
+
 def _upright(img: Image.Image) -> Image.Image:
     """Applies the EXIF orientation tag, so the image is as a viewer displays it.
 
@@ -134,12 +151,7 @@ def _upright(img: Image.Image) -> Image.Image:
     this tag, so they are applied here; libheif applies them while decoding and pillow-heif
     resets the tag to 1, so a HEIF image is never turned twice.
     """
-    try:
-        orientation = img.getexif().get(_ORIENTATION_TAG, 1)
-    except Exception:
-        # A corrupt EXIF block should not cost an otherwise decodable image.
-        return img
-    if orientation in range(2, 9):
+    if exif_orientation(img) != 1:
         return ImageOps.exif_transpose(img)
     return img
 
@@ -184,7 +196,29 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def _draft(img: Image.Image, size: tuple[int, int]) -> None:
+    """Lets libjpeg decode ``img`` at 1/2, 1/4 or 1/8 scale, never below ``size`` (displayed
+    width, height) in either dimension. Before ``load``: the scale is a decoder setting."""
+    w, h = size
+    if exif_orientation(img) in (5, 6, 7, 8):
+        # The file stores the image on its side; the draft works in stored pixels.
+        w, h = h, w
+    # Mode "RGB" leaves the JPEG's colour space alone: CMYK and L convert as without a draft.
+    img.draft("RGB", (max(int(w), 1), max(int(h), 1)))
+
+
+def decoded_size(img: Image.Image) -> tuple[int, int]:
+    """``(width, height)`` of the image in its file, in displayed orientation: ``img.size``,
+    unless :func:`decode_image` decoded it smaller with ``draft_size``."""
+    return img.info.get(_FULL_SIZE_KEY, img.size)
+
+
+def decode_image(
+    data: bytes,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    draft_size: tuple[int, int] | None = None,
+) -> Image.Image:
     """Decodes image bytes into an 8-bit RGB image in displayed orientation.
 
     Args:
@@ -192,6 +226,13 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
         max_pixels: Largest width * height accepted. It is checked against the
             header, before any pixel is decoded. Pillow itself refuses images
             above twice its ``MAX_IMAGE_PIXELS`` whatever this value is.
+        draft_size: ``(width, height)`` in displayed orientation, or None (default: decode
+            every pixel). For a JPEG at least twice as large in both dimensions, libjpeg
+            decodes at 1/2, 1/4 or 1/8 scale in the DCT domain, never below this size
+            (:meth:`vitflow.preprocess.Preprocessor.draft_size` is the smallest size its
+            resize reads). Much faster for camera photos, but the pixels differ from the
+            exact path; other formats ignore it. :func:`decoded_size` still gives the
+            file's size.
 
     Returns:
         A fully loaded mode "RGB" image that no longer refers to ``data``. Only
@@ -231,6 +272,9 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
                 )
             if img.width * img.height > max_pixels:
                 raise _too_large(img.size, max_pixels)
+            stored_size = img.size
+            if draft_size is not None and fmt in DRAFT_FORMATS:
+                _draft(img, draft_size)
             try:
                 # Decoding is lazy: force it here so truncation surfaces now.
                 img.load()
@@ -247,4 +291,8 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
                 raise DecodeError(
                     f"cannot convert {fmt} image (mode {img.mode}) to RGB: {_reason(e)}"
                 ) from e
+            if img.size != stored_size:
+                # Drafted: keep the file's size, turned as the pixels were.
+                turned = exif_orientation(img) in (5, 6, 7, 8)
+                rgb.info[_FULL_SIZE_KEY] = stored_size[::-1] if turned else stored_size
     return rgb

@@ -28,10 +28,11 @@ from vitflow.backbone import Backbone, backbone_bytes, create_backbone, weights_
 from vitflow.config import EmbedConfig
 from vitflow.errors import ConfigError, OutputExistsError, VitflowError, job_error_in
 from vitflow.features import FeatureExtractor, FeaturePlan
-from vitflow.locking import LOCK_NAME
+from vitflow.locking import LOCK_NAME, RunLock
 from vitflow.manifest import build_manifest, write_manifest
 from vitflow.outputs import check_output_location, output_lock
 from vitflow.preprocess import Preprocessor
+from vitflow.retry import retrying
 from vitflow.runtime import ActorPlan, plan_pool, ray_session
 from vitflow.sinks import (
     PART_COLUMN,
@@ -181,7 +182,7 @@ def _check_resumable(plan: EmbedPlan) -> None:
                 "choose another output.uri or pass --overwrite instead of --resume"
             )
         return  # nothing was started: --resume on an empty output is a fresh run
-    state = json.loads(fs.cat_file(state_path))
+    state = json.loads(retrying(lambda: fs.cat_file(state_path), what=f"read {state_path}"))
     if state.get("fingerprint") != plan.fingerprint:
         raise ConfigError(
             f"cannot resume {plan.cfg.output.uri!r}: the model weights, feature spec, source "
@@ -225,17 +226,23 @@ def run_embed(
         True
     """
     started = time.time()
-    with output_lock(cfg):
+    with output_lock(cfg) as lock:
         plan = plan or prepare_embed(cfg, overwrite=overwrite, resume=resume)
-        return _run_locked(plan, overwrite, resume, address, started)
+        return _run_locked(plan, overwrite, resume, address, started, lock)
 
 
 def _run_locked(
-    plan: EmbedPlan, overwrite: bool, resume: bool, address: str | None, started: float
+    plan: EmbedPlan,
+    overwrite: bool,
+    resume: bool,
+    address: str | None,
+    started: float,
+    lock: RunLock,
 ) -> EmbedResult:
     cfg, retry_s = plan.cfg, plan.cfg.storage.retry_seconds
     fs, out = plan.output_fs, plan.output_path
     if overwrite:
+        lock.check()
         removed = remove_output(fs, out, retry_s)
         log.info("--overwrite: removed %d files of the previous output", removed)
     table = plan.listing.table
@@ -261,6 +268,7 @@ def _run_locked(
             stats = _execute(ray, plan, actors, todo, part_sizes)
     elif part_sizes:  # everything left was staged already: just finish those parts
         PartWriter(fs, out, part_sizes, retry_s=retry_s)
+    lock.check()  # never tidy or finalise an output another run has taken over
     clean_staging(fs, out, retry_s=retry_s)
     seconds = time.time() - started
     counts, parts = _verify_output(plan)
@@ -294,7 +302,16 @@ def _execute(ray, plan: EmbedPlan, actors: ActorPlan, todo: pa.Table, part_sizes
     stats = ray.remote(num_cpus=0)(EmbedStats).options(name=stats_name).remote()
     weights = ray.put(plan.weights)
     try:
-        ds = embed_stages(ray, cfg, plan.backbone.data_config, weights, actors, stats_name, todo)
+        ds = embed_stages(
+            ray,
+            cfg,
+            plan.backbone.data_config,
+            weights,
+            actors,
+            stats_name,
+            todo,
+            source_root=plan.listing.local_root,
+        )
         # One writer: it counts every part's rows to know when the part is complete.
         ds = ds.map_batches(
             PartWriter,
@@ -332,9 +349,11 @@ def embed_stages(
     actors: ActorPlan,
     stats_name: str | None,
     table: pa.Table,
+    source_root: str | None = None,
 ):
     """Listing rows -> read+decode tasks -> model actor pool: the stream that embed and
-    reindex share. Returns the Ray Dataset of output rows (one pa.Table per batch)."""
+    reindex share. Returns the Ray Dataset of output rows (one pa.Table per batch).
+    ``source_root`` (a local source's folder) is where links may lead when read."""
     ds = ray.data.from_arrow(input_blocks(table, cfg.compute.batch_size))
     ds = ds.map_batches(
         decode_batch,
@@ -347,6 +366,9 @@ def embed_stages(
             "decode_timeout_s": cfg.source.decode_timeout_s,
             "storage_options": cfg.storage.options_for(cfg.source.uri),
             "retry_s": cfg.storage.retry_seconds,
+            "max_file_bytes": cfg.source.max_file_bytes,
+            "source_root": source_root,
+            "follow_symlinks": cfg.source.follow_symlinks,
         },
     )
     return ds.map_batches(
@@ -419,5 +441,8 @@ def _verify_output(plan: EmbedPlan) -> tuple[dict[str, int], dict[str, int]]:
 def _read_columns(fs, path: str, names: list[str]) -> pa.Table:
     import pyarrow.parquet as pq
 
-    with fs.open(path, "rb") as f:
-        return pq.read_table(f, columns=names)
+    def read():
+        with fs.open(path, "rb") as f:
+            return pq.read_table(f, columns=names)
+
+    return retrying(read, what=f"read {path}")

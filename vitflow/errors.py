@@ -45,8 +45,10 @@ def job_error_in(e: BaseException) -> VitflowError | None:
         if x is None or id(x) in seen:
             continue
         seen.add(id(x))
-        if isinstance(x, VitflowError):
+        if isinstance(x, VitflowError) and type(x).__module__.startswith("vitflow"):
             return x
+        # Ray re-raises a remote error as a class made on the fly (RayTaskError(DiskFull)),
+        # whose text is the whole remote traceback: the original is its .cause.
         stack += [getattr(x, "cause", None), x.__cause__, x.__context__]
     text = str(e)
     for cls in _job_error_classes():
@@ -60,6 +62,7 @@ def _job_error_classes() -> list[type[VitflowError]]:
     out, todo = [], [VitflowError]
     while todo:
         cls = todo.pop()
-        out.append(cls)
+        if cls.__module__.startswith("vitflow"):  # not Ray's on-the-fly wrapper classes
+            out.append(cls)
         todo += cls.__subclasses__()
     return sorted(out, key=lambda c: -len(c.__mro__))  # most specific first

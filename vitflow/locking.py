@@ -83,6 +83,9 @@ class RunLock:
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "pid_started": _process_start(os.getpid()),
+            "boot_id": _boot_id(),
+            "pid_namespace": _pid_namespace(),
+            "heartbeat_s": heartbeat_s,
             "started": _iso(self.started),
         }
         self._fd: int | None = None
@@ -92,6 +95,7 @@ class RunLock:
         self._outer: RunLock | None = None
         self._depth = 0
         self._made_folder = False
+        self.lost: str | None = None
 
     # -- public ---------------------------------------------------------------------------
 
@@ -170,10 +174,22 @@ class RunLock:
         self._made_folder = not os.path.isdir(self.folder)
         os.makedirs(self.folder, exist_ok=True)
         for _ in range(10):
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o664)
+            except PermissionError as e:
+                raise OutputLocked(
+                    f"cannot open the lock file {self.path} ({e.strerror}): a run by another "
+                    "user left it in a folder you share; remove it if no run is writing there"
+                ) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            except OSError as e:
+                if not isinstance(e, BlockingIOError):
+                    os.close(fd)
+                    raise OutputLocked(
+                        f"cannot lock {self.path} ({e.strerror}): this filesystem has no working "
+                        "file locks (an NFS mount without lockd?); write the output elsewhere"
+                    ) from None
                 holder = _read_json(lambda fd=fd: os.pread(fd, 1 << 16, 0))
                 os.close(fd)
                 raise OutputLocked(self._held_message(holder)) from None
@@ -196,36 +212,64 @@ class RunLock:
 
     def _acquire_conditional(self) -> None:
         try:
-            self.fs.pipe_file(self.path, self._payload(), mode="create")
+            self._create()
         except FileExistsError:
             self._take_over_if_stale()
         self._etag = self._current_etag()
 
-    def _take_over_if_stale(self) -> None:
-        self.fs.invalidate_cache(self.path)
+    def _create(self) -> None:
+        """Create the lock object only if there is none (``If-None-Match: *``)."""
         try:
-            info = self.fs.info(self.path)
-            holder = _read_json(lambda: self.fs.cat_file(self.path))
-        except FileNotFoundError:  # released meanwhile: try once more from the start
             self.fs.pipe_file(self.path, self._payload(), mode="create")
+        except FileExistsError:
+            raise
+        except OSError as e:
+            # Some stores answer a lost race with 412 without the condition header, or 409.
+            if self.fs.exists(self.path):
+                raise FileExistsError(str(e)) from e
+            raise
+
+    def _take_over_if_stale(self) -> None:
+        """Take over a lock whose holder stopped beating, judged without trusting clocks:
+        its heartbeat looks old here (or its holder ran on this host and is gone), *and* the
+        lock object does not change for two heartbeat periods while we watch it."""
+        info, holder = self._peek()
+        if info is None:  # released meanwhile: try once more from the start
+            self._create()
             return
         beat = holder.get("heartbeat") or holder.get("started")
         age = _now() - _parse_iso(beat) if beat else float("inf")
         if age <= self.stale_s and not _died_here(holder):
             raise OutputLocked(self._held_message(holder, age))
+        watch = 2 * float(holder.get("heartbeat_s") or self.heartbeat_s) + 5
+        log.warning(
+            "%s has a lock that looks stale (%s); watching it %.0f s before taking it over",
+            self.uri,
+            _describe(holder),
+            watch,
+        )
+        time.sleep(watch)
+        again, holder = self._peek()
+        if again is None:
+            self._create()
+            return
+        if again.get("ETag") != info.get("ETag"):
+            raise OutputLocked(self._held_message(holder))  # it is alive after all
         try:
-            self.fs.pipe_file(self.path, self._payload(), IfMatch=info["ETag"])
+            self.fs.pipe_file(self.path, self._payload(), IfMatch=again["ETag"])
         except OSError as e:
             raise OutputLocked(
                 f"{self.uri!r}: a stale lock was being taken over by another run at the same "
                 f"time ({e}); rerun in a moment"
             ) from e
-        log.warning(
-            "took over the lock of %s from a run that stopped beating %.0f s ago (%s)",
-            self.uri,
-            age,
-            _describe(holder),
-        )
+        log.warning("took over the lock of %s from %s", self.uri, _describe(holder))
+
+    def _peek(self) -> tuple[dict | None, dict[str, Any]]:
+        self.fs.invalidate_cache(self.path)
+        try:
+            return self.fs.info(self.path), _read_json(lambda: self.fs.cat_file(self.path))
+        except FileNotFoundError:
+            return None, {}
 
     def _current_etag(self) -> str | None:
         self.fs.invalidate_cache(self.path)
@@ -236,8 +280,26 @@ class RunLock:
             try:
                 self.fs.pipe_file(self.path, self._payload(), IfMatch=self._etag)
                 self._etag = self._current_etag()
-            except Exception as e:  # the run goes on; the lock may be taken over if this lasts
+            except Exception as e:
+                _, holder = self._peek()
+                if holder.get("run_id") not in (None, self.info["run_id"]):
+                    self.lost = f"taken over by {_describe(holder)}"
+                    log.error("the lock of %s was %s", self.uri, self.lost)
+                    return
+                # A passing outage: the run goes on, and beats again when the store is back.
                 log.warning("lock heartbeat for %s failed: %s", self.uri, e)
+
+    def check(self) -> None:
+        """Raise :class:`OutputLocked` when this run no longer holds its lock; callers check
+        before every step that deletes or finalises (another run may be writing now)."""
+        if self._outer is not None:
+            self._outer.check()
+            return
+        if self.lost:
+            raise OutputLocked(
+                f"the lock on {self.uri!r} was {self.lost} (this run's heartbeat had stopped); "
+                "this run stopped without changing the output further"
+            )
 
     # -- anything else ----------------------------------------------------------------------
 
@@ -284,11 +346,33 @@ def _process_start(pid: int) -> str | None:
         return None
 
 
+def _boot_id() -> str | None:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _pid_namespace() -> str | None:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
 def _died_here(holder: dict[str, Any]) -> bool:
-    """Whether the lock's holder ran on this host and is no longer running: its lock is
-    stale at once, whatever its heartbeat says (a run that died in an outage could not
-    remove its lock)."""
-    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+    """Whether the lock's holder ran on this machine, in this pid namespace, since this boot,
+    and is no longer running (a run that died in an outage could not remove its lock).
+    Containers that share a host name but not a pid namespace never match."""
+    same_place = (
+        holder.get("host") == socket.gethostname()
+        and holder.get("boot_id") is not None
+        and holder.get("boot_id") == _boot_id()
+        and holder.get("pid_namespace") is not None
+        and holder.get("pid_namespace") == _pid_namespace()
+    )
+    if not same_place or not isinstance(holder.get("pid"), int):
         return False
     started = _process_start(holder["pid"])
     if started is None:

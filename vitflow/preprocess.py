@@ -5,6 +5,12 @@ the PIL part and ship ``uint8`` ``(H, W, 3)`` arrays (4x smaller than float32 th
 object store); the model actor runs ``ToTensor`` + ``Normalize`` on the whole batch, on the
 accelerator when there is one. The arithmetic is the same as torchvision's, in the same
 order, so the result equals the unsplit transform exactly.
+
+Two faster paths change pixels and are opt-in: :attr:`Preprocessor.draft_size` lets a JPEG
+decode at reduced scale (:func:`vitflow.decode.decode_image`), and
+:meth:`Preprocessor.resize_crop_tensor` runs the same resize/crop ops on tensors (on the GPU,
+after a batched GPU decode). ``benchmarks/decode_deviation.py`` measures how far each lands
+from the exact path.
 """
 
 from __future__ import annotations
@@ -12,10 +18,13 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import PIL
 import torch
 from PIL import Image
 from timm.data import create_transform
+from timm.data.transforms import CenterCropOrPad, ResizeKeepRatio
 from torchvision import transforms as T
+from torchvision.transforms import functional as F
 
 from vitflow.errors import ModelError
 
@@ -50,12 +59,52 @@ class Preprocessor:
         self.mean = torch.as_tensor(norm.mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.as_tensor(norm.std, dtype=torch.float32).view(1, 3, 1, 1)
         self.input_size = tuple(int(v) for v in data_config["input_size"])
+        self.draft_size = _draft_size(steps[:cut])
+        self.tensor_unsupported = _tensor_unsupported(steps[:cut])
 
     def resize_crop(self, img: Image.Image) -> np.ndarray:
         """RGB PIL image -> ``uint8`` array ``(H, W, 3)`` at the model's input size."""
         out = np.asarray(self._pil_steps(img), dtype=np.uint8)
         if out.shape != (self.input_size[1], self.input_size[2], 3):
             raise ValueError(f"preprocessed to {out.shape}, expected {self.input_size[1:]} x 3")
+        return out
+
+    def resize_crop_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        """``uint8`` ``(N, 3, H, W)`` images of one size -> ``uint8`` ``(N, h, w, 3)`` at the
+        model's input size, on ``x``'s device (the GPU after a GPU decode).
+
+        The geometry is :meth:`resize_crop`'s exactly (torchvision's and timm's own size and
+        crop rules). The resampling is torch's antialiased interpolation, which uses PIL's
+        filters (bicubic a=-0.5, bilinear triangle), in PIL's way: one axis, rounded to 8
+        bits, then the other, in the order Pillow picks. What remains is float32 against PIL's fixed-point
+        arithmetic: pixels within a level or two of :meth:`resize_crop`.
+
+        Raises:
+            ValueError: for a transform with an op or interpolation that has no tensor
+                equivalent (:attr:`tensor_unsupported` says which); use :meth:`resize_crop`.
+        """
+        if self.tensor_unsupported is not None:
+            raise ValueError(self.tensor_unsupported)
+        if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected uint8 (N, 3, H, W), but got {x.dtype} {tuple(x.shape)}")
+        for t in self._pil_steps.transforms:
+            h, w = x.shape[-2:]
+            if isinstance(t, T.Resize):
+                size = [t.size] if isinstance(t.size, int) else list(t.size)
+                out_h, out_w = F._compute_resized_output_size((h, w), size, t.max_size)
+                x = _resample(x, out_h, out_w, t.interpolation)
+            elif isinstance(t, ResizeKeepRatio):
+                out_h, out_w = ResizeKeepRatio.get_params(x, t.size, t.longest)
+                x = _resample(x, out_h, out_w, t.interpolation)
+            elif isinstance(t, CenterCropOrPad):
+                x = _center_crop_or_pad(x, t.size, t.fill)
+            else:
+                x = t(x)  # CenterCrop: pads with 0 on tensors as on PIL images
+        out = x.permute(0, 2, 3, 1).contiguous()
+        if tuple(out.shape[1:]) != (self.input_size[1], self.input_size[2], 3):
+            raise ValueError(
+                f"preprocessed to {tuple(out.shape[1:])}, expected {self.input_size[1:]} x 3"
+            )
         return out
 
     def to_tensor(
@@ -65,6 +114,88 @@ class Preprocessor:
         x = torch.as_tensor(pixels).to(device, non_blocking=True)
         x = x.permute(0, 3, 1, 2).float().div(255)
         return x.sub(self.mean.to(x.device)).div(self.std.to(x.device))
+
+
+def _draft_size(steps: list[Any]) -> tuple[int, int] | None:
+    """The smallest ``(width, height)`` whose both sides are at least what the first resize
+    writes, for any image: a JPEG drafted to it is never upsampled by that resize."""
+    first = steps[0] if steps else None
+    if isinstance(first, T.Resize) and first.max_size is None:
+        size = first.size
+        if isinstance(size, int) or len(size) == 1:
+            # Shorter side to s: the shorter side, and so both, at least s.
+            s = size if isinstance(size, int) else size[0]
+            return (int(s), int(s))
+        return (int(size[1]), int(size[0]))
+    if isinstance(first, ResizeKeepRatio):
+        # longest=0 fits the tighter side to the target, longest=1 the looser: both sides
+        # of either stay within the target size.
+        return (int(first.size[1]), int(first.size[0]))
+    return None
+
+
+# torchvision runs these on tensors the way it runs them on PIL images; NEAREST differs
+# (PIL and torch pick different source pixels) and the others have no tensor kernel.
+_TENSOR_INTERPOLATIONS = (T.InterpolationMode.BILINEAR, T.InterpolationMode.BICUBIC)
+
+
+def _tensor_unsupported(steps: list[Any]) -> str | None:
+    """Why ``steps`` cannot run on tensors as they do on PIL images, or None when they can."""
+    for t in steps:
+        if isinstance(t, T.Resize | ResizeKeepRatio):
+            if t.interpolation not in _TENSOR_INTERPOLATIONS:
+                return (
+                    f"{type(t).__name__} with {t.interpolation.value} interpolation has no "
+                    "tensor equivalent of PIL's (only bilinear and bicubic); decode on the CPU"
+                )
+        elif isinstance(t, CenterCropOrPad):
+            if t.padding_mode != "constant":
+                return f"CenterCropOrPad with padding_mode {t.padding_mode!r} has no tensor path"
+        elif not isinstance(t, T.CenterCrop):
+            return f"{type(t).__name__} has no tensor path; decode on the CPU"
+    return None
+
+
+# Pillow 13 resizes height first when that shrinks much more than width (Resample.c,
+# "horizontal_first"); earlier Pillows always resize width first.
+_PIL_HEIGHT_FIRST_RULE = int(PIL.__version__.split(".")[0]) >= 13
+
+
+def _resample(x: torch.Tensor, out_h: int, out_w: int, mode: T.InterpolationMode) -> torch.Tensor:
+    """PIL's two-pass resize on ``uint8`` ``(N, C, H, W)``: one axis, rounded to 8 bits, then
+    the other, in the order Pillow picks."""
+    h, w = x.shape[-2:]
+    if (out_h, out_w) == (h, w):
+        return x  # as torchvision's resize: no resampling at all
+    height_first = _PIL_HEIGHT_FIRST_RULE and h - out_h > 0 and h - out_h > 2 * (w - out_w)
+    passes = ((out_h, w), (out_h, out_w)) if height_first else ((h, out_w), (out_h, out_w))
+    y = x.float()
+    for size in passes:
+        if tuple(y.shape[-2:]) != size:
+            y = torch.nn.functional.interpolate(
+                y, size=size, mode=mode.value, align_corners=False, antialias=True
+            )
+            # PIL rounds half up; exact halves are as rare in float32 as they are harmless.
+            y = y.round_().clamp_(0, 255)
+    return y.to(torch.uint8)
+
+
+def _center_crop_or_pad(x: torch.Tensor, size: tuple[int, int], fill: Any) -> torch.Tensor:
+    """timm's ``center_crop_or_pad`` on tensors, with a per-channel fill (torchvision's
+    tensor ``pad`` takes one number only)."""
+    crop_h, crop_w = size
+    h, w = x.shape[-2:]
+    if crop_w > w or crop_h > h:
+        left, top = max(crop_w - w, 0) // 2, max(crop_h - h, 0) // 2
+        canvas = torch.empty(
+            (*x.shape[:-2], max(h, crop_h), max(w, crop_w)), dtype=x.dtype, device=x.device
+        )
+        canvas[:] = torch.as_tensor(fill, dtype=x.dtype, device=x.device).reshape(-1, 1, 1)
+        canvas[..., top : top + h, left : left + w] = x
+        x = canvas
+        h, w = x.shape[-2:]
+    top, left = int(round((h - crop_h) / 2.0)), int(round((w - crop_w) / 2.0))
+    return x[..., top : top + crop_h, left : left + crop_w]
 
 
 def _transform_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -358,6 +358,7 @@ def _embed_into(plan: ReindexPlan, stager: FileStager, address: str | None):
                 actors,
                 stats_name,
                 plan.todo,
+                source_root=plan.embed.listing.local_root,
             )
             for batch in ds.iter_batches(
                 batch_format="pyarrow", batch_size=cfg.output.rows_per_file

@@ -32,7 +32,7 @@ from vitflow import columns
 from vitflow.errors import VitflowError
 from vitflow.locking import LOCK_NAME
 from vitflow.retry import DEFAULT_RETRY_SECONDS, retrying
-from vitflow.storage import is_local, list_names, remove_file, write_atomic
+from vitflow.storage import is_local, list_entries, list_names, remove_file, write_atomic
 
 STAGING = "_staging"
 RUN_STATE = "_vitflow_run.json"  # what an unfinished run was doing, for --resume
@@ -72,14 +72,19 @@ def finished_parts(fs, out_path: str) -> set[int]:
     return done
 
 
-def is_output_file(relpath: str) -> bool:
+_MARKERS = (columns.MANIFEST_NAME, RUN_STATE)  # what makes part files recognisably ours
+
+
+def is_output_file(relpath: str, *, marked: bool = True) -> bool:
     """Whether a file (path relative to the output folder) is one an embed run writes: a
-    part, the manifest, the run state, the run lock, a staged piece or a temporary file."""
+    part, the manifest, the run state, the run lock, a staged piece or a temporary file.
+    Part files count only in a ``marked`` folder (one holding a manifest or run state): a
+    bare ``part-00000.parquet`` could be anyone's."""
     top, _, rest = relpath.partition("/")
     if not rest:
         return bool(
-            _PART_FILE.match(top)
-            or top in (columns.MANIFEST_NAME, RUN_STATE, LOCK_NAME)
+            (marked and _PART_FILE.match(top))
+            or top in (*_MARKERS, LOCK_NAME)
             or _TMP_FILE.match(top)
         )
     return (
@@ -91,30 +96,43 @@ def is_output_file(relpath: str) -> bool:
 
 def output_files(fs, out_path: str) -> tuple[list[str], list[str]]:
     """``(ours, foreign)``: the files under ``out_path`` an embed run wrote, and the others
-    (paths relative to ``out_path``)."""
+    (paths relative to ``out_path``; a foreign folder is named, not walked).
+
+    An embed run writes only at the top of its folder and in ``_staging/``, so only those two
+    listings are read: ``-o ~ --overwrite`` costs two directory listings, not a walk of the
+    home folder."""
     out = out_path.rstrip("/")
-    if not is_local(fs):
-        fs.invalidate_cache(out)
-    try:
-        found = fs.find(out, withdirs=False) if fs.isdir(out) else []
-    except FileNotFoundError:
-        found = []
-    rel = sorted(
-        posixpath.relpath(p, out) if p.startswith("/") else p[len(out) :].lstrip("/") for p in found
-    )
-    ours = [r for r in rel if is_output_file(r)]
-    return ours, [r for r in rel if not is_output_file(r)]
+    top = [
+        (posixpath.basename(e["name"].rstrip("/")), e.get("type") == "directory")
+        for e in list_entries(fs, out)
+    ]
+    names = {name for name, _ in top}
+    marked = any(m in names for m in _MARKERS)
+    ours: list[str] = []
+    foreign: list[str] = []
+    for name, is_dir in sorted(top):
+        if is_dir and name == STAGING:
+            for p in _ls(fs, posixpath.join(out, STAGING)):
+                rel = f"{STAGING}/{posixpath.basename(p.rstrip('/'))}"
+                (ours if is_output_file(rel) else foreign).append(rel)
+        elif is_dir:
+            foreign.append(name + "/")
+        else:
+            (ours if is_output_file(name, marked=marked) else foreign).append(name)
+    return ours, foreign
 
 
 def remove_output(fs, out_path: str, retry_s: float | None = None) -> int:
     """Delete a previous embed output's files (and nothing else; the run lock of the run
     doing this stays); returns how many. Callers check first that :func:`output_files`
-    found nothing foreign."""
+    found nothing foreign. The manifest and run state go last, so an interrupted removal
+    still leaves a folder recognisably vitflow's."""
     out = out_path.rstrip("/")
     ours, foreign = output_files(fs, out)
     if foreign:  # the caller's check ran on an older view; never delete what is not ours
         raise FileExistsError(f"{posixpath.join(out, foreign[0])} was not written by vitflow")
     ours = [rel for rel in ours if rel != LOCK_NAME]
+    ours.sort(key=lambda rel: rel in _MARKERS)
     for rel in ours:
         remove_file(fs, posixpath.join(out, rel), retry_s=retry_s)
     _remove_empty_staging(fs, out)
@@ -242,7 +260,10 @@ def staged_ids(fs, out_path: str) -> dict[int, set[str]]:
     for piece in _ls(fs, posixpath.join(out_path.rstrip("/"), STAGING)):
         m = _PIECE_FILE.match(posixpath.basename(piece))
         if m:
-            ids = _read_parquet(fs, piece, columns=[columns.ID]).column(0)
+            ids = retrying(
+                lambda piece=piece: _read_parquet(fs, piece, columns=[columns.ID]),
+                what=f"read {piece}",
+            ).column(0)
             seen.setdefault(int(m.group(1)), set()).update(ids.to_pylist())
     return seen
 

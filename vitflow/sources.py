@@ -150,6 +150,11 @@ class Listing:
     def __len__(self) -> int:
         return self.table.num_rows
 
+    @property
+    def local_root(self) -> str | None:
+        """The source folder when it is on local disk (reads check links against it)."""
+        return self.root if self.protocol in ("file", "local") else None
+
 
 def list_images(cfg: SourceConfig, storage_options: dict[str, Any] | None = None) -> Listing:
     """List the images under ``cfg.uri`` (recursively), sorted by path.
@@ -238,7 +243,7 @@ def _list(fs, root: str, cfg: SourceConfig) -> Listing:
                 "size": f.size,
                 "mtime": f.mtime,
                 # A link leaving the source outranks its name: renaming would not make it readable.
-                columns.LIST_ERROR: f.error or name_error,
+                columns.LIST_ERROR: f.error or name_error or _too_big(f.size, cfg),
             }
         )
     skipped = SkippedFiles(by_extension=_by_count(unlisted), hidden=hidden, **folders)
@@ -291,6 +296,15 @@ def _nothing_listed(cfg: SourceConfig, skipped: SkippedFiles, shown: int = 5) ->
         parts.append(f"{skipped.unreadable_folders} folder(s) could not be read (permissions?)")
     parts.append("check source.uri and source.extensions")
     return "; ".join(parts)
+
+
+def _too_big(size: int, cfg: SourceConfig) -> str | None:
+    if size <= cfg.max_file_bytes:
+        return None
+    return (
+        f"file is {size} bytes, more than source.max_file_bytes={cfg.max_file_bytes}; not read "
+        "(raise the limit to embed it)"
+    )
 
 
 def _mtime(info: dict[str, Any]) -> str | None:

@@ -21,7 +21,7 @@ import torch
 
 from vitflow import columns
 from vitflow.decode import DecodeError, decode_image
-from vitflow.errors import StorageUnavailable
+from vitflow.errors import ConfigError, StorageUnavailable
 from vitflow.preprocess import Preprocessor
 from vitflow.sinks import PART_COLUMN
 from vitflow.storage import read_bytes
@@ -62,6 +62,40 @@ def time_limit(seconds: float | None):
         signal.signal(signal.SIGALRM, previous)
 
 
+class ReadBreaker:
+    """Tells a bad file from a failing store by what the *next* files do.
+
+    One file that cannot be read is an error row. :data:`BREAKER_READS` files in a row that
+    fail the same way (expired credentials, an endpoint answering 5xx to everything) are the
+    store failing, not the files: the job stops resumably instead of writing error rows for
+    every file read while it lasts. A missing file is always that file's own problem.
+    """
+
+    BREAKER_READS = 8
+
+    def __init__(self):
+        self.kind: str | None = None
+        self.count = 0
+
+    def ok(self) -> None:
+        self.kind, self.count = None, 0
+
+    def failed(self, e: Exception) -> None:
+        if isinstance(e, FileNotFoundError | IsADirectoryError | NotADirectoryError):
+            self.ok()
+            return
+        kind = type(e).__name__
+        self.count = self.count + 1 if kind == self.kind else 1
+        self.kind = kind
+        if self.count >= self.BREAKER_READS:
+            raise StorageUnavailable(
+                f"{self.count} files in a row could not be read ({kind}: {str(e)[:200]}): the "
+                "store itself is failing (expired credentials, an endpoint answering errors), "
+                "not the files; the job stopped with its finished work kept, fix it and rerun "
+                "with --resume"
+            ) from e
+
+
 def decode_batch(
     batch: dict[str, np.ndarray],
     *,
@@ -70,6 +104,9 @@ def decode_batch(
     storage_options: dict[str, Any] | None = None,
     decode_timeout_s: float | None = None,
     retry_s: float | None = None,
+    max_file_bytes: int | None = None,
+    source_root: str | None = None,
+    follow_symlinks: bool = True,
 ) -> dict[str, np.ndarray]:
     """Read, decode and resize/crop a batch of listed files (a Ray Data ``map_batches`` UDF).
 
@@ -88,17 +125,27 @@ def decode_batch(
     width = np.full(n, -1, dtype=np.int32)
     height = np.full(n, -1, dtype=np.int32)
     refused = _strings(batch[columns.LIST_ERROR]) if columns.LIST_ERROR in batch else [None] * n
+    breaker = ReadBreaker()
     for i, path in enumerate(batch[columns.PATH]):
         if refused[i] is not None:
             status[i], error[i] = columns.STATUS_ERROR, refused[i]
             continue
         try:
-            data = read_bytes(path, storage_options, retry_s=retry_s)
+            data = read_bytes(
+                path,
+                storage_options,
+                retry_s=retry_s,
+                max_bytes=max_file_bytes,
+                root=source_root,
+                follow_symlinks=follow_symlinks,
+            )
         except StorageUnavailable:
             raise  # the store is down, not this file: stop the job (resumably)
-        except Exception as e:  # any other read failure is this file's, not the job's
+        except Exception as e:  # any other read failure is this file's, not the job's ...
+            breaker.failed(e)  # ... unless file after file fails the same way
             status[i], error[i] = columns.STATUS_ERROR, f"read failed: {type(e).__name__}: {e}"
             continue
+        breaker.ok()
         try:
             with time_limit(decode_timeout_s):
                 img = decode_image(data, max_pixels=max_pixels)
@@ -218,7 +265,7 @@ class EmbedWorker:
             # manifest would say cuda. The driver's probe normally stops the job earlier.
             from vitflow.accelerator import cuda_problem, cuda_report
 
-            raise RuntimeError(cuda_problem(cuda_report(), "this model actor's node"))
+            raise ConfigError(cuda_problem(cuda_report(), "this model actor's node"))
         self.device = torch.device(device)
         bb = backbone_from_bytes(ray.get(weights[0]), cfg.model)
         self.pre = Preprocessor(bb.data_config)

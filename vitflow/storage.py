@@ -81,9 +81,39 @@ def resolve(uri: str, storage_options: dict[str, Any] | None = None) -> Location
 
 
 def overlap(a: str, b: str, storage_options: dict[str, Any] | None = None) -> bool:
-    """Whether one of two URIs is the same place as the other or lies inside it."""
+    """Whether one of two URIs is the same place as the other or lies inside it.
+
+    Local paths are compared twice: by resolved spelling, and by file identity (device and
+    inode) along their existing ancestors, which also catches what spelling cannot: a bind
+    mount, or another case of the name on a case-insensitive filesystem."""
     la, lb = resolve(a, storage_options), resolve(b, storage_options)
-    return la.contains(lb) or lb.contains(la)
+    if la.contains(lb) or lb.contains(la):
+        return True
+    if la.store == lb.store == "local":
+        return _inside_by_identity(la.path, lb.path) or _inside_by_identity(lb.path, la.path)
+    return False
+
+
+def _inside_by_identity(inner: str, outer: str) -> bool:
+    """Whether the folder ``outer`` (if it exists) is ``inner`` or one of its ancestors, by
+    device and inode; ``inner`` need not exist (its nearest existing ancestor stands in)."""
+    try:
+        st = os.stat(outer)
+    except OSError:
+        return False
+    target = (st.st_dev, st.st_ino)
+    path = inner
+    while True:
+        try:
+            s_ = os.stat(path)
+            if (s_.st_dev, s_.st_ino) == target:
+                return True
+        except OSError:
+            pass  # not there (yet): look at its parent
+        parent = os.path.dirname(path)
+        if parent == path:
+            return False
+        path = parent
 
 
 def write_atomic(fs, path: str, data: bytes, *, retry_s: float | None = None) -> None:
@@ -134,15 +164,27 @@ def remove_file(fs, path: str, *, retry_s: float | None = None) -> None:
         fs.invalidate_cache(path)
 
 
-def list_names(fs, path: str) -> list[str]:
-    """Paths directly under ``path``, fresh from the store (never a cached listing); [] when
-    it does not exist (object stores have no empty folders)."""
-    if not is_local(fs):
-        fs.invalidate_cache(path)
-    try:
-        return fs.ls(path, detail=False)
-    except FileNotFoundError:
-        return []
+def list_entries(fs, path: str, *, retry_s: float | None = None) -> list[dict[str, Any]]:
+    """Entries directly under ``path`` (fsspec ``ls`` details: name, type, size), fresh from
+    the store (never a cached listing), retried while the store is unreachable; [] when it
+    does not exist (object stores have no empty folders)."""
+    from vitflow.retry import DEFAULT_RETRY_SECONDS, retrying
+
+    def ls():
+        if not is_local(fs):
+            fs.invalidate_cache(path)
+        try:
+            return fs.ls(path, detail=True)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    budget = DEFAULT_RETRY_SECONDS if retry_s is None else retry_s
+    return retrying(ls, what=f"list {path}", budget_s=budget)
+
+
+def list_names(fs, path: str, *, retry_s: float | None = None) -> list[str]:
+    """Paths directly under ``path``: :func:`list_entries` without the details."""
+    return [e["name"] for e in list_entries(fs, path, retry_s=retry_s)]
 
 
 READ_ATTEMPTS = 4  # per file, for errors of that file (5xx on one key, throttling)
@@ -154,6 +196,57 @@ def _filesystem(protocol: str, storage_options_json: str):
     return fsspec.filesystem(protocol, **json.loads(storage_options_json))
 
 
+class UnreadableFile(PermissionError):
+    """A file the read refuses on sight (not a regular file any more, a link that now leaves
+    the source, larger than ``source.max_file_bytes``): that file's error row, never retried."""
+
+
+def read_local(
+    path: str,
+    *,
+    max_bytes: int | None = None,
+    root: str | None = None,
+    follow_symlinks: bool = True,
+) -> bytes:
+    """Read a local file, checking at read time what the listing checked earlier.
+
+    The file may have changed since it was listed: a link is followed only when it stays
+    under ``root`` (or ``follow_symlinks``), only a regular file is read (opened
+    non-blocking, so a FIFO put in its place cannot hang the task), and at most
+    ``max_bytes`` are read.
+    """
+    import errno
+    import stat
+
+    base = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    nofollow = getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, base | (0 if follow_symlinks else nofollow))
+    except OSError as e:
+        if e.errno != errno.ELOOP or follow_symlinks:
+            raise
+        # A symlink: read its target only if it is still inside the source.
+        target = os.path.realpath(path)
+        top = os.path.realpath(root) if root else None
+        if top is None or not (target == top or target.startswith(top.rstrip("/") + "/")):
+            raise UnreadableFile(
+                "symlink outside the source (changed since the listing; target not shown); not read"
+            ) from None
+        fd = os.open(target, base | nofollow)
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise UnreadableFile("not a regular file (changed since the listing); not read")
+        if max_bytes is not None and st.st_size > max_bytes:
+            raise UnreadableFile(
+                f"file is {st.st_size} bytes, more than source.max_file_bytes={max_bytes}; not read"
+            )
+        data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+    if max_bytes is not None and len(data) > max_bytes:
+        raise UnreadableFile(f"file grew past source.max_file_bytes={max_bytes} while read")
+    return data
+
+
 def read_bytes(
     path: str,
     storage_options: dict[str, Any] | None = None,
@@ -161,8 +254,14 @@ def read_bytes(
     attempts: int = READ_ATTEMPTS,
     backoff_s: float = READ_BACKOFF_S,
     retry_s: float | None = None,
+    max_bytes: int | None = None,
+    root: str | None = None,
+    follow_symlinks: bool = True,
 ) -> bytes:
     """Read a whole file from a local path or fsspec URL, retrying what another try can fix.
+
+    Local files go through :func:`read_local` (``max_bytes``, ``root``, ``follow_symlinks``);
+    objects are read with one ranged GET capped at ``max_bytes``.
 
     - A missing or forbidden file fails at once.
     - A failure of this file (a 5xx or throttling answer for its key) is retried ``attempts``
@@ -182,11 +281,19 @@ def read_bytes(
     while True:
         try:
             if "://" not in path:
-                with open(path, "rb") as f:
-                    return f.read()
+                return read_local(
+                    path, max_bytes=max_bytes, root=root, follow_symlinks=follow_symlinks
+                )
             protocol = path.split("://", 1)[0]
             fs = _filesystem(protocol, json.dumps(storage_options or {}, sort_keys=True))
-            return fs.cat_file(path)
+            if max_bytes is None:
+                return fs.cat_file(path)
+            data = fs.cat_file(path, start=0, end=max_bytes + 1)  # one ranged GET, no HEAD
+            if len(data) > max_bytes:
+                raise UnreadableFile(
+                    f"object is more than source.max_file_bytes={max_bytes} bytes; not read"
+                )
+            return data
         except Exception as e:
             if is_permanent(e):
                 raise

@@ -10,14 +10,13 @@ and sent as a bearer header; it is never printed.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from vitflow.errors import ConfigError, VitflowError
 
@@ -92,7 +91,9 @@ def submit(
             raise ConfigError(f"{flag} applies to {fits} jobs, but this is a {command} job")
     load_config(base=data, schema=schema)
     workdir = tempfile.mkdtemp(prefix="vitflow-submit-")
-    Path(workdir, JOB_FILE).write_text(yaml.safe_dump(data, sort_keys=False))
+    # JSON is YAML 1.2 that quotes every string: the cluster reads back exactly these values
+    # (PyYAML's YAML 1.1 dump would leave strings like 1e3 unquoted, read there as numbers).
+    Path(workdir, JOB_FILE).write_text(json.dumps(data, indent=2))
     runtime_env: dict[str, Any] = {"working_dir": workdir}
     if ship_package:
         import vitflow

@@ -12,6 +12,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow.compute as pc
 import torch
 from PIL import Image
 
@@ -45,6 +46,20 @@ def list_class_folders(uri: str, holdout_fraction: float, seed: int) -> ClassFol
     deterministic ``holdout_fraction`` of each class is.
     """
     listing = list_images(SourceConfig(uri=uri, labels="folder", split="auto")).table
+    # Files the listing refused to read (a symlink leaving the folder, a name that is not
+    # UTF-8, a pipe) are left out of training, counted, and never opened.
+    refused = pc.is_valid(listing.column(columns.LIST_ERROR))
+    n_refused = pc.sum(refused).as_py() or 0
+    if n_refused:
+        first = listing.filter(refused).slice(0, 1)
+        log.warning(
+            "data.uri %s: %d files are left out of training, e.g. %s (%s)",
+            uri,
+            n_refused,
+            first.column(columns.PATH)[0].as_py(),
+            first.column(columns.LIST_ERROR)[0].as_py(),
+        )
+        listing = listing.filter(pc.invert(refused))
     labels = listing.column(columns.LABEL).to_pylist()
     if any(lbl is None for lbl in labels):
         loose = [
