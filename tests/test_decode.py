@@ -677,3 +677,87 @@ def test_decode_over_its_time_budget_is_cut_off_as_an_error_row():
             batch, data_config_json=cfg, max_pixels=10**8, decode_timeout_s=None
         )
         assert list(unbounded["status"]) == ["ok", "ok"]
+
+
+# --- JPEG draft (reduced-scale decode, opt-in) ----------------------------------------
+
+
+def _jpeg(w: int, h: int, mode: str = "RGB", orientation: int | None = None, **kw) -> bytes:
+    """A smooth colour gradient (survives scaling), optionally with an EXIF orientation."""
+    y, x = np.mgrid[0:h, 0:w]
+    arr = np.stack([x * 255 // max(w - 1, 1), y * 255 // max(h - 1, 1), (x + y) % 256], -1)
+    img = Image.fromarray(arr.astype(np.uint8)).convert(mode)
+    if orientation is not None:
+        exif = img.getexif()
+        exif[0x0112] = orientation
+        kw["exif"] = exif
+    return encode(img, "JPEG", quality=92, **kw)
+
+
+def _close(a: Image.Image, b: Image.Image, size: tuple[int, int]) -> float:
+    """Mean absolute difference of two images brought to one small size."""
+    a, b = (np.asarray(i.resize(size, Image.BICUBIC), dtype=np.int16) for i in (a, b))
+    return float(np.abs(a - b).mean())
+
+
+def test_draft_decodes_a_large_jpeg_smaller_but_never_below_the_size():
+    from vitflow.decode import decoded_size
+
+    data = _jpeg(1280, 960)
+    exact = decode_image(data)
+    drafted = decode_image(data, draft_size=(248, 248))
+    # 960 // 248 = 3: libjpeg's largest power-of-two scale not above it is 1/2.
+    assert drafted.size == (640, 480) and drafted.mode == "RGB"
+    assert decoded_size(drafted) == (1280, 960) == decoded_size(exact) == exact.size
+    assert _close(drafted, exact, (320, 240)) < 1.5
+    assert decode_image(data, draft_size=(100, 100)).size == (160, 120)  # 1/8, the most
+    assert decode_image(data, draft_size=(700, 10)).size == (1280, 960)  # 1280 // 700 = 1
+
+
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+def test_draft_size_is_in_displayed_orientation(orientation):
+    from vitflow.decode import decoded_size
+
+    # Stored 1600x400; orientations 6 and 8 display it as 400x1600.
+    data = _jpeg(1600, 400, orientation=orientation)
+    exact = decode_image(data)
+    want = (95, 390) if orientation in (6, 8) else (390, 95)
+    drafted = decode_image(data, draft_size=want)
+    assert drafted.width >= want[0] and drafted.height >= want[1]
+    assert drafted.width * drafted.height == (1600 // 4) * (400 // 4)  # 1/4 in both cases
+    assert decoded_size(drafted) == exact.size
+    assert _close(drafted, exact, (exact.width // 8, exact.height // 8)) < 1.5
+
+
+@pytest.mark.parametrize("mode", ["L", "CMYK"])
+def test_draft_keeps_grayscale_and_cmyk_conversions(mode):
+    data = _jpeg(800, 600, mode=mode)
+    exact, drafted = decode_image(data), decode_image(data, draft_size=(100, 100))
+    assert drafted.mode == "RGB" and drafted.size == (200, 150)
+    assert _close(drafted, exact, (100, 75)) < 1.5
+
+
+def test_draft_leaves_other_formats_and_small_jpegs_alone():
+    from vitflow.decode import decoded_size
+
+    png = encode(Image.fromarray(gradient(640, 480)), "PNG")
+    assert decode_image(png, draft_size=(50, 50)).size == (640, 480)
+    small = _jpeg(300, 200)
+    out = decode_image(small, draft_size=(248, 248))
+    np.testing.assert_array_equal(rgb_array(out), rgb_array(decode_image(small)))
+    assert decoded_size(out) == (300, 200)
+
+
+def test_draft_applies_to_the_first_picture_of_an_mpo():
+    from vitflow.decode import decoded_size
+
+    first = Image.fromarray(gradient(800, 600))
+    data = encode(first, "MPO", save_all=True, append_images=[Image.new("RGB", (800, 600), BLUE)])
+    out = decode_image(data, draft_size=(100, 100))
+    assert out.size == (200, 150) and decoded_size(out) == (800, 600)
+    assert _close(out, decode_image(data), (100, 75)) < 1.5
+
+
+def test_draft_checks_max_pixels_against_the_file_not_the_draft():
+    with pytest.raises(DecodeError, match="1280x960 = 1228800 pixels exceeds the limit"):
+        decode_image(_jpeg(1280, 960), max_pixels=1_000_000, draft_size=(100, 100))

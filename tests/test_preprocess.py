@@ -163,3 +163,106 @@ def test_vit_built_small_is_fed_its_own_size():
     assert x.shape == (1, 3, 32, 32)
     with torch.no_grad():
         assert model.eval()(x).shape == (1, model.num_features)
+
+
+# --- opt-in fast paths: tensor resize (GPU decode) and the JPEG draft size -------------
+
+# timm's third crop mode: fit the longer side, pad with the mean colour, then crop.
+BORDER_CONFIGS = {
+    "border-bicubic-90-imagenet-32": {
+        "input_size": (3, 32, 32),
+        "interpolation": "bicubic",
+        "crop_pct": 0.9,
+        "crop_mode": "border",
+        **IMAGENET,
+    },
+    "border-bilinear-115-imagenet-48x40": {
+        "input_size": (3, 48, 40),
+        "interpolation": "bilinear",
+        "crop_pct": 1.15,
+        "crop_mode": "border",
+        **IMAGENET,
+    },
+}
+ALL_CONFIGS = {**DATA_CONFIGS, **BORDER_CONFIGS}
+# Tensor resampling uses PIL's filters and rounding order, in float32 rather than PIL's
+# fixed point: a level apart here and there (two at most), on noise, the worst case.
+TENSOR_MAX_DIFF, TENSOR_MEAN_DIFF = 2, 0.1
+
+
+def as_tensor(img: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1)[None]
+
+
+@pytest.mark.parametrize("name", list(ALL_CONFIGS))
+@pytest.mark.parametrize(
+    "size", [*IMAGE_SIZES, (640, 480), (333, 1000)], ids=lambda s: f"{s[0]}x{s[1]}"
+)
+def test_tensor_resize_crop_is_the_pil_transform_within_a_level_or_two(name, size):
+    p = Preprocessor(ALL_CONFIGS[name])
+    img = random_image(*size)
+    want = p.resize_crop(img).astype(np.int16)
+    got = p.resize_crop_tensor(as_tensor(img))
+    assert got.dtype == torch.uint8 and got.shape == (1, *want.shape)
+    diff = np.abs(got[0].numpy().astype(np.int16) - want)
+    assert diff.max() <= TENSOR_MAX_DIFF and diff.mean() <= TENSOR_MEAN_DIFF
+
+
+def test_tensor_resize_crop_of_a_batch_equals_one_by_one():
+    p = Preprocessor(DATA_CONFIGS["bicubic-875-imagenet-32"])
+    imgs = [random_image(97, 61, seed=s) for s in range(3)]
+    batch = p.resize_crop_tensor(torch.cat([as_tensor(im) for im in imgs]))
+    for i, im in enumerate(imgs):
+        assert torch.equal(batch[i], p.resize_crop_tensor(as_tensor(im))[0])
+
+
+def test_border_mode_pads_with_the_mean_colour_on_tensors_too():
+    p = Preprocessor(BORDER_CONFIGS["border-bicubic-90-imagenet-32"])
+    img = Image.new("RGB", (200, 20), (10, 20, 30))  # a wide strip: padded above and below
+    want, got = p.resize_crop(img), p.resize_crop_tensor(as_tensor(img))[0].numpy()
+    fill = [round(255 * v) for v in IMAGENET["mean"]]
+    assert (want[0] == fill).all() and (got[0] == fill).all()
+    assert np.abs(got.astype(int) - want).max() <= TENSOR_MAX_DIFF
+
+
+@pytest.mark.parametrize(
+    ("interpolation", "named"), [("lanczos", "lanczos"), ("nearest", "nearest")]
+)
+def test_tensor_path_refuses_what_torch_cannot_run_like_pil(interpolation, named):
+    p = Preprocessor({"input_size": (3, 16, 16), "interpolation": interpolation, **HALF})
+    assert named in p.tensor_unsupported
+    with pytest.raises(ValueError, match=named):
+        p.resize_crop_tensor(torch.zeros((1, 3, 20, 20), dtype=torch.uint8))
+    ok = Preprocessor({"input_size": (3, 16, 16), "interpolation": "bicubic", **HALF})
+    assert ok.tensor_unsupported is None
+    with pytest.raises(ValueError, match="expected uint8"):
+        ok.resize_crop_tensor(torch.zeros((1, 3, 20, 20)))
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("bicubic-875-imagenet-32", (36, 36)),  # shorter side to floor(32 / 0.875) = 36
+        ("bicubic-100-imagenet-48x40", (40, 48)),  # non-square: fit into 48 x 40 (h x w)
+        ("bicubic-90-half-32-squash", (35, 35)),  # squash: both sides to floor(32 / 0.9)
+        ("border-bilinear-115-imagenet-48x40", (34, 41)),  # border: fit the longer side
+    ],
+)
+def test_draft_size_is_what_the_first_resize_writes_at_most(name, expected):
+    assert Preprocessor(ALL_CONFIGS[name]).draft_size == expected
+
+
+@pytest.mark.parametrize("name", list(ALL_CONFIGS))
+@pytest.mark.parametrize("size", [(1200, 300), (300, 1200), (700, 700), (130, 90)])
+def test_a_drafted_jpeg_is_never_upsampled_by_the_resize(name, size):
+    import io
+
+    from vitflow.decode import decode_image
+
+    p = Preprocessor(ALL_CONFIGS[name])
+    buf = io.BytesIO()
+    random_image(*size).save(buf, "JPEG", quality=90)
+    drafted = decode_image(buf.getvalue(), draft_size=p.draft_size)
+    resized = p.transform.transforms[0](decode_image(buf.getvalue()))  # the exact resize
+    assert drafted.width >= resized.width and drafted.height >= resized.height
+    assert p.resize_crop(drafted).shape == (*p.input_size[1:], 3)

@@ -36,6 +36,14 @@ class Preprocessor:
         data_config: timm data config (``input_size``, ``interpolation``, ``mean``, ``std``,
             ``crop_pct``, ``crop_mode``), as from :func:`vitflow.backbone.data_config`.
 
+    Attributes:
+        input_size: ``(3, H, W)``.
+        draft_size: ``(width, height)`` for :func:`vitflow.decode.decode_image`'s
+            ``draft_size``: both sides at least what the first resize writes, so a drafted
+            JPEG is never upsampled by it; None for a transform without a leading resize.
+        tensor_unsupported: Why :meth:`resize_crop_tensor` cannot run this transform
+            (lanczos, box or nearest interpolation), or None when it can.
+
     Example:
         >>> from PIL import Image
         >>> p = Preprocessor({"input_size": (3, 32, 32), "interpolation": "bicubic",
@@ -75,9 +83,10 @@ class Preprocessor:
 
         The geometry is :meth:`resize_crop`'s exactly (torchvision's and timm's own size and
         crop rules). The resampling is torch's antialiased interpolation, which uses PIL's
-        filters (bicubic a=-0.5, bilinear triangle), in PIL's way: one axis, rounded to 8
-        bits, then the other, in the order Pillow picks. What remains is float32 against PIL's fixed-point
-        arithmetic: pixels within a level or two of :meth:`resize_crop`.
+        filters (bicubic a=-0.5, bilinear triangle), in PIL's way: one axis, rounded half up
+        to 8 bits, then the other, in the order Pillow picks. What remains is float32 against
+        PIL's fixed point: pixels within a level or two of :meth:`resize_crop` (on noise, the
+        worst case, at most 2 apart and 0.1 on average; on photos, almost all equal).
 
         Raises:
             ValueError: for a transform with an op or interpolation that has no tensor
@@ -175,8 +184,8 @@ def _resample(x: torch.Tensor, out_h: int, out_w: int, mode: T.InterpolationMode
             y = torch.nn.functional.interpolate(
                 y, size=size, mode=mode.value, align_corners=False, antialias=True
             )
-            # PIL rounds half up; exact halves are as rare in float32 as they are harmless.
-            y = y.round_().clamp_(0, 255)
+            # Half up, as PIL rounds: halves are common (bilinear weights of 1/4, 3/4).
+            y = y.add_(0.5).floor_().clamp_(0, 255)
     return y.to(torch.uint8)
 
 

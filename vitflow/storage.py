@@ -312,3 +312,190 @@ def read_bytes(
                     raise OSError(f"{type(e).__name__}: {e} (after {attempts} attempts)") from e
             time.sleep(delay)
             delay = min(delay * 2, MAX_BACKOFF_S)
+
+
+READ_MANY_IN_FLIGHT = 16  # requests open at once: hides ~tens of ms per request
+
+
+def read_many(
+    paths: list[str],
+    storage_options: dict[str, Any] | None = None,
+    *,
+    max_in_flight: int = READ_MANY_IN_FLIGHT,
+    attempts: int = READ_ATTEMPTS,
+    backoff_s: float = READ_BACKOFF_S,
+    retry_s: float | None = None,
+    max_bytes: int | None = None,
+    root: str | None = None,
+    follow_symlinks: bool = True,
+) -> list[bytes | Exception]:
+    """Read many whole files with up to ``max_in_flight`` requests open at once, so that an
+    object store's latency is paid once per round of requests, not once per file.
+
+    Each file is read and retried as :func:`read_bytes` reads and retries it (the same
+    ``max_bytes``, ``root`` and ``follow_symlinks`` checks), but a file's own failure is
+    returned in its slot, never raised:
+
+    - a missing, forbidden or refused file: its exception (``FileNotFoundError``,
+      :class:`UnreadableFile`, ...) at once;
+    - a failure of the file (a 5xx or throttling answer for its key): retried ``attempts``
+      times with exponential backoff, then an ``OSError`` that says after how many;
+    - a store that cannot be reached at all: waited for up to ``retry_s`` seconds
+      (``storage.retry_seconds``), then :class:`~vitflow.errors.StorageUnavailable` is
+      raised for the whole call: an outage must not turn every file into an error row.
+
+    Async fsspec filesystems (s3, gcs, azure, http) run the requests on fsspec's own event
+    loop, bounded by a semaphore; other fsspec filesystems use a thread pool of
+    ``max_in_flight``; local paths are read one after another (400 files of 300 KB from
+    the page cache on 2 cores: 96-150 ms in a row, 116-139 ms in a pool of 4 threads; either
+    is small next to decoding them).
+
+    Args:
+        paths: Local paths or fsspec URLs; duplicates and glob characters are read as given.
+        storage_options: fsspec options, as for :func:`read_bytes`.
+        max_in_flight: Most requests open at once.
+
+    Returns:
+        One entry per path, in order: the file's bytes, or the exception that is its error.
+
+    Example:
+        >>> import os, tempfile
+        >>> d = tempfile.mkdtemp(); _ = open(os.path.join(d, "a"), "wb").write(b"A")
+        >>> got = read_many([os.path.join(d, "a"), os.path.join(d, "missing")])
+        >>> got[0], type(got[1]).__name__
+        (b'A', 'FileNotFoundError')
+    """
+    from vitflow.errors import StorageUnavailable
+    from vitflow.retry import DEFAULT_RETRY_SECONDS, MAX_BACKOFF_S, is_outage, is_permanent
+
+    if max_in_flight < 1:
+        raise ValueError(f"Expected max_in_flight >= 1, but got {max_in_flight}")
+    budget = DEFAULT_RETRY_SECONDS if retry_s is None else retry_s
+    checks = {"max_bytes": max_bytes, "root": root, "follow_symlinks": follow_symlinks}
+    results: list[bytes | Exception | None] = [None] * len(paths)
+    failures = [0] * len(paths)
+    pending = list(range(len(paths)))
+    started = time.monotonic()
+    delay = backoff_s
+    while pending:
+        got = _fetch([paths[i] for i in pending], storage_options, max_in_flight, checks)
+        outage: tuple[str, Exception] | None = None
+        retry = []
+        for i, r in zip(pending, got, strict=True):
+            if isinstance(r, bytes):
+                results[i] = r
+            elif not isinstance(r, Exception):
+                raise r  # KeyboardInterrupt, a decode time limit: not a file's error
+            elif is_permanent(r):
+                results[i] = r
+            elif is_outage(r):
+                outage = outage or (paths[i], r)
+                retry.append(i)
+            else:
+                failures[i] += 1
+                if failures[i] < attempts:
+                    retry.append(i)
+                else:
+                    err = OSError(f"{type(r).__name__}: {r} (after {attempts} attempts)")
+                    err.__cause__ = r
+                    results[i] = err
+        pending = retry
+        if not pending:
+            break
+        elapsed = time.monotonic() - started
+        if outage is not None and elapsed + delay > budget:
+            path, e = outage
+            raise StorageUnavailable(
+                f"could not read {path}: {type(e).__name__}: {str(e)[:200]} (the store was "
+                f"unreachable for {elapsed:.0f} s, storage.retry_seconds={budget:g}); the job "
+                "stopped with its finished work kept, rerun with --resume once the store is "
+                "reachable"
+            ) from e
+        time.sleep(delay)
+        delay = min(delay * 2, MAX_BACKOFF_S)
+    return results  # type: ignore[return-value]
+
+
+def _fetch(
+    paths: list[str],
+    storage_options: dict[str, Any] | None,
+    max_in_flight: int,
+    checks: dict[str, Any],
+) -> list[bytes | BaseException]:
+    """One attempt at each path, concurrently where it pays; errors in their slots."""
+    out: list[bytes | BaseException | None] = [None] * len(paths)
+    by_protocol: dict[str | None, list[int]] = {}
+    for i, p in enumerate(paths):
+        by_protocol.setdefault(p.split("://", 1)[0] if "://" in p else None, []).append(i)
+    for protocol, rows in by_protocol.items():
+        group = [paths[i] for i in rows]
+        if protocol is None:
+            got = [_attempt(lambda p=p: read_local(p, **checks)) for p in group]
+        else:
+            fs = _filesystem(protocol, json.dumps(storage_options or {}, sort_keys=True))
+            if getattr(fs, "async_impl", False):
+                got = _fetch_async(fs, group, max_in_flight, checks["max_bytes"])
+            else:
+                got = _fetch_threads(fs, group, max_in_flight, checks["max_bytes"])
+        for i, g in zip(rows, got, strict=True):
+            out[i] = g
+    return out  # type: ignore[return-value]
+
+
+def _attempt(read) -> bytes | Exception:
+    try:
+        return read()
+    except Exception as e:
+        return e
+
+
+def _capped(data: bytes, max_bytes: int | None) -> bytes:
+    """``data`` from a ranged GET of ``max_bytes + 1``, refused as :func:`read_bytes` does."""
+    if max_bytes is not None and len(data) > max_bytes:
+        raise UnreadableFile(
+            f"object is more than source.max_file_bytes={max_bytes} bytes; not read"
+        )
+    return bytes(data)
+
+
+def _fetch_async(
+    fs, paths: list[str], max_in_flight: int, max_bytes: int | None
+) -> list[bytes | BaseException]:
+    """``fs._cat_file`` per path on fsspec's event loop, ``max_in_flight`` at a time.
+
+    Not ``fs.cat(paths, on_error="return")``: that expands glob characters in keys
+    (``img[1].jpg``), drops duplicate paths and answers in a dict keyed by stripped path.
+    """
+    import asyncio
+
+    from fsspec.asyn import sync
+
+    ranged = {} if max_bytes is None else {"start": 0, "end": max_bytes + 1}
+
+    async def gather():
+        gate = asyncio.Semaphore(max_in_flight)
+
+        async def one(path: str):
+            async with gate:
+                return _capped(await fs._cat_file(path, **ranged), max_bytes)
+
+        return await asyncio.gather(*(one(p) for p in paths), return_exceptions=True)
+
+    try:
+        return list(sync(fs.loop, gather))
+    except Exception as e:  # the loop itself failed: every file of the round failed with it
+        return [e] * len(paths)
+
+
+def _fetch_threads(
+    fs, paths: list[str], max_in_flight: int, max_bytes: int | None
+) -> list[bytes | BaseException]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    ranged = {} if max_bytes is None else {"start": 0, "end": max_bytes + 1}
+
+    def one(path: str) -> bytes | Exception:
+        return _attempt(lambda: _capped(fs.cat_file(path, **ranged), max_bytes))
+
+    with ThreadPoolExecutor(max_workers=min(max_in_flight, len(paths))) as pool:
+        return list(pool.map(one, paths))
