@@ -214,12 +214,12 @@ def test_one_commit_rewrites_only_the_files_with_stale_rows(changed_index):
 def test_nothing_changed_means_no_ray_work_and_no_commit(changed_index, monkeypatch):
     tmp, *_ = changed_index
     src, index = tmp / "images", tmp / "index"
-    import vitflow.reindex as reindex
+    import vitflow.engine as engine
 
     def no_ray(*a, **k):
         raise AssertionError("a run with nothing to do started Ray work")
 
-    monkeypatch.setattr(reindex, "ray_session", no_ray)
+    monkeypatch.setattr(engine, "ray_session", no_ray)
     logs = sorted((index / "_delta_log").iterdir())
     result = run_reindex(job(src, index))
     assert (result.added, result.updated, result.deleted, result.embedded) == (0, 0, 0, 0)

@@ -20,6 +20,8 @@ META_COLUMNS = (ID, PATH, LABEL, SPLIT, STATUS, ERROR, WIDTH, HEIGHT)
 # Internal column carrying preprocessed pixels from decode tasks to the model actors;
 # never written to the output.
 PIXELS = "__pixels"
+# Internal column carrying a file's bytes to the model actor when it decodes on its GPU.
+RAW_BYTES = "__bytes"
 
 # Internal listing column: why a listed file is an error row before anything reads it (a
 # file name that is not UTF-8, a symlink leaving the source); null for the others. The

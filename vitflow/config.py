@@ -7,6 +7,7 @@ load time with a message naming the key, instead of being silently ignored.
 from __future__ import annotations
 
 import copy
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -16,9 +17,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from vitflow import columns
 from vitflow.errors import ConfigError
 from vitflow.jobfile import echo, field_annotation, parse_value, read_job_file
+from vitflow.pooling import POOL_NAMES, describe_pools
 
-TOKEN_POOLS = ("cls", "mean", "cls_mean")
-MAP_POOLS = ("avg", "max", "gem")
+# The pool names a job may write, from the one registry in vitflow.pooling (a Literal, so the
+# JSON Schema lists them as an enum and a typo is refused naming every allowed value).
+PoolName = Literal[POOL_NAMES]  # type: ignore[valid-type]
 IMAGE_EXTENSIONS = (
     ".jpg",
     ".jpeg",
@@ -55,6 +58,11 @@ class StorageConfig(_Section):
         description="Attempts per request inside the S3 client (botocore); null = its default. "
         "vitflow retries a failed read 4 more times with backoff on top.",
     )
+    read_in_flight: int = Field(
+        16,
+        ge=1,
+        description="Reads in flight per decode task, so object-store latency is hidden.",
+    )
     retry_seconds: float = Field(
         120.0,
         gt=0,
@@ -70,14 +78,21 @@ class StorageConfig(_Section):
         opts: dict[str, Any] = {}
         if self.anonymous:
             opts["anon"] = True
-        if self.endpoint_url:
-            opts["endpoint_url"] = self.endpoint_url
+        # An endpoint from the driver's environment travels with the job (it is not a
+        # secret): workers on a cluster do not share the driver's environment variables.
+        endpoint = (
+            self.endpoint_url
+            or os.environ.get("AWS_ENDPOINT_URL_S3")
+            or os.environ.get("AWS_ENDPOINT_URL")
+        )
+        if endpoint:
+            opts["endpoint_url"] = endpoint
         if self.region:
             opts["client_kwargs"] = {"region_name": self.region}
+        config: dict[str, Any] = {"max_pool_connections": max(10, self.read_in_flight)}
         if self.client_retries:
-            opts["config_kwargs"] = {
-                "retries": {"max_attempts": self.client_retries, "mode": "standard"}
-            }
+            config["retries"] = {"max_attempts": self.client_retries, "mode": "standard"}
+        opts["config_kwargs"] = config
         return opts
 
 
@@ -195,10 +210,7 @@ class FeatureConfig(_Section):
         default_factory=lambda: [-1],
         description="int k = the last k blocks; list = block indices (negatives from the end).",
     )
-    pool: Literal["cls", "mean", "cls_mean", "avg", "max", "gem"] = Field(
-        "mean",
-        description="Tokens: cls | mean (patch tokens only) | cls_mean. Maps: avg | max | gem.",
-    )
+    pool: PoolName = Field("mean", description=describe_pools())
     aggregate: Literal["concat", "mean"] = Field("concat", description="Across the layers.")
     norm: bool = Field(False, description="Apply the model's final norm to each intermediate.")
     normalize: Literal["l2", "none"] = Field("l2", description="Applied last.")
@@ -238,7 +250,12 @@ class OutputConfig(_Section):
 
 
 class ComputeConfig(_Section):
-    batch_size: int = Field(32, gt=0, description="Images per model forward pass.")
+    batch_size: int | None = Field(
+        None,
+        gt=0,
+        description="Images per model forward pass; null = 32 on CPU, and on GPU by model size "
+        "(256 below 100M parameters, 128 below 400M, else 64).",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto: one GPU per actor where the cluster has GPUs, else CPU."
     )
@@ -257,7 +274,33 @@ class ComputeConfig(_Section):
     torch_threads: int | None = Field(
         None, gt=0, description="torch intra-op threads in a CPU actor; null = sized from the node."
     )
-    decode_num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per read+decode task.")
+    decode_num_cpus: float | None = Field(
+        None,
+        gt=0,
+        description="CPUs reserved per read+decode task; null = one task per core beside the "
+        "actors (fractions on CPU-only nodes, 1 with GPUs).",
+    )
+    decode_batch_size: int | None = Field(
+        None,
+        gt=0,
+        description="Images per decode task; null = min(batch_size, 64). Small blocks reach "
+        "the model within seconds and keep decode and the model overlapped.",
+    )
+    decode: Literal["cpu", "gpu", "auto"] = Field(
+        "cpu",
+        description="Where images are decoded. cpu: CPU tasks, exactly timm's eval transform. "
+        "gpu: JPEGs decoded in batches on the model actor's GPU (nvJPEG via torchvision) and "
+        "resized there, other files on the CPU in the actor; pixels differ slightly from the "
+        "exact path. auto: gpu when the actors have CUDA.",
+    )
+    jpeg_draft: bool = Field(
+        False,
+        description="Decode large JPEGs at 1/2-1/8 scale in the DCT domain, never below what the "
+        "model's resize reads: 2-8x faster for camera photos; pixels differ slightly from "
+        "timm's exact transform (see README).",
+    )
+    channels_last: bool = Field(False, description="Run the model in channels_last memory format.")
+    compile: bool = Field(False, description="torch.compile the model in each actor.")
     local_num_cpus: int | None = Field(
         None,
         gt=0,
@@ -273,8 +316,15 @@ class ComputeConfig(_Section):
 
 
 class EmbedConfig(_Section):
-    """One embed job. Load it with :func:`load_config`."""
+    """One embed or reindex job. Load it with :func:`load_config`."""
 
+    kind: Literal["embed", "reindex"] = Field(
+        "embed",
+        description="What the job is, and so the command that runs it: embed (parquet parts, "
+        "`vitflow embed`) or reindex (the incremental Delta index, `vitflow reindex`). "
+        "`vitflow submit` runs the command of this name, and each command refuses a job of "
+        "another kind. A file without it runs as the command given (deprecated).",
+    )
     source: SourceConfig
     model: ModelConfig
     features: list[FeatureConfig] = Field(
@@ -284,6 +334,16 @@ class EmbedConfig(_Section):
     output: OutputConfig
     compute: ComputeConfig = Field(default_factory=ComputeConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
+
+    @field_validator("kind", mode="before")
+    @classmethod
+    def _not_a_train_job(cls, v: Any) -> Any:
+        if v == "train":
+            raise ValueError(
+                "a train job (kind: train) is read as a training config; run it with "
+                "`vitflow train JOB.yaml`"
+            )
+        return v
 
     @model_validator(mode="after")
     def _unique_names(self) -> EmbedConfig:

@@ -56,24 +56,26 @@ def describe_plan(plan, actors: ActorPlan, where: str) -> str:
         "  features  : "
         + "; ".join(
             f"{p.name} [{p.dim}] = layers {list(p.indices)} {p.pool} {p.aggregate} {p.normalize}"
-            if p.pool != "head"
+            if p.source != "head"
             else f"{p.name} [{p.dim}] = projection head {p.normalize}"
             for p in plan.features
         ),
         f"  actors    : {actors.num_actors} x {actors.device} (num_cpus {actors.num_cpus:g}, "
         f"num_gpus {actors.num_gpus:g}, torch threads {actors.torch_threads}), "
-        f"batch {cfg.compute.batch_size}, {cfg.compute.precision}; decode tasks "
-        f"{cfg.compute.decode_num_cpus:g} CPU each — {where}",
+        f"batch {actors.batch_size}, {cfg.compute.precision}; {actors.decode_tasks} decode "
+        f"tasks at once, {actors.decode_num_cpus:g} CPU each, decode on {actors.decode} — {where}",
         f"  output    : {cfg.output.uri}: {parts} part(s) of up to {cfg.output.rows_per_file} "
         f"rows (part-00000.parquet ...) + {columns.MANIFEST_NAME}",
     ]
     return "\n".join(lines)
 
 
-def plan_here(compute, address: str | None) -> tuple[ActorPlan, str]:
+def plan_here(
+    compute, address: str | None, model_params: int | None = None
+) -> tuple[ActorPlan, str]:
     """The actor plan on this machine's resources, without starting Ray."""
     res = local_resources(compute.local_num_cpus)
     where = f"planned for this machine ({res['CPU']:g} CPUs, {res['GPU']:g} GPUs)" + (
         "; on the cluster the pool is sized from its resources at run time" if address else ""
     )
-    return plan_actors(res, res["CPU"], compute), where
+    return plan_actors(res, res["CPU"], compute, model_params), where

@@ -2,11 +2,12 @@
 
 Everything that can be wrong with the job (config, model name, layer indices, pooling that
 does not fit the model, checkpoint keys, source, existing output) is checked by
-:func:`prepare_embed` on the driver before Ray runs any work. Then Ray Data streams the
-listing through read+decode tasks and model actors into a part writer (see
-:mod:`vitflow.sinks`), and the driver checks that every listed file came out exactly once
-before writing ``_manifest.json``. ``resume=True`` continues an interrupted run from the
-parts and staged batches it left.
+:func:`prepare_embed` on the driver before Ray runs any work. Then the engine
+(:mod:`vitflow.engine`) streams the listing through read+decode tasks and model actors,
+which stage what they embed as parquet pieces (:mod:`vitflow.sinks.parquet`); parts are
+compacted as they complete, and the driver checks, part by part, that every listed file
+came out exactly once before writing ``_manifest.json``. ``resume=True`` continues an
+interrupted run from the parts and staged batches it left.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import json
 import logging
 import posixpath
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,20 +24,21 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from vitflow import columns
-from vitflow.backbone import Backbone, backbone_bytes, create_backbone, weights_fingerprint
+from vitflow.backbone import Backbone, backbone_bytes, create_backbone
 from vitflow.config import EmbedConfig
-from vitflow.errors import ConfigError, OutputExistsError, VitflowError, job_error_in
+from vitflow.engine import stream
+from vitflow.errors import ConfigError, OutputExistsError, VitflowError
 from vitflow.features import FeatureExtractor, FeaturePlan
+from vitflow.identity import fingerprint, vector_identity
 from vitflow.locking import LOCK_NAME, RunLock
 from vitflow.manifest import build_manifest, write_manifest
 from vitflow.outputs import check_output_location, output_lock
 from vitflow.preprocess import Preprocessor
 from vitflow.retry import retrying
-from vitflow.runtime import ActorPlan, plan_pool, ray_session
 from vitflow.sinks import (
     PART_COLUMN,
     RUN_STATE,
-    PartWriter,
+    PartsSink,
     assign_parts,
     clean_staging,
     finished_parts,
@@ -47,7 +48,7 @@ from vitflow.sinks import (
     staged_ids,
 )
 from vitflow.sources import Listing, list_images
-from vitflow.stages import EmbedStats, EmbedWorker, decode_batch
+from vitflow.stages import output_schema
 from vitflow.storage import (
     list_names,
     remove_file,
@@ -69,10 +70,15 @@ class EmbedPlan:
     output_path: str
     weights: bytes = field(repr=False, default=b"")
     fingerprint: str = ""
+    listing_seconds: float = 0.0
 
     @property
     def dims(self) -> dict[str, int]:
         return {p.name: p.dim for p in self.features}
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.backbone.model.parameters())
 
 
 @dataclass
@@ -93,15 +99,13 @@ class EmbedResult:
 
 
 def job_fingerprint(cfg: EmbedConfig, weights: bytes, listing: Listing) -> str:
-    """What must not change between an interrupted run and its resume: weights, features,
-    preprocessing-relevant settings, part layout and the listed files."""
-    h = hashlib.sha256(weights_fingerprint(weights).encode())
+    """What must not change between an interrupted run and its resume: the vectors' identity
+    (:func:`vitflow.identity.vector_identity`), the source settings that decide what is
+    listed, the part layout, and the listed files themselves."""
+    h = hashlib.sha256(fingerprint(vector_identity(cfg, weights)).encode())
     stable = {
-        "features": [f.model_dump(mode="json") for f in cfg.features],
-        "model": cfg.model.model_dump(mode="json"),
         "source": cfg.source.model_dump(mode="json"),
         "rows_per_file": cfg.output.rows_per_file,
-        "precision": cfg.compute.precision,
     }
     h.update(json.dumps(stable, sort_keys=True).encode())
     t = listing.table
@@ -128,10 +132,13 @@ def prepare_embed(
         backbone.model, cfg.features, pre.input_size, cfg.model.extractor, head=backbone.head
     )
     out_fs, out_path = check_output_location(cfg, bucket=check_output)
+    t_list = time.perf_counter()
     listing = list_images(cfg.source, so.options_for(cfg.source.uri))
+    listing_seconds = time.perf_counter() - t_list
     weights = backbone_bytes(backbone)
     plan = EmbedPlan(cfg, backbone, extractor.plans, listing, out_fs, out_path, weights)
     plan.fingerprint = job_fingerprint(cfg, weights, listing)
+    plan.listing_seconds = listing_seconds
     has_data = any(
         posixpath.basename(p.rstrip("/")) != LOCK_NAME for p in list_names(out_fs, out_path)
     )
@@ -191,13 +198,6 @@ def _check_resumable(plan: EmbedPlan) -> None:
         )
 
 
-def input_blocks(table: pa.Table, batch_size: int) -> list[pa.Table]:
-    # Small blocks keep the stream fine-grained (decode of block k+1 overlaps the forward of
-    # block k); larger ones for big corpora keep the task count reasonable.
-    rows = batch_size * (1 if table.num_rows < 10_000 else 4)
-    return [table.slice(i, rows) for i in range(0, table.num_rows, rows)]
-
-
 def run_embed(
     cfg: EmbedConfig,
     *,
@@ -255,33 +255,53 @@ def _run_locked(
     clean_staging(fs, out, keep_parts=(all_parts - done) if resume else None, retry_s=retry_s)
     part_sizes = {int(p): int(n) for p, n in zip(*_counts(todo.column(PART_COLUMN)), strict=True)}
     # Batches staged before the interruption are reused: only the rest is computed.
-    staged = set().union(*staged_ids(fs, out).values()) if resume else set()
-    if staged:
-        todo = todo.filter(pc.invert(pc.is_in(todo.column(columns.ID), pa.array(sorted(staged)))))
+    staged = staged_ids(fs, out) if resume else {}
+    staged_all = set().union(*staged.values()) if staged else set()
+    if staged_all:
+        todo = todo.filter(
+            pc.invert(pc.is_in(todo.column(columns.ID), pa.array(sorted(staged_all))))
+        )
     run_state = json.dumps({"fingerprint": plan.fingerprint}).encode()
     write_atomic(fs, posixpath.join(out, RUN_STATE), run_state, retry_s=retry_s)
-    stats: dict = {}
-    actors = None
+    sink = PartsSink(fs, out, output_schema(plan.dims), part_sizes, staged, retry_s)
+    result = None
     if todo.num_rows:
-        with ray_session(address, cfg.compute.local_num_cpus) as ray:
-            actors = plan_pool(ray, cfg.compute)
-            stats = _execute(ray, plan, actors, todo, part_sizes)
-    elif part_sizes:  # everything left was staged already: just finish those parts
-        PartWriter(fs, out, part_sizes, retry_s=retry_s)
+        result = stream(
+            cfg,
+            data_config=plan.backbone.data_config,
+            weights=plan.weights,
+            rows=todo,
+            sink=sink,
+            address=address,
+            source_root=plan.listing.local_root,
+            lock=lock,
+            model_params=plan.num_params,
+        )
+    else:  # everything left was staged already: just finish those parts
+        sink.start(None)
+        sink.finish()
     lock.check()  # never tidy or finalise an output another run has taken over
     clean_staging(fs, out, retry_s=retry_s)
-    seconds = time.time() - started
+    t_verify = time.perf_counter()
     counts, parts = _verify_output(plan)
+    seconds = time.time() - started
+    timings = {
+        "listing_seconds": round(plan.listing_seconds, 3),
+        **(result.timings if result else {}),
+        "verify_seconds": round(time.perf_counter() - t_verify, 3),
+    }
     manifest = build_manifest(
         cfg,
         plan.backbone,
         plan.features,
         counts=counts,
         seconds=seconds,
-        stats={**stats, "resumed_parts": len(done)},
-        actors=actors.__dict__ if actors else None,
+        stats={**(result.stats if result else {}), "resumed_parts": len(done)},
+        actors=result.actors.__dict__ if result and result.actors else None,
         listing=plan.listing,
         parts=parts,
+        timings=timings,
+        identity=vector_identity(cfg, plan.weights),
     )
     write_manifest(fs, out, manifest, retry_s=retry_s)
     remove_file(fs, posixpath.join(out, RUN_STATE), retry_s=retry_s)
@@ -293,101 +313,6 @@ def _run_locked(
         seconds,
         manifest,
         len(done),
-    )
-
-
-def _execute(ray, plan: EmbedPlan, actors: ActorPlan, todo: pa.Table, part_sizes: dict) -> dict:
-    cfg = plan.cfg
-    stats_name = f"vitflow-embed-stats-{uuid.uuid4().hex[:12]}"
-    stats = ray.remote(num_cpus=0)(EmbedStats).options(name=stats_name).remote()
-    weights = ray.put(plan.weights)
-    try:
-        ds = embed_stages(
-            ray,
-            cfg,
-            plan.backbone.data_config,
-            weights,
-            actors,
-            stats_name,
-            todo,
-            source_root=plan.listing.local_root,
-        )
-        # One writer: it counts every part's rows to know when the part is complete.
-        ds = ds.map_batches(
-            PartWriter,
-            batch_size=None,
-            batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=1),
-            num_cpus=0,
-            fn_constructor_kwargs={
-                "fs": plan.output_fs,
-                "out_path": plan.output_path,
-                "part_sizes": part_sizes,
-                "max_error_fraction": cfg.compute.max_error_fraction,
-                "retry_s": cfg.storage.retry_seconds,
-            },
-        )
-        try:
-            ds.take_all()
-        except Exception as e:
-            # A job error raised in a task or actor (error budget, storage out past its
-            # retry budget, disk full) arrives wrapped by Ray: give the user its sentence.
-            job_error = job_error_in(e)
-            if job_error is not None:
-                raise job_error from None
-            raise
-        return ray.get(stats.get.remote())
-    finally:
-        ray.kill(stats)
-
-
-def embed_stages(
-    ray,
-    cfg: EmbedConfig,
-    data_config: dict,
-    weights_ref,
-    actors: ActorPlan,
-    stats_name: str | None,
-    table: pa.Table,
-    source_root: str | None = None,
-):
-    """Listing rows -> read+decode tasks -> model actor pool: the stream that embed and
-    reindex share. Returns the Ray Dataset of output rows (one pa.Table per batch).
-    ``source_root`` (a local source's folder) is where links may lead when read."""
-    ds = ray.data.from_arrow(input_blocks(table, cfg.compute.batch_size))
-    ds = ds.map_batches(
-        decode_batch,
-        batch_size=None,
-        batch_format="numpy",
-        num_cpus=cfg.compute.decode_num_cpus,
-        fn_kwargs={
-            "data_config_json": json.dumps(data_config),
-            "max_pixels": cfg.source.max_pixels,
-            "decode_timeout_s": cfg.source.decode_timeout_s,
-            "storage_options": cfg.storage.options_for(cfg.source.uri),
-            "retry_s": cfg.storage.retry_seconds,
-            "max_file_bytes": cfg.source.max_file_bytes,
-            "source_root": source_root,
-            "follow_symlinks": cfg.source.follow_symlinks,
-        },
-    )
-    return ds.map_batches(
-        EmbedWorker,
-        batch_size=cfg.compute.batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=actors.num_actors),
-        num_cpus=actors.num_cpus,
-        num_gpus=actors.num_gpus,
-        # Model replicas go to different nodes where they can (each brings its own
-        # accelerator / cores); Ray's default would pack them onto the driver's node.
-        scheduling_strategy="SPREAD",
-        fn_constructor_kwargs={
-            "job": cfg.model_dump(mode="json"),
-            "weights": [weights_ref],
-            "device": actors.device,
-            "torch_threads": actors.torch_threads,
-            "stats_actor": stats_name,
-        },
     )
 
 

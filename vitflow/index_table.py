@@ -48,7 +48,8 @@ STATE_SCHEMA = pa.schema(
 FINGERPRINT_KEY = "vitflow.fingerprint"  # sha256 of JOB_KEY's JSON
 JOB_KEY = "vitflow.job"  # what the vectors depend on (weights hash, model, features), as JSON
 DIM_KEY = "vitflow.dim"  # on each vector column: its length, for readers
-_STAGED_NAME = re.compile(r"^part-[0-9a-f]{32}-\d{5,}\.parquet$")  # FileStager's file names
+# FileStager's file names: run id, a counter, and (from a model actor) the writer's tag.
+_STAGED_NAME = re.compile(r"^part-[0-9a-f]{32}-\d{5,}(-[0-9a-f]{8})?\.parquet$")
 # A txn entry per run is only consulted while that run commits; let Delta expire them.
 TABLE_CONFIGURATION = {"delta.setTransactionRetentionDuration": "interval 7 days"}
 
@@ -230,7 +231,7 @@ class FileStager:
         run_id: names this run's files, so an orphan can be traced to the run that left it.
     """
 
-    def __init__(self, uri: str, storage_options: dict[str, str], run_id: str):
+    def __init__(self, uri: str, storage_options: dict[str, str], run_id: str, writer_id: str = ""):
         from deltalake.fs import DeltaStorageHandler
         from pyarrow.fs import PyFileSystem
 
@@ -239,6 +240,7 @@ class FileStager:
         # deltalake's own object store: the same credentials and paths as its commits.
         self.fs = PyFileSystem(DeltaStorageHandler(uri, storage_options or None))
         self.run_id = run_id
+        self.tag = f"-{writer_id}" if writer_id else ""  # writers in several actors never clash
         self.written = 0
 
     @staticmethod
@@ -250,7 +252,7 @@ class FileStager:
         """Write ``table`` as one new data file; returns its ``AddAction``."""
         from deltalake.transaction import AddAction
 
-        path = f"part-{self.run_id}-{self.written:05d}.parquet"
+        path = f"part-{self.run_id}-{self.written:05d}{self.tag}.parquet"
         self.written += 1
         with self.fs.open_output_stream(path) as f:
             pq.write_table(table, f, compression="zstd")

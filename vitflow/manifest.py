@@ -23,8 +23,33 @@ def versions() -> dict[str, str]:
     return out
 
 
+def _feature_entry(p) -> dict[str, Any]:
+    """How one feature set was made: blocks and pooling, or the projection head."""
+    if p.source == "head":
+        return {"dim": p.dim, "source": "head", "normalize": p.normalize}
+    return {
+        "dim": p.dim,
+        "layers": list(p.indices),
+        "pool": p.pool,
+        "aggregate": p.aggregate,
+        "norm": p.norm,
+        "normalize": p.normalize,
+    }
+
+
 def build_manifest(
-    cfg, backbone, features, *, counts, seconds, stats, actors, listing=None, parts=None
+    cfg,
+    backbone,
+    features,
+    *,
+    counts,
+    seconds,
+    stats,
+    actors,
+    listing=None,
+    parts=None,
+    timings=None,
+    identity=None,
 ) -> dict[str, Any]:
     """Everything needed to reproduce and trust an output: config, model, features, counts."""
     model = backbone.model
@@ -44,18 +69,12 @@ def build_manifest(
                 k: list(v) if isinstance(v, tuple) else v for k, v in backbone.data_config.items()
             },
         },
-        "features": {
-            p.name: {
-                "dim": p.dim,
-                "layers": list(p.indices),
-                "pool": p.pool,
-                "aggregate": p.aggregate,
-                "norm": p.norm,
-                "normalize": p.normalize,
-            }
-            for p in features
-        },
+        "features": {p.name: _feature_entry(p) for p in features},
         "columns": [*columns.META_COLUMNS, *(p.name for p in features)],
+        # What the vectors depend on (vitflow.identity): equal fingerprints, comparable vectors.
+        "identity": None
+        if identity is None
+        else {"fingerprint": _fingerprint(identity), "vectors": identity},
         "counts": counts,
         # Rows of every part file: readers refuse an output whose parts disagree.
         "parts": parts,
@@ -63,14 +82,23 @@ def build_manifest(
         "listing": None
         if listing is None
         else {"by_extension": dict(listing.by_extension), "skipped": listing.skipped.to_dict()},
+        # Where the time went: listing, the stream (decode, model, write summed over tasks and
+        # actors), the model actors' busy share, steady-state images/s, the final check.
         "timing": {
             "wall_seconds": round(seconds, 3),
             "images_per_second": round(counts["listed"] / seconds, 2) if seconds else None,
             "model_seconds": round(stats.get("model_seconds", 0.0), 3),
+            **(timings or {}),
         },
         "execution": {"actors": actors, **{k: v for k, v in stats.items() if k != "model_seconds"}},
         "versions": versions(),
     }
+
+
+def _fingerprint(identity: dict[str, Any]) -> str:
+    from vitflow.identity import fingerprint
+
+    return fingerprint(identity)
 
 
 def write_manifest(

@@ -16,7 +16,7 @@ def output_lock(cfg: EmbedConfig, command: str = "embed") -> RunLock:
     """The lock that keeps other runs off ``cfg.output.uri`` while this one writes it (see
     :mod:`vitflow.locking`); re-entrant within one process. The location is checked first,
     so no lock file is ever made inside the source or in a bucket that does not exist."""
-    fs, path = check_output_location(cfg, bucket=command == "embed")
+    fs, path = check_output_location(cfg)
     return RunLock(fs, path, command=command, uri=cfg.output.uri)
 
 

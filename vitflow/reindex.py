@@ -14,7 +14,6 @@ files nobody sees yet) -> :func:`commit_reindex` (one atomic commit, or
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -24,14 +23,12 @@ from typing import Any
 
 import pyarrow as pa
 
-from vitflow import columns
-from vitflow.backbone import weights_fingerprint
 from vitflow.config import EmbedConfig
-from vitflow.embed import EmbedPlan, embed_stages, prepare_embed
+from vitflow.embed import EmbedPlan, prepare_embed
+from vitflow.engine import stream
 from vitflow.errors import ConfigError, VitflowError
+from vitflow.identity import describe_change, fingerprint, vector_identity
 from vitflow.index_table import (
-    MTIME,
-    SIZE,
     ConcurrentCommitError,
     FileStager,
     commit_files,
@@ -47,24 +44,14 @@ from vitflow.index_table import (
 )
 from vitflow.locking import LOCK_NAME
 from vitflow.outputs import output_lock
-from vitflow.runtime import plan_pool, ray_session
-from vitflow.sinks import ERROR_BUDGET_MIN_ROWS
-from vitflow.stages import EmbedStats, output_schema
+from vitflow.sinks.delta import DeltaSink
+from vitflow.stages import output_schema
 
 __all__ = ["ReindexResult", "load_index", "plan_reindex", "run_reindex"]
 
 log = logging.getLogger(__name__)
 
 INDEX_FORMAT = "vitflow.index/1"
-# Parts of the job the vectors depend on, as a sentence names them when they change.
-_JOB_PARTS = {
-    "weights_sha256": "the model weights",
-    "model": "the model settings (name, kwargs, extractor)",
-    "features": "the feature spec",
-    "preprocessing": "the preprocessing (source.max_pixels, compute.precision)",
-    "labels": "the label/split rules (source.labels, source.split)",
-    "format": "the index format",
-}
 
 
 @dataclass
@@ -127,44 +114,11 @@ class StagedChange:
 
 
 def index_job(cfg: EmbedConfig, weights: bytes) -> tuple[str, dict[str, Any]]:
-    """``(fingerprint, job)``: everything the vectors depend on, and its sha256.
-
-    The listing is left out (the diff handles it), and so are ``model.checkpoint`` and
-    ``model.pretrained``: the weights' hash already says whether the model is the same,
-    wherever it was loaded from.
-    """
-    job = {
-        "format": INDEX_FORMAT,
-        "weights_sha256": weights_fingerprint(weights),
-        "model": cfg.model.model_dump(mode="json", include={"name", "kwargs", "extractor"}),
-        "features": [f.model_dump(mode="json") for f in cfg.features],
-        "preprocessing": {"max_pixels": cfg.source.max_pixels, "precision": cfg.compute.precision},
-        "labels": cfg.source.model_dump(mode="json", include={"labels", "split"}),
-    }
-    return hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest(), job
-
-
-def describe_change(old: dict[str, Any], new: dict[str, Any]) -> str:
-    """Name what differs between two jobs, e.g. ``the feature spec (added: cls)``."""
-    parts = []
-    for key, what in _JOB_PARTS.items():
-        if old.get(key) == new.get(key):
-            continue
-        if key == "features":
-            was = {f["name"]: f for f in old.get(key) or []}
-            now = {f["name"]: f for f in new[key]}
-            detail = [
-                f"{verb}: {', '.join(names)}"
-                for verb, names in (
-                    ("added", [n for n in now if n not in was]),
-                    ("removed", [n for n in was if n not in now]),
-                    ("changed", [n for n in now if n in was and now[n] != was[n]]),
-                )
-                if names
-            ]
-            what += f" ({'; '.join(detail)})" if detail else " (order)"
-        parts.append(what)
-    return ", ".join(parts) or "the job"
+    """``(fingerprint, job)`` of an index: the vectors' identity
+    (:func:`vitflow.identity.vector_identity`) and the index format. The listing is left out:
+    the diff handles it."""
+    job = {"format": INDEX_FORMAT, **vector_identity(cfg, weights)}
+    return fingerprint(job), job
 
 
 def plan_reindex(cfg: EmbedConfig, *, rebuild: bool = False) -> ReindexPlan:
@@ -234,15 +188,7 @@ def stage_reindex(plan: ReindexPlan, *, address: str | None = None) -> StagedCha
     so stopping here (or crashing) leaves the index as it was.
     """
     stager = FileStager(plan.uri, plan.storage_options, plan.run_id)
-    adds, embedded, errors = (
-        _embed_into(plan, stager, address) if plan.todo.num_rows else ([], 0, 0)
-    )
-    budget = plan.cfg.compute.max_error_fraction
-    if budget is not None and embedded >= ERROR_BUDGET_MIN_ROWS and errors > budget * embedded:
-        raise VitflowError(
-            f"error budget exceeded: {errors} of {embedded} files failed (more than "
-            f"compute.max_error_fraction={budget}); nothing was committed"
-        )
+    adds, embedded, errors = _embed_into(plan, address) if plan.todo.num_rows else ([], 0, 0)
     removes = []
     for path, ids in sorted(plan.stale.items()):
         add, remove = stager.rewrite_without(path, plan.file_sizes[path], ids)
@@ -337,50 +283,30 @@ def _reindex_locked(
     )
 
 
-def _embed_into(plan: ReindexPlan, stager: FileStager, address: str | None):
-    """Run the plan's files through decode tasks + the model actor pool; write each batch of
-    ``output.rows_per_file`` rows as one data file. Returns ``(adds, embedded, errors)``."""
-    cfg, todo = plan.cfg, plan.todo
-    extra = todo.select([SIZE, MTIME])  # kept in the index for the next diff
-    row_of = {id_: i for i, id_ in enumerate(todo[columns.ID].to_pylist())}
+def _embed_into(plan: ReindexPlan, address: str | None):
+    """Run the plan's files through the engine; each model actor writes the batches it
+    embeds as data files (:mod:`vitflow.sinks.delta`). Returns ``(adds, embedded, errors)``.
+    The error budget is the engine's, judged as for embed (a 50-file run whose every file
+    fails is refused too)."""
     file_schema = pa.schema([f.remove_metadata() for f in plan.schema])
-    adds, seen, errors = [], [], 0
-    with ray_session(address, cfg.compute.local_num_cpus) as ray:
-        actors = plan_pool(ray, cfg.compute)
-        stats_name = f"vitflow-reindex-stats-{plan.run_id[:12]}"
-        stats = ray.remote(num_cpus=0)(EmbedStats).options(name=stats_name).remote()
-        try:
-            ds = embed_stages(
-                ray,
-                plan.cfg,
-                plan.embed.backbone.data_config,
-                ray.put(plan.embed.weights),
-                actors,
-                stats_name,
-                plan.todo,
-                source_root=plan.embed.listing.local_root,
-            )
-            for batch in ds.iter_batches(
-                batch_format="pyarrow", batch_size=cfg.output.rows_per_file
-            ):
-                ids = batch[columns.ID].to_pylist()
-                meta = extra.take(pa.array([row_of[i] for i in ids], pa.int64()))
-                rows = pa.table(
-                    [
-                        (meta if f.name in (SIZE, MTIME) else batch)[f.name].cast(f.type)
-                        for f in file_schema
-                    ],
-                    schema=file_schema,
-                )
-                adds.append(stager.write(rows))
-                seen += ids
-                errors += sum(s != columns.STATUS_OK for s in batch[columns.STATUS].to_pylist())
-            log.info("embed stats: %s", ray.get(stats.get.remote()))
-        finally:
-            ray.kill(stats)
-    if len(seen) != len(set(seen)) or set(seen) != set(row_of):
-        raise VitflowError(
-            f"embedding check failed: {len(row_of)} files to embed, {len(seen)} rows came back "
-            f"({len(seen) - len(set(seen))} duplicated); nothing was committed, rerun"
+    sink = DeltaSink(plan.uri, plan.storage_options, plan.run_id, file_schema)
+    try:
+        result = stream(
+            plan.cfg,
+            data_config=plan.embed.backbone.data_config,
+            weights=plan.embed.weights,
+            rows=plan.todo,
+            sink=sink,
+            address=address,
+            source_root=plan.embed.listing.local_root,
+            model_params=plan.embed.num_params,
         )
-    return adds, len(seen), errors
+    except VitflowError as e:
+        raise type(e)(f"{e}; nothing was committed") from None
+    log.info("embed stats: %s", result.timings)
+    if result.processed != plan.todo.num_rows:
+        raise VitflowError(
+            f"embedding check failed: {plan.todo.num_rows} files to embed, {result.processed} "
+            "rows came back; nothing was committed, rerun"
+        )
+    return sink.add_actions(), result.processed, result.error

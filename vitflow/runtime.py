@@ -17,7 +17,7 @@ import logging
 import math
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from vitflow.config import ComputeConfig
 from vitflow.errors import ConfigError
@@ -30,17 +30,77 @@ SMALL_NODE_CPUS = 4
 
 @dataclass(frozen=True)
 class ActorPlan:
-    """How the model actor pool is laid out."""
+    """How the model actor pool and the decode tasks beside it are laid out."""
 
     num_actors: int
     num_cpus: float
     num_gpus: float
     torch_threads: int
     device: str  # "cuda" | "cpu"
+    batch_size: int = 32  # images per forward pass
+    decode_tasks: int = 1  # decode tasks running at once, cluster-wide
+    decode_num_cpus: float = 1.0  # CPUs each decode task reserves
+    decode: str = "cpu"  # where images are decoded: "cpu" tasks | "gpu" in the actors
 
 
-def plan_actors(cluster: dict[str, float], node_cpus: float, compute: ComputeConfig) -> ActorPlan:
-    """Size the actor pool from ``ray.cluster_resources()`` and the largest node's CPU count."""
+# Images per forward pass when compute.batch_size is not set: what fits a 24 GB card with
+# room to spare, by model size (activations grow with width and tokens, roughly with params).
+_GPU_BATCH = ((100e6, 256), (400e6, 128), (float("inf"), 64))
+CPU_BATCH = 32
+
+
+def default_batch_size(device: str, model_params: int | None) -> int:
+    if device != "cuda":
+        return CPU_BATCH
+    params = model_params or 0
+    return next(b for limit, b in _GPU_BATCH if params < limit)
+
+
+def plan_actors(
+    cluster: dict[str, float],
+    node_cpus: float,
+    compute: ComputeConfig,
+    model_params: int | None = None,
+) -> ActorPlan:
+    """Size the actor pool and the decode tasks from ``ray.cluster_resources()`` and the
+    largest node's CPU count."""
+    plan = _plan_pool(cluster, node_cpus, compute)
+    return _with_decode(plan, float(cluster.get("CPU", 0)), compute, model_params)
+
+
+def _with_decode(
+    plan: ActorPlan, cpus: float, compute: ComputeConfig, model_params: int | None
+) -> ActorPlan:
+    """Decode beside the actors. Decode tasks never take the CPUs the actors reserve (they
+    would keep the actors pending, as measured on an H200 node). On CPU-only clusters every
+    core runs a decode task at once, with fractional reservations beside the actors (one
+    whole CPU each left room for a single task on a 2-core node); with GPUs a task takes a
+    CPU."""
+    free = max(0.0, cpus - plan.num_actors * plan.num_cpus)
+    if compute.decode_num_cpus is not None:
+        per_task = compute.decode_num_cpus
+        tasks = max(1, int(free // per_task))
+    elif plan.device == "cpu":
+        tasks = max(1, int(cpus))
+        per_task = max(0.05, round(free / tasks, 3)) if free > 0 else 0.05
+    else:
+        tasks = max(1, int(free))
+        per_task = 1.0
+    decode = compute.decode
+    if decode == "auto":
+        decode = "gpu" if plan.device == "cuda" else "cpu"
+    elif decode == "gpu" and plan.device != "cuda":
+        log.warning(
+            "compute.decode is gpu but the model actors run on the CPU: decoding in CPU tasks"
+        )
+        decode = "cpu"
+    batch = compute.batch_size or default_batch_size(plan.device, model_params)
+    return replace(
+        plan, batch_size=batch, decode_tasks=tasks, decode_num_cpus=per_task, decode=decode
+    )
+
+
+def _plan_pool(cluster: dict[str, float], node_cpus: float, compute: ComputeConfig) -> ActorPlan:
     cpus = float(cluster.get("CPU", 0))
     gpus = float(cluster.get("GPU", 0))
     # An autoscaling cluster may start with no workers: with device cuda and an explicit
@@ -94,16 +154,16 @@ def plan_actors(cluster: dict[str, float], node_cpus: float, compute: ComputeCon
         num_cpus = 0.5 if node_cpus <= SMALL_NODE_CPUS else max(0.5, node_cpus / per_node / 2)
         # Whatever the size, one decode task must still fit beside the node's actors, or the
         # pipeline stalls with nothing to feed them. An actor may reserve 0 CPUs in Ray.
-        room = max(0.0, (node_cpus - compute.decode_num_cpus) / per_node)
+        room = max(0.0, (node_cpus - (compute.decode_num_cpus or 0.5)) / per_node)
         num_cpus = min(num_cpus, room)
     threads = compute.torch_threads or max(1, int(node_cpus // per_node))
     return ActorPlan(n, num_cpus, 0.0, threads, "cpu")
 
 
-def plan_pool(ray, compute: ComputeConfig) -> ActorPlan:
+def plan_pool(ray, compute: ComputeConfig, model_params: int | None = None) -> ActorPlan:
     """Size the model actor pool on the connected cluster, and for GPU actors check first that
     torch can use the GPU Ray hands out (see :mod:`vitflow.accelerator`)."""
-    actors = plan_actors(ray.cluster_resources(), largest_node_cpus(), compute)
+    actors = plan_actors(ray.cluster_resources(), largest_node_cpus(), compute, model_params)
     log.info("actor plan: %s", actors)
     if actors.device == "cuda" and actors.num_gpus > 0:
         from vitflow.accelerator import check_cluster_cuda

@@ -20,11 +20,11 @@ import pyarrow as pa
 import torch
 
 from vitflow import columns
-from vitflow.decode import DecodeError, decode_image
+from vitflow.decode import DecodeError, decode_image, decoded_size
 from vitflow.errors import ConfigError, StorageUnavailable
 from vitflow.preprocess import Preprocessor
 from vitflow.sinks import PART_COLUMN
-from vitflow.storage import read_bytes
+from vitflow.storage import read_many
 
 _PASSTHROUGH = (columns.ID, columns.PATH, columns.LABEL, columns.SPLIT)
 
@@ -96,6 +96,21 @@ class ReadBreaker:
             ) from e
 
 
+@functools.lru_cache(maxsize=4)
+def _stats_actor(name: str):
+    import ray
+
+    return ray.get_actor(name)
+
+
+def _report(stats_actor: str | None, **kw) -> None:
+    if stats_actor:
+        try:
+            _stats_actor(stats_actor).add.remote(**kw)
+        except Exception:  # counters are best effort; they never fail a batch
+            pass
+
+
 def decode_batch(
     batch: dict[str, np.ndarray],
     *,
@@ -107,75 +122,97 @@ def decode_batch(
     max_file_bytes: int | None = None,
     source_root: str | None = None,
     follow_symlinks: bool = True,
+    mode: str = "cpu",
+    jpeg_draft: bool = False,
+    read_in_flight: int = 16,
+    stats_actor: str | None = None,
 ) -> dict[str, np.ndarray]:
-    """Read, decode and resize/crop a batch of listed files (a Ray Data ``map_batches`` UDF).
+    """Read, decode and resize/crop a block of listed files (a Ray Data ``map_batches`` UDF).
 
-    Returns the pass-through columns plus ``status``, ``error``, ``width``, ``height`` and
-    ``uint8`` pixels ``(B, H, W, 3)`` (zeros on error rows). A file whose decode and resize
-    take longer than ``decode_timeout_s`` is cut off and becomes an error row. A row the
-    listing already refused (a reason in ``columns.LIST_ERROR``) is an error row with that
-    reason, and its file is never opened.
+    Returns every input column (extra ones ride along to the sink's writer) plus
+    ``status``, ``error``, ``width``, ``height`` and either ``uint8`` pixels ``(B, H, W, 3)``
+    (zeros on error rows; ``mode="cpu"``) or the files' bytes for the model actor to decode
+    (``mode="gpu"``). The block's files are read with up to ``read_in_flight`` requests at
+    once. A file whose decode and resize take longer than ``decode_timeout_s`` is cut off
+    and becomes an error row. A row the listing already refused (a reason in
+    ``columns.LIST_ERROR``) is an error row with that reason, and its file is never opened.
     """
+    started = time.perf_counter()
     pre = _preprocessor(data_config_json)
     _, h, w = pre.input_size
     n = len(batch[columns.PATH])
-    pixels = np.zeros((n, h, w, 3), dtype=np.uint8)
     status = np.full(n, columns.STATUS_OK, dtype=object)
     error = np.full(n, None, dtype=object)
     width = np.full(n, -1, dtype=np.int32)
     height = np.full(n, -1, dtype=np.int32)
     refused = _strings(batch[columns.LIST_ERROR]) if columns.LIST_ERROR in batch else [None] * n
-    breaker = ReadBreaker()
-    for i, path in enumerate(batch[columns.PATH]):
+    todo = [i for i in range(n) if refused[i] is None]
+    for i in range(n):
         if refused[i] is not None:
             status[i], error[i] = columns.STATUS_ERROR, refused[i]
-            continue
-        try:
-            data = read_bytes(
-                path,
-                storage_options,
-                retry_s=retry_s,
-                max_bytes=max_file_bytes,
-                root=source_root,
-                follow_symlinks=follow_symlinks,
-            )
-        except StorageUnavailable:
-            raise  # the store is down, not this file: stop the job (resumably)
-        except Exception as e:  # any other read failure is this file's, not the job's ...
-            breaker.failed(e)  # ... unless file after file fails the same way
-            status[i], error[i] = columns.STATUS_ERROR, f"read failed: {type(e).__name__}: {e}"
-            continue
-        breaker.ok()
-        try:
-            with time_limit(decode_timeout_s):
-                img = decode_image(data, max_pixels=max_pixels)
-                width[i], height[i] = img.size
-                pixels[i] = pre.resize_crop(img)
-        except DecodeTimeout:
+    datas = read_many(
+        [str(batch[columns.PATH][i]) for i in todo],
+        storage_options,
+        max_in_flight=read_in_flight,
+        retry_s=retry_s,
+        max_bytes=max_file_bytes,
+        root=source_root,
+        follow_symlinks=follow_symlinks,
+    )  # raises StorageUnavailable when the store is down: not these files' fault
+    breaker = ReadBreaker()
+    contents: dict[int, bytes] = {}
+    for i, data in zip(todo, datas, strict=True):
+        if isinstance(data, BaseException):
+            breaker.failed(data)  # file after file failing the same way: the store
             status[i], error[i] = (
                 columns.STATUS_ERROR,
-                f"decode took longer than source.decode_timeout_s={decode_timeout_s} s; cut off",
+                f"read failed: {type(data).__name__}: {data}",
             )
-        except DecodeError as e:
-            status[i], error[i] = columns.STATUS_ERROR, str(e)
-        except Exception as e:
-            status[i], error[i] = (
-                columns.STATUS_ERROR,
-                f"preprocessing failed: {type(e).__name__}: {e}",
+        else:
+            breaker.ok()
+            contents[i] = data
+    out = {c: batch[c] for c in batch if c != columns.LIST_ERROR}
+    if mode == "gpu":  # the model actor decodes (JPEGs on its GPU, the rest on its CPU)
+        raw = np.full(n, b"", dtype=object)
+        for i, data in contents.items():
+            raw[i] = data
+        out[columns.RAW_BYTES] = raw
+    else:
+        pixels = np.zeros((n, h, w, 3), dtype=np.uint8)
+        draft = pre.draft_size if jpeg_draft else None
+        for i, data in contents.items():
+            reason = _decode_into(
+                data, pre, pixels, width, height, i, max_pixels, draft, decode_timeout_s
             )
-    out = {c: batch[c] for c in _PASSTHROUGH}
-    if PART_COLUMN in batch:
-        out[PART_COLUMN] = batch[PART_COLUMN]
+            if reason is not None:
+                status[i], error[i] = columns.STATUS_ERROR, reason
+        out[columns.PIXELS] = pixels
     out.update(
-        {
-            columns.STATUS: status,
-            columns.ERROR: error,
-            columns.WIDTH: width,
-            columns.HEIGHT: height,
-            columns.PIXELS: pixels,
-        }
+        {columns.STATUS: status, columns.ERROR: error, columns.WIDTH: width, columns.HEIGHT: height}
+    )
+    _report(
+        stats_actor,
+        decode_seconds=time.perf_counter() - started,
+        decode_blocks=1,
+        decode_end=time.time(),
     )
     return out
+
+
+def _decode_into(data, pre, pixels, width, height, i, max_pixels, draft, timeout) -> str | None:
+    """Decode one file into row ``i`` of the block; the error row's reason, or None."""
+    try:
+        with time_limit(timeout):
+            img = decode_image(data, max_pixels=max_pixels, draft_size=draft)
+            width[i], height[i] = decoded_size(img)
+            pixels[i] = pre.resize_crop(img)
+        return None
+    except DecodeTimeout:
+        return f"decode took longer than source.decode_timeout_s={timeout} s; cut off"
+    except DecodeError as e:
+        return str(e)
+    except Exception as e:
+        return f"preprocessing failed: {type(e).__name__}: {e}"
 
 
 def output_schema(dims: dict[str, int]) -> pa.Schema:
@@ -230,15 +267,22 @@ def rows_table(
             full[ok] = vectors[name]
         cols[name] = vectors_to_arrow(full, ok, d)
     table = pa.table(cols, schema=schema)
-    if PART_COLUMN in batch:  # routing for the part writer; never written out
+    # The listing's bookkeeping rides along for the sink's writer (which part a row belongs
+    # to; size and mtime for the index's next diff); it is written only where a sink wants it.
+    if PART_COLUMN in batch:
         table = table.append_column(
             PART_COLUMN, pa.array(np.asarray(batch[PART_COLUMN], dtype=np.int64))
         )
+    if "size" in batch:
+        table = table.append_column("size", pa.array(np.asarray(batch["size"], dtype=np.int64)))
+    if "mtime" in batch:
+        table = table.append_column("mtime", pa.array(_strings(batch["mtime"]), pa.string()))
     return table
 
 
 class EmbedWorker:
-    """Model actor: one backbone per process, all feature sets from one forward pass per batch.
+    """Model actor: one backbone per process, all feature sets from one forward pass per batch,
+    and the sink's writer, so what it embeds is written where it was embedded.
 
     Args:
         job: the validated job config as a plain dict (re-validated here).
@@ -247,10 +291,20 @@ class EmbedWorker:
         device: ``cuda`` or ``cpu``.
         torch_threads: intra-op threads for CPU inference.
         stats_actor: name of the run's stats actor, or None.
+        writer: ``(class, kwargs)`` of the sink's writer (see :mod:`vitflow.sinks`); None
+            returns the rows themselves.
+        decode: ``gpu``: the batch holds file bytes, decoded here (JPEGs on the device).
     """
 
     def __init__(
-        self, job: dict, weights: list, device: str, torch_threads: int, stats_actor: str | None
+        self,
+        job: dict,
+        weights: list,
+        device: str,
+        torch_threads: int,
+        stats_actor: str | None,
+        writer: tuple[type, dict] | None = None,
+        decode: str = "cpu",
     ):
         import ray
 
@@ -273,8 +327,15 @@ class EmbedWorker:
             bb.model, cfg.features, self.pre.input_size, cfg.model.extractor, head=bb.head
         )
         self.extractor.to(self.device)
+        self.channels_last = cfg.compute.channels_last
+        if self.channels_last:
+            self.extractor.to(memory_format=torch.channels_last)
+        self.forward = torch.compile(self.extractor) if cfg.compute.compile else self.extractor
         self.dims = self.extractor.dims
         self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.compute.precision)
+        self.decode, self.max_pixels = decode, cfg.source.max_pixels
+        self.writer = writer[0](**writer[1]) if writer is not None else None
+        self.stats_name = stats_actor
         self.stats = ray.get_actor(stats_actor) if stats_actor else None
         self.node_id = ray.get_runtime_context().get_node_id()
         if self.stats is not None:  # where each replica was placed, even if it gets no batch
@@ -298,19 +359,27 @@ class EmbedWorker:
         return out
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        started = time.time()
+        t0 = time.perf_counter()
+        pixels = self._pixels(batch)  # on the device; None when no row is ok
         ok = batch[columns.STATUS] == columns.STATUS_OK
         vectors: dict[str, np.ndarray] = {}
         seconds = 0.0
         calls_before = self.stem_calls
         if ok.any():
-            t0 = time.perf_counter()
-            x = self.pre.to_tensor(batch[columns.PIXELS][ok], self.device)
+            x = self.pre.to_tensor(pixels[torch.from_numpy(ok).to(pixels.device)], self.device)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(
                 self.device.type, dtype=self.autocast, enabled=self.autocast is not None
             ):
-                out = self.extractor(x)
+                out = self.forward(x)
             vectors = {k: v.float().cpu().numpy() for k, v in out.items()}
-            seconds = time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        table = rows_table(batch, vectors, self.dims)
+        t1 = time.perf_counter()
+        result = self.writer.write(table) if self.writer is not None else table
+        write_seconds = time.perf_counter() - t1
         if self.stats is not None:
             self.stats.add.remote(
                 node=self.node_id,
@@ -319,26 +388,39 @@ class EmbedWorker:
                 forwards=self.stem_calls - calls_before,
                 images=int(ok.sum()),
                 model_seconds=seconds,
+                write_seconds=write_seconds,
+                model_start=started,
             )
-        return rows_table(batch, vectors, self.dims)
+        return result
 
+    def _pixels(self, batch: dict[str, np.ndarray]) -> torch.Tensor | None:
+        """The batch's ``uint8`` (B, H, W, 3) pixels on the device: copied from pinned memory
+        when CPU tasks decoded them, or decoded here from the files' bytes (``decode: gpu``;
+        error rows get their reasons in ``batch``)."""
+        if self.decode != "gpu":
+            x = torch.from_numpy(np.ascontiguousarray(batch[columns.PIXELS]))
+            if self.device.type == "cuda":
+                return x.pin_memory().to(self.device, non_blocking=True)
+            return x
+        from vitflow.gpu_decode import decode_resize_batch
 
-class EmbedStats:
-    """Counters the model actors report to (a tiny Ray actor, one per run)."""
-
-    def __init__(self):
-        self.totals = dict.fromkeys(("batches", "batches_with_images", "forwards", "images"), 0)
-        self.totals["model_seconds"] = 0.0
-        self.nodes: set[str] = set()
-        self.actors: list[dict] = []
-
-    def add(self, node: str | None = None, actor: dict | None = None, **kw):
-        if node:
-            self.nodes.add(node)
-        if actor is not None:
-            self.actors.append(actor)
-        for k, v in kw.items():
-            self.totals[k] += v
-
-    def get(self) -> dict:
-        return {**self.totals, "model_nodes": sorted(self.nodes), "model_actors": self.actors}
+        ok = batch[columns.STATUS] == columns.STATUS_OK
+        rows = np.flatnonzero(ok)
+        _, h, w = self.pre.input_size
+        full = torch.zeros((len(ok), h, w, 3), dtype=torch.uint8, device=self.device)
+        if len(rows):
+            # Always ask for the GPU: without CUDA the batch takes the exact CPU path (the
+            # fallback is decode_resize_batch's own, so it is the same everywhere).
+            got = decode_resize_batch(
+                [batch[columns.RAW_BYTES][i] for i in rows],
+                self.pre,
+                "cuda",
+                max_pixels=self.max_pixels,
+            )
+            full[torch.from_numpy(rows).to(self.device)] = got.pixels.to(self.device)
+            for i, err, (wd, ht) in zip(rows, got.errors, got.sizes, strict=True):
+                if err is not None:
+                    batch[columns.STATUS][i], batch[columns.ERROR][i] = columns.STATUS_ERROR, err
+                else:
+                    batch[columns.WIDTH][i], batch[columns.HEIGHT][i] = wd, ht
+        return full

@@ -1,14 +1,14 @@
 """Writing the embeddings table in resumable parts.
 
-The listing is cut into parts of ``output.rows_per_file`` consecutive files. A single writer
-actor receives every embedded batch and stages it at once as a small piece file under
-``OUT/_staging/``; when all ids of a part have arrived it compacts the part's pieces into
-``OUT/part-NNNNN.parquet`` (written under a temporary name and then moved into place) and
-deletes them. So:
+The listing is cut into parts of ``output.rows_per_file`` consecutive files. Every model
+actor stages each batch it embeds at once, as a small piece file under ``OUT/_staging/``
+(:class:`PieceWriter`); the driver counts the receipts and, when all ids of a part have
+arrived, a Ray task compacts the part's pieces into ``OUT/part-NNNNN.parquet`` (written
+atomically) and deletes them (:class:`PartsSink`). So:
 
 - a finished part is one file that is either complete or absent;
-- a killed driver, writer or model actor loses at most the batches in flight: staged
-  pieces survive and ``--resume`` picks up from them;
+- a killed driver or model actor loses at most the batches in flight: staged pieces
+  survive and ``--resume`` picks up from them;
 - a batch retried by Ray after a crash may be staged twice; compaction keeps one row per id.
 
 Readers (pyarrow datasets, pandas, polars ``OUT/*.parquet``, duckdb) skip ``_``-prefixed
@@ -36,15 +36,10 @@ from vitflow.storage import is_local, list_entries, list_names, remove_file, wri
 
 STAGING = "_staging"
 RUN_STATE = "_vitflow_run.json"  # what an unfinished run was doing, for --resume
-ERROR_BUDGET_MIN_ROWS = 100
 PART_COLUMN = "__part"
 _PART_FILE = re.compile(r"^part-(\d{5,})\.parquet$")
 _PIECE_FILE = re.compile(r"^part-(\d{5,})-[0-9a-f]+\.parquet$")
 _TMP_FILE = re.compile(r"^_tmp-[0-9a-f]{32}-")
-
-
-class ErrorBudgetExceeded(VitflowError):
-    """Raised inside the writer when too many files fail; the job stops, resumably."""
 
 
 def part_file(part: int) -> str:
@@ -155,94 +150,155 @@ def _write_atomic(fs, table: pa.Table, path: str, retry_s: float | None = None) 
     write_atomic(fs, path, buf.getvalue(), retry_s=retry_s)
 
 
-class PartWriter:
-    """Ray Data actor stage (run with exactly one actor) that stages and compacts parts.
+class PieceWriter:
+    """The part writer's half that runs in every model actor: it stages each embedded batch
+    at once, one piece file per part it touches, and returns a receipt (id, status, part of
+    every row) for the driver's accounting. Writers scale with the actor pool; no row passes
+    through one process.
 
     Args:
         fs: fsspec filesystem of the output (picklable: local or s3fs).
         out_path: output folder path on ``fs``.
-        part_sizes: expected number of rows of every part that this run must produce.
+        schema: the columns written (:func:`vitflow.stages.output_schema`).
+        retry_s: how long writes wait out an unreachable store.
+    """
+
+    def __init__(self, fs, out_path: str, schema: pa.Schema, retry_s: float | None = None):
+        self.fs, self.out, self.schema, self.retry_s = fs, out_path.rstrip("/"), schema, retry_s
+        self.staging = posixpath.join(self.out, STAGING)
+        if is_local(self.fs):
+            os.makedirs(self.staging, exist_ok=True)
+
+    def write(self, batch: pa.Table) -> pa.Table:
+        parts = batch.column(PART_COLUMN).to_numpy()
+        rows = batch.select(self.schema.names)
+        for part in np.unique(parts):
+            piece = rows.filter(pa.array(parts == part))
+            name = f"part-{int(part):05d}-{uuid.uuid4().hex[:16]}.parquet"
+            _write_atomic(self.fs, piece, posixpath.join(self.staging, name), self.retry_s)
+        return batch.select([columns.ID, columns.STATUS, PART_COLUMN])
+
+
+class PartsSink:
+    """The part writer's driver half: counts the receipts per part and, the moment a part's
+    every row is staged, compacts it in a Ray task (pieces -> ``part-NNNNN.parquet``,
+    atomically, one row per id). The driver holds the ids of unfinished parts only.
+
+    Args:
+        fs, out_path: the output.
+        schema: the columns written.
+        part_sizes: expected rows of every part this run must produce.
+        staged: ids already staged per part (a resumed run's, from :func:`staged_ids`).
+        retry_s: how long writes wait out an unreachable store.
     """
 
     def __init__(
         self,
         fs,
         out_path: str,
+        schema: pa.Schema,
         part_sizes: dict[int, int],
-        max_error_fraction: float | None = None,
+        staged: dict[int, set[str]] | None = None,
         retry_s: float | None = None,
     ):
-        self.fs, self.out = fs, out_path.rstrip("/")
-        self.retry_s = retry_s
-        self.max_error_fraction = max_error_fraction
-        self.total = sum(part_sizes.values())
-        self.processed = self.errors = 0
-        self.staging = posixpath.join(self.out, STAGING)
-        if is_local(self.fs):
-            os.makedirs(self.staging, exist_ok=True)
+        self.fs, self.out, self.schema, self.retry_s = fs, out_path.rstrip("/"), schema, retry_s
         self.expected = {int(k): int(v) for k, v in part_sizes.items()}
-        # A restarted writer (or a resumed run) recounts what earlier incarnations staged,
-        # and finishes parts whose every row was already staged.
-        self.seen = {p: ids for p, ids in staged_ids(fs, out_path).items() if p in self.expected}
+        self.seen: dict[int, set[str]] = {
+            p: set(ids) for p, ids in (staged or {}).items() if p in self.expected
+        }
+        self.pending: list = []
+        self.compacted = 0
+        self._ray = None
+
+    # -- the engine's sink protocol ----------------------------------------------------------
+
+    def writer(self) -> tuple[type, dict]:
+        return PieceWriter, {
+            "fs": self.fs,
+            "out_path": self.out,
+            "schema": self.schema,
+            "retry_s": self.retry_s,
+        }
+
+    def start(self, ray) -> None:
+        """Finish at once the parts a resumed run finds wholly staged."""
+        self._ray = ray
         for part, ids in list(self.seen.items()):
             if len(ids) >= self.expected[part]:
                 self._compact(part)
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        self._check_error_budget(batch)
-        written = []
-        parts = batch.column(PART_COLUMN).to_numpy()
-        rows = batch.drop_columns([PART_COLUMN])
+    def receive(self, receipt: pa.Table) -> None:
+        parts = receipt.column(PART_COLUMN).to_numpy()
+        ids = receipt.column(columns.ID)
         for part in np.unique(parts):
             part = int(part)
-            piece = rows.filter(pa.array(parts == part))
-            name = f"part-{part:05d}-{uuid.uuid4().hex[:16]}.parquet"
-            _write_atomic(self.fs, piece, posixpath.join(self.staging, name), self.retry_s)
+            got = ids.filter(pa.array(parts == part)).to_pylist()
             seen = self.seen.setdefault(part, set())
-            seen.update(piece.column(columns.ID).to_pylist())
+            seen.update(got)
             if len(seen) >= self.expected.get(part, float("inf")):
-                written.append((part, self._compact(part)))
-        return pa.table(
-            {"part": [p for p, _ in written], "rows": [n for _, n in written]},
-            schema=pa.schema([("part", pa.int64()), ("rows", pa.int64())]),
-        )
+                self._compact(part)
+        self._collect(block=False)
 
-    def _check_error_budget(self, batch: pa.Table) -> None:
-        if self.max_error_fraction is None:
-            return
-        self.processed += batch.num_rows
-        self.errors += (
-            pc.sum(pc.equal(batch.column(columns.STATUS), columns.STATUS_ERROR)).as_py() or 0
-        )
-        # Judge only after a fair sample, so three bad files among the first ten do not abort.
-        if self.processed >= min(self.total, ERROR_BUDGET_MIN_ROWS):
-            if self.errors / self.processed > self.max_error_fraction:
-                raise ErrorBudgetExceeded(
-                    f"error budget exceeded: {self.errors} of {self.processed} files failed so far, more than "
-                    f"compute.max_error_fraction={self.max_error_fraction}; the job stopped with "
-                    "its finished parts kept. Fix the inputs (see the error column) or raise the "
-                    "budget, then rerun with --resume"
-                )
+    def finish(self) -> dict:
+        """Wait for every compaction; returns counters for the run's stats."""
+        self._collect(block=True)
+        if self.seen:  # parts whose rows did not all arrive (the engine checks counts too)
+            missing = {p: self.expected[p] - len(ids) for p, ids in self.seen.items()}
+            raise VitflowError(
+                f"{len(missing)} parts did not receive all their rows ({missing}); "
+                "rerun with --resume to complete them"
+            )
+        return {"parts_compacted": self.compacted}
 
-    def _compact(self, part: int) -> int:
-        prefix = f"part-{part:05d}-"
-        pieces = sorted(
-            p
-            for p in _ls(self.fs, self.staging)
-            if posixpath.basename(p).startswith(prefix) and _PIECE_FILE.match(posixpath.basename(p))
-        )
-        budget = DEFAULT_RETRY_SECONDS if self.retry_s is None else self.retry_s
-        tables = [
-            retrying(lambda p=p: _read_parquet(self.fs, p), what=f"read {p}", budget_s=budget)
-            for p in pieces
-        ]
-        table = pa.concat_tables(tables)
-        table = _unique_ids(table).sort_by(columns.PATH)
-        _write_atomic(self.fs, table, posixpath.join(self.out, part_file(part)), self.retry_s)
-        for p in pieces:
-            remove_file(self.fs, p, retry_s=self.retry_s)
+    # -- compaction ----------------------------------------------------------------------------
+
+    def _compact(self, part: int) -> None:
         self.seen.pop(part, None)
-        return table.num_rows
+        if self._ray is None:  # no cluster (nothing left to embed): compact here
+            compact_part(self.fs, self.out, part, self.retry_s)
+        else:
+            task = self._ray.remote(num_cpus=0, max_retries=3)(compact_part)
+            self.pending.append(task.remote(self.fs, self.out, part, self.retry_s))
+        self.compacted += 1
+
+    def _collect(self, block: bool) -> None:
+        if not self.pending:
+            return
+        ray = self._ray
+        done, self.pending = ray.wait(
+            self.pending, num_returns=len(self.pending), timeout=None if block else 0
+        )
+        ray.get(done)  # raises the first compaction error, if any
+
+
+def compact_part(fs, out_path: str, part: int, retry_s: float | None = None) -> int:
+    """Compact the staged pieces of ``part`` into ``part-NNNNN.parquet`` (written atomically;
+    one row per id, sorted by path) and delete the pieces. Returns the part's rows. Runs as a
+    Ray task; safe to run twice (a piece already gone is skipped)."""
+    out = out_path.rstrip("/")
+    staging = posixpath.join(out, STAGING)
+    prefix = f"part-{part:05d}-"
+    pieces = sorted(
+        p
+        for p in _ls(fs, staging)
+        if posixpath.basename(p).startswith(prefix) and _PIECE_FILE.match(posixpath.basename(p))
+    )
+    budget = DEFAULT_RETRY_SECONDS if retry_s is None else retry_s
+    tables = []
+    for p in pieces:
+        try:
+            tables.append(
+                retrying(lambda p=p: _read_parquet(fs, p), what=f"read {p}", budget_s=budget)
+            )
+        except FileNotFoundError:
+            continue  # a compaction that ran before this one took it
+    if not tables:
+        return 0
+    table = _unique_ids(pa.concat_tables(tables)).sort_by(columns.PATH)
+    _write_atomic(fs, table, posixpath.join(out, part_file(part)), retry_s)
+    for p in pieces:
+        remove_file(fs, p, retry_s=retry_s)
+    return table.num_rows
 
 
 def _unique_ids(table: pa.Table) -> pa.Table:

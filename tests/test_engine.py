@@ -1,0 +1,135 @@
+"""The one streaming engine: the stream starts before the listing is decoded, every stage's
+time is reported, the error budget is the same for every sink, decode runs beside the
+actors, and the actor-side (GPU) decode path falls back to the exact CPU path without CUDA.
+No timing assertions: speed lives in benchmarks/."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from tests.conftest import TINY
+from vitflow import columns
+from vitflow.config import ComputeConfig, load_config
+from vitflow.embed import run_embed
+from vitflow.engine import ErrorBudget, ErrorBudgetExceeded
+from vitflow.runtime import plan_actors
+from vitflow.synthetic import make_image_folder
+
+NAME, KW = TINY["vit"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("engine")
+    make_image_folder(root / "images", per_class=20, size=(80, 60), with_bad_files=True)
+    torch.manual_seed(5)
+    save_file(timm.create_model(NAME, num_classes=0, **KW).state_dict(), root / "w.safetensors")
+    return root
+
+
+def job(root, out, **over):
+    base = {
+        "source": {"uri": str(root / "images")},
+        "model": {"name": NAME, "kwargs": KW, "checkpoint": str(root / "w.safetensors")},
+        "features": [{"name": "emb", "layers": 2, "pool": "mean"}],
+        "output": {"uri": str(out), "rows_per_file": 16},
+        "compute": {"batch_size": 8},
+    }
+    return load_config(base=base, overrides=[f"{k}={v}" for k, v in over.items()])
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_stream_starts_before_decode_ends_and_reports_every_stage(corpus, ray_local, tmp_path):
+    res = run_embed(job(corpus, tmp_path / "out"))
+    t = res.manifest["timing"]
+    # The first forward pass began while decode tasks still had blocks to do: the stream
+    # is fed continuously, not after the whole listing was decoded.
+    assert t["model_started_before_decode_ended_s"] > 0
+    for stage in ("listing_seconds", "decode_seconds", "model_seconds", "write_seconds"):
+        assert t[stage] > 0, stage
+    assert 0 < t["model_busy_share"] <= 1
+    assert t["stream_seconds"] <= t["wall_seconds"]
+    assert t["first_result_seconds"] <= t["stream_seconds"]
+    assert t["steady_images_per_second"] > 0
+    ex = res.manifest["execution"]
+    blocks = -(-res.listed // 8)  # decode blocks of min(batch, 64) rows
+    assert ex["decode_blocks"] == blocks
+    assert ex["images"] == res.ok and ex["batches"] >= blocks
+    # No single writer: the model actor staged what it embedded; parts were compacted.
+    assert len(list((tmp_path / "out").glob("part-*.parquet"))) == -(-res.listed // 16)
+
+
+def test_error_budget_is_judged_the_same_for_every_sink():
+    small = ErrorBudget(0.5, total=50)  # a 50-file run where every file fails: refused
+    with pytest.raises(ErrorBudgetExceeded, match="50 of 50 files failed"):
+        small.add(50, 50)
+    big = ErrorBudget(0.2, total=10_000)
+    big.add(10, 3)  # 3 of the first 10 fail: too early to judge
+    big.add(90, 10)  # 13 of 100: within budget
+    with pytest.raises(ErrorBudgetExceeded, match="31 of 110"):
+        big.add(10, 18)
+    ErrorBudget(None, total=10).add(10, 10)  # no budget: never refused
+
+
+def test_decode_runs_beside_the_actors_on_a_small_node():
+    """On 2 CPUs the model actor reserves half a CPU and two decode tasks run at once
+    (one whole CPU each left room for one); with GPUs decode takes the CPUs the actors
+    do not reserve."""
+    cpu = plan_actors({"CPU": 2.0}, 2.0, ComputeConfig())
+    assert cpu.device == "cpu" and cpu.decode_tasks == 2
+    assert cpu.num_actors * cpu.num_cpus + cpu.decode_tasks * cpu.decode_num_cpus <= 2.0
+    gpu = plan_actors({"CPU": 16.0, "GPU": 2.0}, 16.0, ComputeConfig())
+    assert (gpu.num_actors, gpu.decode_tasks, gpu.decode_num_cpus) == (2, 14, 1.0)
+    assert gpu.batch_size == 256 and cpu.batch_size == 32  # defaults by device and size
+    big = plan_actors({"CPU": 16.0, "GPU": 2.0}, 16.0, ComputeConfig(), model_params=600e6)
+    assert big.batch_size == 64
+
+
+def test_gpu_decode_without_cuda_actors_decodes_in_cpu_tasks(caplog):
+    with caplog.at_level("WARNING", logger="vitflow.runtime"):
+        plan = plan_actors({"CPU": 2.0}, 2.0, ComputeConfig(decode="gpu"))
+    assert plan.decode == "cpu" and "decoding in CPU tasks" in caplog.text
+    assert plan_actors({"CPU": 2.0}, 2.0, ComputeConfig(decode="auto")).decode == "cpu"
+    assert plan_actors({"CPU": 8.0, "GPU": 1.0}, 8.0, ComputeConfig(decode="auto")).decode == "gpu"
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_actor_side_decode_falls_back_to_the_exact_path_without_cuda(corpus, ray_local):
+    """The model actor's GPU-decode path, run here without CUDA: every JPEG and every
+    other file takes the exact CPU path, so the vectors equal the CPU decode tasks' run."""
+    from vitflow.backbone import backbone_bytes, create_backbone
+    from vitflow.stages import EmbedWorker, decode_batch
+
+    cfg = job(corpus, corpus / "unused")
+    bb = create_backbone(cfg.model)
+    ref = ray_local.put(backbone_bytes(bb))
+    paths = sorted(str(p) for p in (corpus / "images" / "train" / "cat").iterdir())  # + bad files
+    batch = {
+        columns.ID: np.array([str(i) for i in range(len(paths))], dtype=object),
+        columns.PATH: np.array(paths, dtype=object),
+        columns.LABEL: np.array([None] * len(paths), dtype=object),
+        columns.SPLIT: np.array([None] * len(paths), dtype=object),
+    }
+    common = {"data_config_json": json.dumps(bb.data_config), "max_pixels": cfg.source.max_pixels}
+    on_cpu = decode_batch(dict(batch), **common, mode="cpu")
+    as_bytes = decode_batch(dict(batch), **common, mode="gpu")
+    assert columns.PIXELS not in as_bytes and columns.RAW_BYTES in as_bytes
+    job_dict = cfg.model_dump(mode="json")
+    threads = torch.get_num_threads()  # the worker sets it for its process: keep ours
+    exact = EmbedWorker(job_dict, [ref], "cpu", threads, None)(on_cpu).to_pylist()
+    actor = EmbedWorker(job_dict, [ref], "cpu", threads, None, decode="gpu")(as_bytes).to_pylist()
+    assert [r["status"] for r in actor] == [r["status"] for r in exact]
+    assert [r["error"] for r in actor] == [r["error"] for r in exact]
+    assert any(r["status"] == "error" for r in exact) and any(r["status"] == "ok" for r in exact)
+    for a, e in zip(actor, exact, strict=True):
+        assert (a["width"], a["height"]) == (e["width"], e["height"])
+        if e["status"] == "ok":
+            np.testing.assert_allclose(a["emb"], e["emb"], atol=1e-6)

@@ -1,0 +1,317 @@
+"""One streaming run for every job that embeds: Ray session, actor pool, stats, accounting,
+error budget. ``vitflow embed`` and ``vitflow reindex`` differ only in their sink
+(:mod:`vitflow.sinks`).
+
+The stream: listing rows, cut into small blocks -> read + decode tasks (CPU) -> model actors
+(one backbone each; all feature sets from one forward pass; each actor writes what it
+embedded through the sink's writer and returns a receipt) -> the driver, which counts the
+receipts, judges the error budget and hands them to the sink. Rows never pass through one
+process, and the driver holds counters, not rows.
+
+Keeping the accelerator busy from the first seconds (issue 10):
+
+- blocks are small (``compute.decode_batch_size``, default min(batch, 64) rows), so the
+  first decoded images reach the model within seconds instead of after whole 1,000-row
+  blocks;
+- decode tasks are capped so that the model actors' reservations always fit beside them:
+  the actors are built and warmed (weights, CUDA) while decode starts, never pending
+  behind it;
+- on CPU-only nodes decode takes a fraction of a CPU per task so that one task per core
+  runs beside the actor (a whole CPU each left room for one task on a 2-core node).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from vitflow import columns
+from vitflow.config import EmbedConfig
+from vitflow.errors import VitflowError, job_error_in
+from vitflow.runtime import ActorPlan, plan_pool, ray_session
+
+log = logging.getLogger(__name__)
+
+ERROR_BUDGET_MIN_ROWS = 100  # the error budget is judged after a fair sample
+MAX_DECODE_BLOCK = 64
+
+
+class ErrorBudgetExceeded(VitflowError):
+    """Too many files failed (``compute.max_error_fraction``); the job stops, resumably."""
+
+
+@dataclass
+class StreamResult:
+    """What a stream did: row counts, the actors' counters and the stage timings."""
+
+    processed: int
+    ok: int
+    error: int
+    actors: ActorPlan | None
+    stats: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, Any] = field(default_factory=dict)
+    sink: dict[str, Any] = field(default_factory=dict)
+
+
+class ErrorBudget:
+    """``compute.max_error_fraction``, judged the same way for every sink: after
+    min(total, 100) rows, so three bad files among the first ten do not abort a big job,
+    and a small job in which every file fails does."""
+
+    def __init__(self, fraction: float | None, total: int):
+        self.fraction, self.total = fraction, total
+        self.processed = self.errors = 0
+
+    def add(self, processed: int, errors: int) -> None:
+        self.processed += processed
+        self.errors += errors
+        if self.fraction is None:
+            return
+        if self.processed >= min(self.total, ERROR_BUDGET_MIN_ROWS) and (
+            self.errors > self.fraction * self.processed
+        ):
+            raise ErrorBudgetExceeded(
+                f"error budget exceeded: {self.errors} of {self.processed} files failed so far, "
+                f"more than compute.max_error_fraction={self.fraction}; the job stopped with its "
+                "finished work kept. Fix the inputs (see the error column) or raise the budget, "
+                "then rerun (with --resume for embed)"
+            )
+
+
+def decode_block_rows(cfg: EmbedConfig, batch_size: int) -> int:
+    return cfg.compute.decode_batch_size or max(1, min(batch_size, MAX_DECODE_BLOCK))
+
+
+def stream(
+    cfg: EmbedConfig,
+    *,
+    data_config: dict,
+    weights: bytes,
+    rows: pa.Table,
+    sink,
+    address: str | None = None,
+    source_root: str | None = None,
+    lock=None,
+    model_params: int | None = None,
+) -> StreamResult:
+    """Embed ``rows`` (listing rows; any extra columns ride along to the sink's writer) on a
+    Ray cluster and hand every batch to ``sink``.
+
+    Args:
+        cfg: the job.
+        data_config: the backbone's eval preprocessing (``Backbone.data_config``).
+        weights: the driver's checked backbone as safetensors bytes (every actor loads them).
+        rows: what to embed.
+        sink: the sink (see :mod:`vitflow.sinks`).
+        address: Ray cluster to attach to; default: this process's Ray, else a local one.
+        source_root: a local source's folder (reads check links against it).
+        lock: the output's :class:`~vitflow.locking.RunLock`, checked as receipts arrive.
+        model_params: the backbone's parameter count (sizes the default GPU batch).
+    """
+    budget = ErrorBudget(cfg.compute.max_error_fraction, rows.num_rows)
+    timings: dict[str, Any] = {}
+    with ray_session(address, cfg.compute.local_num_cpus) as ray:
+        t0 = time.perf_counter()
+        actors = plan_pool(ray, cfg.compute, model_params)
+        stats_name = f"vitflow-stats-{uuid.uuid4().hex[:12]}"
+        stats = ray.remote(num_cpus=0)(StreamStats).options(name=stats_name).remote()
+        try:
+            sink.start(ray)
+            ds = build_dataset(
+                ray,
+                cfg,
+                data_config=data_config,
+                weights_ref=ray.put(weights),
+                actors=actors,
+                stats_name=stats_name,
+                rows=rows,
+                writer=sink.writer(),
+                source_root=source_root,
+            )
+            marks = _progress_marks(rows.num_rows)
+            first = None
+            try:
+                for receipt in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                    now = time.perf_counter() - t0
+                    first = now if first is None else first
+                    n = receipt.num_rows
+                    errors = pc.sum(pc.not_equal(receipt[columns.STATUS], columns.STATUS_OK))
+                    budget.add(n, errors.as_py() or 0)
+                    sink.receive(receipt)
+                    for frac, at in marks.items():
+                        if at is None and budget.processed >= frac * rows.num_rows:
+                            marks[frac] = now
+                    if lock is not None:
+                        lock.check()
+            except Exception as e:
+                # A job error raised in a task or actor (storage out past its retry budget,
+                # disk full) arrives wrapped by Ray: give the user its sentence.
+                job_error = job_error_in(e)
+                if job_error is not None and job_error is not e:
+                    raise job_error from None
+                raise
+            sink_summary = sink.finish()
+            run_stats = ray.get(stats.get.remote())
+        finally:
+            ray.kill(stats)
+        timings = _timings(t0, first, marks, rows.num_rows, run_stats, actors)
+    return StreamResult(
+        processed=budget.processed,
+        ok=budget.processed - budget.errors,
+        error=budget.errors,
+        actors=actors,
+        stats=run_stats,
+        timings=timings,
+        sink=sink_summary,
+    )
+
+
+def build_dataset(
+    ray,
+    cfg: EmbedConfig,
+    *,
+    data_config: dict,
+    weights_ref,
+    actors: ActorPlan,
+    stats_name: str | None,
+    rows: pa.Table,
+    writer: tuple[type, dict] | None,
+    source_root: str | None = None,
+):
+    """Listing rows -> read+decode tasks -> model actor pool (-> the sink's writer). Returns
+    the Ray Dataset of receipts (or of output rows, with ``writer=None``)."""
+    from vitflow.stages import EmbedWorker, decode_batch
+
+    block = decode_block_rows(cfg, actors.batch_size)
+    blocks = [rows.slice(i, block) for i in range(0, rows.num_rows, block)]
+    ds = ray.data.from_arrow(blocks or [rows])
+    ds = ds.map_batches(
+        decode_batch,
+        batch_size=None,
+        batch_format="numpy",
+        num_cpus=actors.decode_num_cpus,
+        # Never more decode tasks than the CPUs beside the actors' reservations: the actors
+        # start (and warm up) at once instead of waiting behind a wall of decode tasks.
+        concurrency=actors.decode_tasks,
+        fn_kwargs={
+            "data_config_json": json.dumps(data_config),
+            "max_pixels": cfg.source.max_pixels,
+            "decode_timeout_s": cfg.source.decode_timeout_s,
+            "storage_options": cfg.storage.options_for(cfg.source.uri),
+            "retry_s": cfg.storage.retry_seconds,
+            "max_file_bytes": cfg.source.max_file_bytes,
+            "source_root": source_root,
+            "follow_symlinks": cfg.source.follow_symlinks,
+            "mode": actors.decode,
+            "jpeg_draft": cfg.compute.jpeg_draft,
+            "read_in_flight": cfg.storage.read_in_flight,
+            "stats_actor": stats_name,
+        },
+    )
+    return ds.map_batches(
+        EmbedWorker,
+        batch_size=actors.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=actors.num_actors),
+        num_cpus=actors.num_cpus,
+        num_gpus=actors.num_gpus,
+        # Model replicas go to different nodes where they can (each brings its own
+        # accelerator / cores); Ray's default would pack them onto the driver's node.
+        scheduling_strategy="SPREAD",
+        fn_constructor_kwargs={
+            "job": cfg.model_dump(mode="json"),
+            "weights": [weights_ref],
+            "device": actors.device,
+            "torch_threads": actors.torch_threads,
+            "stats_actor": stats_name,
+            "writer": writer,
+            "decode": actors.decode,
+        },
+    )
+
+
+def _progress_marks(total: int) -> dict[float, float | None]:
+    return {0.1: None, 0.9: None} if total else {}
+
+
+def _timings(t0, first, marks, total, stats, actors) -> dict[str, Any]:
+    """Where the time went: the stream's wall time, when the first batch came back, the
+    steady-state rate (between 10% and 90% of the rows), and the stages' summed seconds."""
+    wall = time.perf_counter() - t0
+    out: dict[str, Any] = {
+        "stream_seconds": round(wall, 3),
+        "first_result_seconds": None if first is None else round(first, 3),
+        "decode_seconds": round(stats.get("decode_seconds", 0.0), 3),
+        "model_seconds": round(stats.get("model_seconds", 0.0), 3),
+        "write_seconds": round(stats.get("write_seconds", 0.0), 3),
+    }
+    lo, hi = marks.get(0.1), marks.get(0.9)
+    if lo is not None and hi is not None and hi > lo:
+        out["steady_images_per_second"] = round(0.8 * total / (hi - lo), 2)
+    if actors is not None and wall > 0:
+        # The share of the stream's time the model actors spent in forward passes.
+        out["model_busy_share"] = round(
+            stats.get("model_seconds", 0.0) / (actors.num_actors * wall), 3
+        )
+    started, ended = stats.get("first_model_start"), stats.get("last_decode_end")
+    if started is not None and ended is not None:
+        # Positive: the model was already working while decode still had blocks to do.
+        out["model_started_before_decode_ended_s"] = round(ended - started, 3)
+    return out
+
+
+class StreamStats:
+    """Counters the decode tasks and model actors report to (a tiny Ray actor per run)."""
+
+    _SUMS = (
+        "batches",
+        "batches_with_images",
+        "forwards",
+        "images",
+        "model_seconds",
+        "decode_seconds",
+        "decode_blocks",
+        "write_seconds",
+    )
+
+    def __init__(self):
+        self.totals: dict[str, float] = dict.fromkeys(self._SUMS, 0)
+        self.nodes: set[str] = set()
+        self.actors: list[dict] = []
+        self.first_model_start: float | None = None
+        self.last_decode_end: float | None = None
+
+    def add(
+        self,
+        node: str | None = None,
+        actor: dict | None = None,
+        model_start: float | None = None,
+        decode_end: float | None = None,
+        **kw,
+    ) -> None:
+        if node:
+            self.nodes.add(node)
+        if actor is not None:
+            self.actors.append(actor)
+        if model_start is not None:
+            self.first_model_start = min(self.first_model_start or model_start, model_start)
+        if decode_end is not None:
+            self.last_decode_end = max(self.last_decode_end or decode_end, decode_end)
+        for k, v in kw.items():
+            self.totals[k] = self.totals.get(k, 0) + v
+
+    def get(self) -> dict:
+        return {
+            **self.totals,
+            "model_nodes": sorted(self.nodes),
+            "model_actors": self.actors,
+            "first_model_start": self.first_model_start,
+            "last_decode_end": self.last_decode_end,
+        }
