@@ -31,6 +31,14 @@ TINY = {
 
 
 @pytest.fixture(scope="session")
+def ray_address(ray_local) -> str:
+    """The shared local Ray's address, for CLI runs in subprocesses: attaching takes a
+    fraction of a second where starting a Ray of their own takes ~10 s on 2 cores. A driver
+    killed by a test takes its job's actors and tasks with it."""
+    return ray_local.get_runtime_context().gcs_address
+
+
+@pytest.fixture(scope="session")
 def ray_local():
     """One local Ray (2 CPUs, small object store) shared by the tests that need it."""
     import ray

@@ -19,9 +19,12 @@ VITFLOW = [sys.executable, "-m", "vitflow.cli"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
-def vitflow(*args: str, timeout: int = 60) -> subprocess.CompletedProcess:
+def vitflow(
+    *args: str, timeout: int = 60, address: str | None = None
+) -> subprocess.CompletedProcess:
+    env = {**ENV, "RAY_ADDRESS": address} if address else ENV  # attach to the shared test Ray
     return subprocess.run(
-        [*VITFLOW, *args], capture_output=True, text=True, env=ENV, timeout=timeout
+        [*VITFLOW, *args], capture_output=True, text=True, env=env, timeout=timeout
     )
 
 
@@ -44,7 +47,7 @@ def images(tmp_path_factory) -> Path:
 
 @pytest.mark.ray
 @pytest.mark.timeout(300)
-def test_one_liner_embeds_a_folder(images, tmp_path):
+def test_one_liner_embeds_a_folder(images, tmp_path, ray_address):
     out = tmp_path / "emb"
     r = vitflow(
         "embed",
@@ -60,6 +63,7 @@ def test_one_liner_embeds_a_folder(images, tmp_path):
         "--set",
         "features.0.pool=gem",
         timeout=240,
+        address=ray_address,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "accounted for : 13 of 13 (every file has a row)" in r.stdout
@@ -212,3 +216,16 @@ def test_schema_prints_the_job_files_json_schema():
     assert "method" in train["properties"]
     bad = vitflow("schema", "nope")
     assert bad.returncode == 1 and "unknown job kind" in bad.stderr
+
+
+def test_reindex_dry_run_shows_the_diff_and_commits_nothing(images, tmp_path):
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        f"kind: reindex\nsource:\n  uri: {images}\nmodel:\n  name: resnet18\n  weights: random\n"
+        f"output:\n  uri: {tmp_path / 'index'}\n"
+    )
+    r = vitflow("reindex", str(job), "--dry-run")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "vitflow reindex --dry-run" in r.stdout
+    assert "index     : version None -> 13 added, 0 updated, 0 deleted, 0 unchanged" in r.stdout
+    assert not (tmp_path / "index" / "_delta_log").exists()

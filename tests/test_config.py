@@ -116,7 +116,7 @@ def test_defaults():
     assert cfg.model.weights is None and cfg.model.weights_source is None
     assert cfg.model.checkpoint is None
     assert cfg.model.kwargs == {}
-    assert cfg.compute.batch_size == 32
+    assert cfg.compute.batch_size is None  # sized from the device and the model
     assert cfg.compute.device == "auto"
     assert cfg.compute.precision == "fp32"
     assert cfg.compute.num_actors is None
@@ -571,3 +571,34 @@ def test_a_job_without_weights_is_refused_naming_the_three_ways(tmp_path):
         assert way in msg
     for flag in ("--checkpoint", "--pretrained", "--random-weights"):
         assert flag in msg
+
+
+# --- kind: what the job is -------------------------------------------------------------------
+
+
+def test_kind_is_embed_or_reindex_and_embed_when_left_out():
+    assert load_config(base=MINIMAL).kind == "embed"
+    assert load_config(base={**MINIMAL, "kind": "reindex"}).kind == "reindex"
+    assert load_config(base=MINIMAL, overrides=["kind=reindex"]).kind == "reindex"
+    msg = config_error(base={**MINIMAL, "kind": "eval"})
+    assert "kind" in msg and "'embed'" in msg and "'reindex'" in msg and "eval" in msg
+
+
+def test_a_train_kind_in_an_embed_config_names_the_train_command():
+    assert "`vitflow train JOB.yaml`" in config_error(base={**MINIMAL, "kind": "train"})
+
+
+def test_train_config_kind_is_train_only():
+    from vitflow.training.config import TrainConfig
+
+    base = {"data": {"uri": "d"}, "model": {"name": "resnet18"}, "output": {"uri": "r"}}
+    assert load_config(base=base, schema=TrainConfig).kind == "train"
+    assert load_config(base={**base, "kind": "train"}, schema=TrainConfig).kind == "train"
+    assert "kind" in config_error(base={**base, "kind": "embed"}, schema=TrainConfig)
+
+
+def test_the_json_schema_lists_the_kinds():
+    from vitflow.training.config import TrainConfig
+
+    assert EmbedConfig.model_json_schema()["properties"]["kind"]["enum"] == ["embed", "reindex"]
+    assert TrainConfig.model_json_schema()["properties"]["kind"]["const"] == "train"

@@ -20,7 +20,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from tests.conftest import TINY, kill_run, output_progress, wait_until
+from tests.conftest import TINY, output_progress, wait_until
 from vitflow.config import load_config
 from vitflow.embed import run_embed
 from vitflow.errors import VitflowError
@@ -43,6 +43,7 @@ def corpus(tmp_path_factory):
 
 def job_dict(root: Path, out: Path, **compute) -> dict:
     return {
+        "kind": "embed",
         "source": {"uri": str(root / "images")},
         "model": {"name": NAME, "kwargs": KW, "checkpoint": str(root / "w.safetensors")},
         "features": [{"name": "emb", "layers": 2, "pool": "mean"}, {"name": "cls", "pool": "cls"}],
@@ -106,7 +107,7 @@ def test_model_actor_killed_mid_run(corpus, clean, ray_local, tmp_path):
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("where, seed", [("local", 0), ("local", 1), ("s3", 0), ("s3", 1)])
 def test_driver_killed_mid_run_then_resume_equals_clean_run(
-    corpus, clean, tmp_path, where, seed, request
+    corpus, clean, tmp_path, where, seed, request, ray_address
 ):
     """SIGKILL the driver's whole process group once the run has made a seeded amount of
     observable progress (parts finished, pieces staged), then --resume: the output equals an
@@ -123,8 +124,7 @@ def test_driver_killed_mid_run_then_resume_equals_clean_run(
         fs, out_path, opts = fsspec.filesystem("file"), str(tmp_path / "out"), None
     cfg = tmp_path / "job.yaml"
     cfg.write_text(yaml.safe_dump(job))
-    ray_tmp = Path("/tmp") / f"vitflow-kill-{os.getpid()}-{where}-{seed}"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_TMPDIR": str(ray_tmp)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": ray_address}
     cmd = [sys.executable, "-m", "vitflow.cli", "embed", str(cfg)]
     # Strike after 1..4 finished parts (of ~9), with pieces of the next one staged or not.
     want_parts = random.Random(seed).randint(1, 4)
@@ -137,8 +137,9 @@ def test_driver_killed_mid_run_then_resume_equals_clean_run(
             timeout=240,
             what=f"{want_parts} finished parts",
         )
-    finally:
-        kill_run(first, ray_tmp)
+    finally:  # the driver's whole process group; its job's actors and tasks go with it
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=30)
     staged, parts, finished = output_progress(fs, out_path)
     assert not finished, "the run ended before the kill; the test did not interrupt it"
     resumed = subprocess.run(

@@ -260,3 +260,21 @@ def test_hierarchical_models_pool_their_stage_maps(name, size):
         np.testing.assert_allclose(
             out[spec.name].numpy(), reference_maps(model, x, spec), rtol=1e-4, atol=1e-5
         )
+
+
+def test_head_feature_is_a_plan_of_its_own_kind():
+    """source: head is the projection head on the backbone's pooled output: no blocks, no pool."""
+    model = tiny("resnet")
+    x = input_for(model)
+    torch.manual_seed(2)
+    head = torch.nn.Linear(512, 8)
+    specs = [FeatureConfig(name="emb", pool="mean"), FeatureConfig(name="proj", source="head")]
+    fx = FeatureExtractor(model, specs, tuple(x.shape[1:]), head=head)
+    emb, proj = fx.plans
+    assert (emb.source, emb.pool, emb.indices, emb.dim) == ("backbone", "avg", (4,), 512)
+    assert (proj.source, proj.pool, proj.indices, proj.dim) == ("head", None, (), 8)
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(head(model(x)), dim=-1)  # model(x): pooled
+    torch.testing.assert_close(fx(x)["proj"], expected)
+    with pytest.raises(ModelError, match="no projection head"):
+        FeatureExtractor(model, specs, tuple(x.shape[1:]))

@@ -6,7 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from vitflow.pooling import aggregate_layers, normalize_vectors, pool_map, pool_tokens
+from vitflow.config import EmbedConfig, FeatureConfig
+from vitflow.pooling import (
+    POOL_NAMES,
+    POOLS,
+    aggregate_layers,
+    find_pool,
+    normalize_vectors,
+    pool_map,
+    pool_names,
+    pool_tokens,
+)
 
 rng = np.random.default_rng(0)
 
@@ -63,3 +73,69 @@ def test_l2_normalize():
     out = normalize_vectors(x, "l2")
     torch.testing.assert_close(out, torch.tensor([[0.6, 0.8], [0.0, 0.0]]))
     assert torch.equal(normalize_vectors(x, "none"), x)
+
+
+# --- the registry ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(POOLS))
+def test_each_pool_gives_the_width_its_rule_says(name):
+    pool = POOLS[name]
+    if pool.kind == "token":
+        out = pool_tokens(torch.randn(2, 7, 5), torch.randn(2, 3, 5), name)
+        assert out.shape == (2, pool.width(5))
+    else:
+        out = pool_map(torch.rand(2, 4, 3, 3), name)
+        assert out.shape == (2, pool.width(4))
+
+
+def test_cls_mean_is_twice_as_wide_and_the_rest_keep_the_width():
+    assert {n: p.width(384) for n, p in POOLS.items()} == {
+        "cls": 384,
+        "mean": 384,
+        "cls_mean": 768,
+        "avg": 384,
+        "max": 384,
+        "gem": 384,
+    }
+
+
+def test_kinds_and_cls_needs():
+    assert pool_names("token") == ("cls", "mean", "cls_mean")
+    assert pool_names("token", has_cls=False) == ("mean",)
+    assert pool_names("map") == ("avg", "max", "gem")
+    assert [n for n, p in POOLS.items() if p.needs_cls] == ["cls", "cls_mean"]
+
+
+def test_mean_on_a_map_is_avg():
+    x = torch.from_numpy(rng.normal(size=(2, 4, 3, 5)).astype(np.float32))
+    assert find_pool("mean", "map") is POOLS["avg"]
+    assert torch.equal(pool_map(x, "mean"), pool_map(x, "avg"))
+    assert find_pool("mean", "token") is POOLS["mean"]
+
+
+def test_a_pool_of_the_other_kind_is_not_found():
+    assert find_pool("gem", "token") is None and find_pool("cls", "map") is None
+    with pytest.raises(ValueError, match="map pool .*avg, max or gem.* got 'cls'"):
+        pool_map(torch.ones(1, 2, 2, 2), "cls")
+    with pytest.raises(ValueError, match="token pool .*cls, mean or cls_mean.* got 'gem'"):
+        pool_tokens(torch.ones(1, 4, 3), torch.ones(1, 1, 3), "gem")
+
+
+def test_the_job_config_allows_exactly_the_registry_names():
+    schema = EmbedConfig.model_json_schema()["$defs"]["FeatureConfig"]["properties"]["pool"]
+    assert schema["enum"] == list(POOL_NAMES) == ["cls", "mean", "cls_mean", "avg", "max", "gem"]
+    for name in POOL_NAMES:
+        assert FeatureConfig(pool=name).pool == name
+        assert name in schema["description"]
+    with pytest.raises(ValueError):
+        FeatureConfig(pool="head")  # the projection head is a source, not a pool
+
+
+def test_the_registry_loads_without_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, vitflow.config, vitflow.pooling; print('torch' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.stdout.strip() == "False", r.stderr

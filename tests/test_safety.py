@@ -22,7 +22,6 @@ from safetensors.torch import save_file
 from tests.conftest import (
     TINY,
     free_port,
-    kill_processes_under,
     output_progress,
     serving,
     wait_until,
@@ -49,6 +48,7 @@ def corpus(tmp_path_factory):
 
 def job_dict(root: Path, out: str, **compute) -> dict:
     return {
+        "kind": "embed",
         "source": {"uri": str(root / "images")},
         "model": {"name": NAME, "kwargs": KW, "checkpoint": str(root / "w.safetensors")},
         "features": [{"name": "emb", "layers": 2, "pool": "mean"}],
@@ -72,17 +72,12 @@ def same_rows(df, ref) -> None:
 
 
 class Run:
-    """A CLI run in its own session with its own Ray temp dir, so the test can signal or kill
-    exactly what it started."""
+    """A CLI run in its own session, attached to the shared test Ray (``ray_address``), so
+    the test can signal or kill exactly the driver it started; the driver's job (its actors
+    and tasks) dies with it."""
 
-    def __init__(self, tmp: Path, args: list[str], name: str, env: dict | None = None):
-        self.ray_tmp = Path("/tmp") / f"vitflow-safety-{os.getpid()}-{name}"
-        self.env = {
-            **os.environ,
-            "HF_HUB_OFFLINE": "1",
-            "RAY_TMPDIR": str(self.ray_tmp),
-            **(env or {}),
-        }
+    def __init__(self, address: str, args: list[str], env: dict | None = None):
+        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": address, **(env or {})}
         self.proc = subprocess.Popen(
             [*CLI, *args],
             env=self.env,
@@ -103,7 +98,6 @@ class Run:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=30)
-        kill_processes_under(self.ray_tmp)
 
 
 def local_fs():
@@ -173,21 +167,23 @@ def test_manifest_is_written_atomically_on_a_full_disk(tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.timeout(600)
-def test_disk_full_mid_run_is_one_sentence_and_resume_finishes(corpus, clean, tmp_path):
+def test_disk_full_mid_run_is_one_sentence_and_resume_finishes(
+    corpus, clean, tmp_path, ray_address
+):
     with full_disk(tmp_path, size_kb=1024) as mnt:
         out = mnt / "out"
         cfg = tmp_path / "job.yaml"
         cfg.write_text(yaml.safe_dump(job_dict(corpus, str(out))))
         # Leave room for a few parts only: the run fills the disk part-way.
         fill(mnt, leave_kb=48)
-        code, stdout, stderr = Run(tmp_path, ["embed", str(cfg)], "full").finish()
+        code, stdout, stderr = Run(ray_address, ["embed", str(cfg)]).finish()
         assert code == 1, stdout + stderr
         last = stderr.strip().splitlines()[-1]
         assert last.startswith("error: disk full") and "--resume" in last, stderr[-2000:]
         assert str(mnt) in last and "Traceback" not in stderr
         assert not (out / "_manifest.json").exists()
         (mnt / "ballast").unlink()  # free the space
-        code, stdout, stderr = Run(tmp_path, ["embed", str(cfg), "--resume"], "full2").finish()
+        code, stdout, stderr = Run(ray_address, ["embed", str(cfg), "--resume"]).finish()
         assert code == 0, stderr[-3000:]
         same_rows(
             load_embeddings(str(out), include_errors=True),
@@ -200,11 +196,13 @@ def test_disk_full_mid_run_is_one_sentence_and_resume_finishes(corpus, clean, tm
 
 @pytest.mark.ray
 @pytest.mark.timeout(600)
-def test_a_second_run_is_refused_and_ctrl_c_leaves_a_resumable_output(corpus, clean, tmp_path):
+def test_a_second_run_is_refused_and_ctrl_c_leaves_a_resumable_output(
+    corpus, clean, tmp_path, ray_address
+):
     out = tmp_path / "out"
     cfg = tmp_path / "job.yaml"
     cfg.write_text(yaml.safe_dump(job_dict(corpus, str(out), batch_size=1)))
-    first = Run(tmp_path, ["embed", str(cfg)], "first")
+    first = Run(ray_address, ["embed", str(cfg)])
     try:
         wait_until(
             lambda: output_progress(local_fs(), str(out))[1] >= 1 or first.proc.poll() is not None,
@@ -213,7 +211,7 @@ def test_a_second_run_is_refused_and_ctrl_c_leaves_a_resumable_output(corpus, cl
         )
         assert first.proc.poll() is None, "the first run ended before the test could interfere"
         # A second CLI process on the same output, while the first is writing.
-        code, stdout, stderr = Run(tmp_path, ["embed", str(cfg), "--resume"], "second").finish()
+        code, stdout, stderr = Run(ray_address, ["embed", str(cfg), "--resume"]).finish()
         assert code == 1
         assert stderr.startswith("error: ") and len(stderr.strip().splitlines()) == 1, stderr
         assert "is being written by another vitflow run" in stderr
@@ -226,7 +224,7 @@ def test_a_second_run_is_refused_and_ctrl_c_leaves_a_resumable_output(corpus, cl
     assert code == 130, stderr[-3000:]
     assert "interrupted: rerun the same command with --resume to finish" in stderr
     assert not (out / "_manifest.json").exists()
-    code, stdout, stderr = Run(tmp_path, ["embed", str(cfg), "--resume"], "resume").finish()
+    code, stdout, stderr = Run(ray_address, ["embed", str(cfg), "--resume"]).finish()
     assert code == 0, stderr[-3000:]
     same_rows(
         load_embeddings(str(out), include_errors=True),
@@ -319,7 +317,7 @@ def outage_proxy(s3_endpoint, tmp_path):
 @pytest.mark.ray
 @pytest.mark.timeout(600)
 def test_s3_outage_past_the_budget_stops_resumably_and_a_short_one_is_ridden_out(
-    corpus, clean, s3_bucket, outage_proxy, tmp_path
+    corpus, clean, s3_bucket, outage_proxy, tmp_path, ray_address
 ):
     fs, bucket, _ = s3_bucket
     proxy, flag = outage_proxy
@@ -332,7 +330,7 @@ def test_s3_outage_past_the_budget_stops_resumably_and_a_short_one_is_ridden_out
     out = f"{bucket}/out"
 
     # 1. The endpoint goes away for longer than storage.retry_seconds: one sentence.
-    run = Run(tmp_path, ["embed", str(cfg)], "outage")
+    run = Run(ray_address, ["embed", str(cfg)])
     try:
         wait_until(lambda: output_progress(fs, out)[1] >= 1, 240, "a finished part")
         flag.touch()
@@ -349,7 +347,7 @@ def test_s3_outage_past_the_budget_stops_resumably_and_a_short_one_is_ridden_out
     # 2. --resume with a budget that outlasts a 6 s outage in the middle: it completes.
     job["storage"]["retry_seconds"] = 90
     cfg.write_text(yaml.safe_dump(job))
-    run = Run(tmp_path, ["embed", str(cfg), "--resume"], "outage2")
+    run = Run(ray_address, ["embed", str(cfg), "--resume"])
     try:
         parts_before = output_progress(fs, out)[1]
         wait_until(lambda: output_progress(fs, out)[1] > parts_before, 240, "resumed progress")

@@ -88,10 +88,17 @@ def test_s3_to_s3_equals_local_run(local_corpus, s3_bucket, ray_local, tmp_path)
     )
 
 
-def test_cli_with_env_endpoint_never_prints_credentials(local_corpus, s3_bucket, tmp_path):
+def test_cli_with_env_endpoint_never_prints_credentials(
+    local_corpus, s3_bucket, tmp_path, ray_address
+):
     fs, bucket, endpoint = s3_bucket
     fs.put(str(local_corpus / "images"), f"{bucket}/images", recursive=True)
-    env = {**os.environ, "AWS_ENDPOINT_URL": endpoint, "HF_HUB_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "AWS_ENDPOINT_URL": endpoint,
+        "HF_HUB_OFFLINE": "1",
+        "RAY_ADDRESS": ray_address,
+    }
     r = subprocess.run(
         [
             sys.executable,

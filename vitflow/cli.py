@@ -103,6 +103,32 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0][:300] if text else type(e).__name__
 
 
+def _load_job(config: Path | None, command: str, overrides: list[str], shortcuts=None):
+    """The validated job for ``vitflow COMMAND``: the file (if any), then the ``shortcuts``
+    (dotted key -> value, None = not given), then ``--set``. A job whose ``kind:`` (or
+    ``--set kind=``) names another command is refused in one sentence naming the right one;
+    a file without ``kind:`` runs as COMMAND, with a note (once) to add it."""
+    from vitflow.config import load_config, read_yaml, set_path
+    from vitflow.errors import ConfigError
+    from vitflow.jobkind import a_kind, job_kind, note_missing_kind, schema_for
+
+    data = read_yaml(config) if config is not None else {}
+    legacy = config is not None and "kind" not in data
+    data["kind"] = job_kind(data, command, path=config)
+    for key, value in (shortcuts or {}).items():
+        if value is not None:
+            set_path(data, key, value)
+    cfg = load_config(base=data, overrides=overrides, schema=schema_for(command))
+    if cfg.kind != command:  # only a --set kind=... gets here: the file's kind was checked
+        raise ConfigError(
+            f"--set kind={cfg.kind} asks `vitflow {command}` to run {a_kind(cfg.kind)} job; "
+            f"leave it out, or run the job with `vitflow {cfg.kind}`"
+        )
+    if legacy:
+        note_missing_kind(config, command)
+    return cfg
+
+
 @app.command()
 def embed(
     config: ConfigArg = None,
@@ -160,8 +186,6 @@ def embed(
 
     Example: vitflow embed --input ./images --output ./embeddings --model resnet18 --random-weights
     """
-    from vitflow.config import load_config, read_yaml, set_path
-
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
     if no_pretrained:
         typer.echo("note: --no-pretrained is now spelled --random-weights", err=True)
@@ -195,17 +219,13 @@ def embed(
         return "the old output was being removed; rerun the same command to start again"
 
     with _job_errors(verbose, resume_hint):
-        data = read_yaml(config) if config is not None else {}
-        for key, value in shortcuts.items():
-            if value is not None:
-                set_path(data, key, value)
-        cfg = job["cfg"] = load_config(base=data, overrides=set_ or [])
+        cfg = job["cfg"] = _load_job(config, "embed", set_ or [], shortcuts)
         if dry_run:
             from vitflow.dryrun import describe_plan, plan_here
             from vitflow.embed import prepare_embed
 
             plan = prepare_embed(cfg, overwrite=overwrite, resume=resume)
-            typer.echo(describe_plan(plan, *plan_here(cfg.compute, address)))
+            typer.echo(describe_plan(plan, *plan_here(cfg.compute, address, plan.num_params)))
             return
         from vitflow.outputs import output_lock
 
@@ -262,12 +282,9 @@ def train(
 
     Example: vitflow train jobs/simo2-digits.yaml --set optim.steps=200
     """
-    from vitflow.config import load_config
-    from vitflow.training.config import TrainConfig
-
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
     with _job_errors(verbose, "rerun the same command to resume from the newest checkpoint"):
-        cfg = load_config(config, overrides=set_ or [], schema=TrainConfig)
+        cfg = _load_job(config, "train", set_ or [])
         from vitflow.training.trainer import run_train
 
         typer.echo(
@@ -313,6 +330,14 @@ def reindex(
             "model/feature/preprocessing change).",
         ),
     ] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Check the job and diff the source against the index; print what would be "
+            "embedded, updated and removed; start no work and commit nothing.",
+        ),
+    ] = False,
     address: AddressOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -321,11 +346,27 @@ def reindex(
 
     Example: vitflow reindex jobs/reindex-nightly.yaml
     """
-    from vitflow.config import load_config
-
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
     with _job_errors(verbose, "nothing was committed; the index is as it was"):
-        cfg = load_config(config, overrides=set_ or [])
+        cfg = _load_job(config, "reindex", set_ or [])
+        if dry_run:
+            from vitflow.dryrun import describe_plan, plan_here
+            from vitflow.reindex import plan_reindex
+
+            plan = plan_reindex(cfg, rebuild=rebuild)
+            actors, where = plan_here(cfg.compute, address, plan.embed.num_params)
+            typer.echo(
+                describe_plan(plan.embed, actors, where).replace(
+                    "vitflow embed", "vitflow reindex", 1
+                )
+            )
+            c = plan.counts
+            typer.echo(
+                f"  index     : version {plan.version} -> {c['added']} added, {c['updated']} "
+                f"updated, {c['deleted']} deleted, {c['unchanged']} unchanged"
+                + (" (--rebuild: every file re-embedded)" if rebuild else "")
+            )
+            return
         from vitflow.reindex import run_reindex
 
         result = run_reindex(cfg, rebuild=rebuild, address=address)
@@ -352,7 +393,10 @@ def submit(
     set_: SetOpt = None,
     command: Annotated[
         str | None,
-        typer.Option("--command", help="embed | train | reindex (default: from the file)."),
+        typer.Option(
+            "--command",
+            help="embed | train | reindex, for a file without kind: (default: its kind).",
+        ),
     ] = None,
     wait: Annotated[
         bool, typer.Option("--wait", help="Follow the logs; exit with the job's status.")
@@ -509,6 +553,8 @@ def version() -> None:
 
     for k, v in versions().items():
         typer.echo(f"{k} {v}")
+
+
 
 
 def main() -> None:

@@ -16,9 +16,21 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from vitflow.config import MAP_POOLS, TOKEN_POOLS, FeatureConfig
+from vitflow.config import FeatureConfig
 from vitflow.errors import ModelError
-from vitflow.pooling import aggregate_layers, normalize_vectors, pool_map, pool_tokens
+from vitflow.pooling import (
+    KIND_WORDS,
+    POOLS,
+    Pool,
+    PoolKind,
+    aggregate_layers,
+    find_pool,
+    normalize_vectors,
+    pool_map,
+    pool_names,
+    pool_tokens,
+    spell_choices,
+)
 
 _POOLED = "pooled"  # key of the backbone's own pooled output in the intermediates dict
 
@@ -63,12 +75,19 @@ def resolve_layers(layers: int | list[int], n: int, feature: str) -> tuple[int, 
 
 @dataclass(frozen=True)
 class FeaturePlan:
-    """One feature set resolved against a model."""
+    """One feature set resolved against a model.
+
+    A ``backbone`` feature pools block outputs: ``indices`` are the blocks, ``pool`` a name
+    of :data:`vitflow.pooling.POOLS` (aliases resolved, e.g. ``mean`` on a map is ``avg``).
+    A ``head`` feature is the projection head on the backbone's pooled output: it has no
+    blocks, no pool and no aggregation.
+    """
 
     name: str
+    source: str  # "backbone" | "head"
     indices: tuple[int, ...]
-    pool: str
-    aggregate: str
+    pool: str | None
+    aggregate: str | None
     norm: bool
     normalize: str
     dim: int = 0
@@ -128,10 +147,13 @@ class FeatureExtractor(torch.nn.Module):
         self.n_layers = num_layers(model)
         self.prefix_tokens = int(getattr(model, "num_prefix_tokens", 0) or 0)
         plans = [
-            FeaturePlan(
+            FeaturePlan(f.name, "head", (), None, None, False, f.normalize)
+            if f.source == "head"
+            else FeaturePlan(
                 f.name,
-                () if f.source == "head" else resolve_layers(f.layers, self.n_layers, f.name),
-                "head" if f.source == "head" else f.pool,
+                "backbone",
+                resolve_layers(f.layers, self.n_layers, f.name),
+                f.pool,
                 f.aggregate,
                 f.norm,
                 f.normalize,
@@ -145,49 +167,65 @@ class FeatureExtractor(torch.nn.Module):
             self._hook_modules = self._feature_modules()
         with torch.inference_mode():
             probe = self._intermediates(torch.zeros(1, *input_size))
-            self.kind = "map" if probe[self.take[0]][0].ndim == 4 else "tokens"
+            self.kind: PoolKind = "map" if probe[self.take[0]][0].ndim == 4 else "token"
             self.plans = [self._check(p, probe) for p in plans]
 
     # -- planning -------------------------------------------------------------------------
 
     def _check(self, plan: FeaturePlan, probe) -> FeaturePlan:
-        pool = plan.pool
-        if pool == "head":
-            pass
-        elif self.kind == "map":
-            pool = "avg" if pool == "mean" else pool
-            if pool not in MAP_POOLS:
-                raise ModelError(
-                    f"feature {plan.name!r}: pool {plan.pool!r} needs tokens, but "
-                    f"{self._arch()} gives spatial feature maps; use pool: avg, max or gem"
-                )
-            if plan.norm:
+        if plan.source == "backbone":
+            plan = replace(plan, pool=self._resolve_pool(plan).name)
+            if plan.norm and self.kind == "map":
                 raise ModelError(
                     f"feature {plan.name!r}: norm: true applies a ViT's final norm to tokens; "
                     f"{self._arch()} gives feature maps, so set norm: false"
-                )
-        else:
-            if pool not in TOKEN_POOLS:
-                raise ModelError(
-                    f"feature {plan.name!r}: pool {pool!r} is for CNN feature maps, but "
-                    f"{self._arch()} gives tokens; use pool: cls, mean or cls_mean"
-                )
-            if "cls" in pool and not _has_cls(self.model):
-                raise ModelError(
-                    f"feature {plan.name!r}: pool {pool!r} needs a CLS token, but {self._arch()} "
-                    f"has none ({self.prefix_tokens} prefix tokens; its global pool is "
-                    f"{getattr(self.model, 'global_pool', None)!r}); use pool: mean"
                 )
             if plan.norm and not isinstance(self._final_norm, torch.nn.Module):
                 raise ModelError(
                     f"feature {plan.name!r}: norm: true, but {self._arch()} has no final norm"
                 )
-        plan = replace(plan, pool=pool)
         try:
             vec = self._pool_one(plan, probe)
         except ValueError as e:
             raise ModelError(f"feature {plan.name!r}: {e}") from e
-        return replace(plan, dim=int(vec.shape[-1]))
+        dim = int(vec.shape[-1])
+        # The registry's width rule must hold, or the output column would be mis-sized.
+        if plan.source == "backbone" and dim != (expected := self._width(plan, probe)):
+            raise ModelError(
+                f"feature {plan.name!r}: pool {plan.pool!r} gave {dim} values where its width "
+                f"rule says {expected}; {self._arch()}'s block outputs are not laid out as "
+                "vitflow reads them"
+            )
+        return replace(plan, dim=dim)
+
+    def _width(self, plan: FeaturePlan, probe) -> int:
+        """The feature's width by the registry's rule: each layer's pooled width (from the
+        layer's own width), summed for concat, the common width for mean."""
+        channel_dim = 1 if self.kind == "map" else -1
+        widths = [POOLS[plan.pool].width(probe[i][0].shape[channel_dim]) for i in plan.indices]
+        return sum(widths) if plan.aggregate == "concat" else widths[0]
+
+    def _resolve_pool(self, plan: FeaturePlan) -> Pool:
+        """The registry's pool for ``plan.pool`` on this model's output, or a message that
+        names the pools that fit."""
+        pool = find_pool(plan.pool, self.kind)
+        has_cls = self.kind == "map" or _has_cls(self.model)
+        if pool is None:
+            other = POOLS[plan.pool].kind if plan.pool in POOLS else None
+            why = f"is for {KIND_WORDS[other]}" if other else "is not a pool"
+            raise ModelError(
+                f"feature {plan.name!r}: pool {plan.pool!r} {why}, but {self._arch()} gives "
+                f"{KIND_WORDS[self.kind]}; use pool: "
+                f"{spell_choices(pool_names(self.kind, has_cls=has_cls))}"
+            )
+        if pool.needs_cls and not has_cls:
+            raise ModelError(
+                f"feature {plan.name!r}: pool {plan.pool!r} needs a CLS token, but "
+                f"{self._arch()} has none ({self.prefix_tokens} prefix tokens; its global pool "
+                f"is {getattr(self.model, 'global_pool', None)!r}); use pool: "
+                f"{spell_choices(pool_names(self.kind, has_cls=False))}"
+            )
+        return pool
 
     def _arch(self) -> str:
         cfg = getattr(self.model, "pretrained_cfg", None) or {}
@@ -256,7 +294,7 @@ class FeatureExtractor(torch.nn.Module):
         return res
 
     def _pool_one(self, plan: FeaturePlan, inter) -> torch.Tensor:
-        if plan.pool == "head":
+        if plan.source == "head":
             return normalize_vectors(self.head(inter[_POOLED][0].float()).float(), plan.normalize)
         pooled = []
         for i in plan.indices:

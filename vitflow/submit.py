@@ -1,6 +1,7 @@
 """Sending vitflow jobs to a running Ray cluster through the Ray Jobs API.
 
-The job config travels in the runtime environment's working directory (with the ``--set``
+The command that runs a job comes from its ``kind:`` (see :mod:`vitflow.jobkind`). The job
+config travels in the runtime environment's working directory (with the ``--set``
 overrides applied and validated here first, so a typo fails on your laptop, not on the
 cluster); the vitflow package itself travels as a ``py_modules`` entry unless the cluster
 image already has it. Token authentication: the token is read the way Ray reads it
@@ -19,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from vitflow.errors import ConfigError, VitflowError
+from vitflow.jobkind import JOB_KINDS, a_kind, job_kind, note_missing_kind, schema_for
 
-COMMANDS = ("embed", "train", "reindex")
 JOB_FILE = "vitflow-job.yaml"
 AGENT_WAIT_S = 180
 
@@ -62,8 +63,52 @@ def _explain(e: Exception, address: str, token: str | None) -> str:
     return f"cannot reach the Ray Jobs API at {address}: {text.splitlines()[0] if text else type(e).__name__}"
 
 
-def detect_command(data: dict[str, Any]) -> str:
-    return "train" if "method" in data else "embed"
+def job_for_submission(
+    config: str | Path,
+    *,
+    overrides: list[str] | tuple[str, ...] = (),
+    command: str | None = None,
+    extra_args: list[str] | tuple[str, ...] = (),
+) -> tuple[str, dict[str, Any]]:
+    """What :func:`submit` sends: the command that runs the job (from its ``kind:``) and the
+    job's mapping with the overrides applied, validated here. Nothing is contacted.
+
+    Example:
+        >>> command, job = job_for_submission("jobs/reindex-nightly.yaml")  # doctest: +SKIP
+        >>> command, job["kind"]  # doctest: +SKIP
+        ('reindex', 'reindex')
+    """
+    from vitflow.config import apply_override, load_config, read_yaml
+
+    if command is not None and command not in JOB_KINDS:
+        raise ConfigError(f"unknown command {command!r}; use one of {', '.join(JOB_KINDS)}")
+    data = read_yaml(config)
+    # The file's kind decides; --command only stands in for it in a file without one.
+    kind = job_kind(data, None if "kind" in data else command, path=config)
+    if command not in (None, kind):
+        raise ConfigError(
+            f"{config} is {a_kind(kind)} job (kind: {kind}), but --command is {command}; leave "
+            "out --command, submit runs the job's own kind"
+        )
+    command = kind
+    legacy = "kind" not in data
+    # The cluster reads the kind from the file it gets, so it never guesses again.
+    data["kind"] = command
+    schema = schema_for(command)
+    for o in overrides:
+        apply_override(data, o, schema)
+    for flag, fits in (("--resume", "embed"), ("--rebuild", "reindex")):
+        if flag in extra_args and command != fits:
+            raise ConfigError(f"{flag} applies to {fits} jobs, but this is a {command} job")
+    cfg = load_config(base=data, schema=schema)
+    if cfg.kind != command:  # a --set kind=... that contradicts the file
+        raise ConfigError(
+            f"--set kind={cfg.kind} contradicts {config}, which is {a_kind(command)} job; "
+            "change kind: in the file instead"
+        )
+    if legacy:
+        note_missing_kind(config, command)
+    return command, data
 
 
 def submit(
@@ -75,21 +120,12 @@ def submit(
     ship_package: bool = True,
     extra_args: list[str] | tuple[str, ...] = (),
 ) -> str:
-    """Validate the job locally, then submit it; returns the Ray job id."""
-    from vitflow.config import EmbedConfig, apply_override, load_config, read_yaml
-    from vitflow.training.config import TrainConfig
+    """Validate the job locally, then submit it; returns the Ray job id.
 
-    data = read_yaml(config)
-    command = command or detect_command(data)
-    if command not in COMMANDS:
-        raise ConfigError(f"unknown command {command!r}; use one of {', '.join(COMMANDS)}")
-    schema = TrainConfig if command == "train" else EmbedConfig
-    for o in overrides:
-        apply_override(data, o, schema)
-    for flag, fits in (("--resume", "embed"), ("--rebuild", "reindex")):
-        if flag in extra_args and command != fits:
-            raise ConfigError(f"{flag} applies to {fits} jobs, but this is a {command} job")
-    load_config(base=data, schema=schema)
+    The command comes from the job's ``kind:`` (see :mod:`vitflow.jobkind`)."""
+    command, data = job_for_submission(
+        config, overrides=overrides, command=command, extra_args=extra_args
+    )
     workdir = tempfile.mkdtemp(prefix="vitflow-submit-")
     # JSON is YAML 1.2 that quotes every string: the cluster reads back exactly these values
     # (PyYAML's YAML 1.1 dump would leave strings like 1e3 unquoted, read there as numbers).

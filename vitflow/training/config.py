@@ -85,6 +85,11 @@ class MonitorConfig(_Section):
 class TrainConfig(_Section):
     """One pretraining job. Load with ``load_config(path, schema=TrainConfig)``."""
 
+    kind: Literal["train"] = Field(
+        "train",
+        description="What the job is: train, run by `vitflow train` (and by `vitflow submit`). "
+        "A file without it runs as a train job (deprecated).",
+    )
     method: Literal["simclr", "simo2"] = Field("simo2", description="Training objective.")
     data: TrainDataConfig
     model: TrainModelConfig
