@@ -490,3 +490,22 @@ def test_bare_part_files_are_not_taken_for_a_vitflow_output(tmp_path):
     (tmp_path / "_manifest.json").write_text("{}")
     ours, foreign = output_files(fs, str(tmp_path))
     assert "part-00000.parquet" in ours and foreign == ["data/"]
+
+
+def test_analysis_folders_beside_an_output_are_vitflows_own(tmp_path):
+    """`vitflow eval`/`fit`/`index`/`report` write _eval/, _transforms/, ... beside the parts:
+    --overwrite removes them with the output; beside no vitflow output they are foreign."""
+    import fsspec
+
+    from vitflow.sinks import output_files, remove_output
+
+    fs = fsspec.filesystem("file")
+    (tmp_path / "_eval").mkdir()
+    (tmp_path / "_eval" / "eval.json").write_text("{}")
+    assert output_files(fs, str(tmp_path)) == ([], ["_eval/"])  # no manifest: not ours
+    (tmp_path / "_manifest.json").write_text("{}")
+    (tmp_path / "_transforms").mkdir()
+    (tmp_path / "_transforms" / "pca.safetensors").write_bytes(b"")
+    ours, foreign = output_files(fs, str(tmp_path))
+    assert foreign == [] and "_eval/eval.json" in ours and "_transforms/pca.safetensors" in ours
+    assert remove_output(fs, str(tmp_path)) == 3 and list(tmp_path.iterdir()) == []

@@ -68,6 +68,9 @@ def finished_parts(fs, out_path: str) -> set[int]:
 
 
 _MARKERS = (columns.MANIFEST_NAME, RUN_STATE)  # what makes part files recognisably ours
+# Folders vitflow's analysis commands write beside an output (eval, fitted transforms, search
+# index, report): everything in them is vitflow's.
+DERIVED_FOLDERS = ("_eval", "_transforms", "_index", "_report")
 
 
 def is_output_file(relpath: str, *, marked: bool = True) -> bool:
@@ -82,6 +85,8 @@ def is_output_file(relpath: str, *, marked: bool = True) -> bool:
             or top in (*_MARKERS, LOCK_NAME)
             or _TMP_FILE.match(top)
         )
+    if top in DERIVED_FOLDERS:
+        return True
     return (
         top == STAGING
         and "/" not in rest
@@ -110,11 +115,25 @@ def output_files(fs, out_path: str) -> tuple[list[str], list[str]]:
             for p in _ls(fs, posixpath.join(out, STAGING)):
                 rel = f"{STAGING}/{posixpath.basename(p.rstrip('/'))}"
                 (ours if is_output_file(rel) else foreign).append(rel)
+        elif is_dir and name in DERIVED_FOLDERS and marked:
+            ours += [
+                f"{name}/{p[len(out) :].lstrip('/').split('/', 1)[1]}"
+                for p in _find_files(fs, posixpath.join(out, name))
+            ]
         elif is_dir:
             foreign.append(name + "/")
         else:
             (ours if is_output_file(name, marked=marked) else foreign).append(name)
     return ours, foreign
+
+
+def _find_files(fs, path: str) -> list[str]:
+    if not is_local(fs):
+        fs.invalidate_cache(path)
+    try:
+        return fs.find(path, withdirs=False)
+    except FileNotFoundError:
+        return []
 
 
 def remove_output(fs, out_path: str, retry_s: float | None = None) -> int:
@@ -135,9 +154,14 @@ def remove_output(fs, out_path: str, retry_s: float | None = None) -> int:
 
 
 def _remove_empty_staging(fs, out: str) -> None:
-    staging = posixpath.join(out, STAGING)
-    if is_local(fs) and os.path.isdir(staging) and not os.listdir(staging):
-        os.rmdir(staging)
+    """Local folders vitflow made and emptied go too (object stores have no empty folders)."""
+    if not is_local(fs):
+        return
+    for name in (STAGING, *DERIVED_FOLDERS):
+        top = posixpath.join(out, name)
+        for folder, _, _ in sorted(os.walk(top), key=lambda w: -len(w[0])):
+            if not os.listdir(folder):
+                os.rmdir(folder)
 
 
 def _ls(fs, path: str) -> list[str]:
