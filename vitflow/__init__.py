@@ -3,6 +3,7 @@
 Public entry points::
 
     from vitflow import load_config, run_embed, load_embeddings
+    from vitflow import evaluate, fit_transform, export_embeddings, sample_embeddings
 """
 
 from __future__ import annotations
@@ -16,13 +17,25 @@ except metadata.PackageNotFoundError:  # running from a source tree that is not 
 
 __all__ = [
     "__version__",
+    "evaluate",
+    "export_embeddings",
+    "fit_transform",
     "load_config",
     "load_embeddings",
     "load_index",
     "prepare_embed",
     "run_embed",
     "run_reindex",
+    "sample_embeddings",
 ]
+
+# Analysis entry points (torch-free; scikit-learn only where a function needs it).
+_ANALYSIS = {
+    "evaluate": "vitflow.analysis.evaluate",
+    "fit_transform": "vitflow.analysis.transforms",
+    "export_embeddings": "vitflow.analysis.export",
+    "sample_embeddings": "vitflow.analysis.sample",
+}
 
 
 def __getattr__(name: str):
@@ -47,4 +60,8 @@ def __getattr__(name: str):
         from vitflow.loading import load_embeddings
 
         return load_embeddings
+    if name in _ANALYSIS:
+        from importlib import import_module
+
+        return getattr(import_module(_ANALYSIS[name]), name)
     raise AttributeError(f"module 'vitflow' has no attribute {name!r}")

@@ -555,6 +555,7 @@ def version() -> None:
         typer.echo(f"{k} {v}")
 
 
+__import__("vitflow.cli_analysis").cli_analysis.register(app)  # eval, fit, export
 
 
 def main() -> None:

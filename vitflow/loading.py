@@ -33,6 +33,7 @@ def load_embeddings(
     storage_options: dict | None = None,
     *,
     allow_incomplete: bool = False,
+    transform: str | None = None,
 ):
     """Load an embeddings output written by ``vitflow embed`` (or an index kept by
     ``vitflow reindex``).
@@ -48,6 +49,10 @@ def load_embeddings(
         allow_incomplete: read whatever complete parts there are of an output that has no
             manifest or fewer rows than its manifest lists (a warning says what is missing);
             by default such an output is refused.
+        transform: apply this transform, fitted beside the output by ``vitflow fit``
+            (:func:`vitflow.analysis.transforms.fit_transform`), to the ``feature`` column
+            (which then holds the transformed vectors). One fitted on other data (the output
+            was re-embedded, completed or reindexed since) is refused.
 
     Returns:
         A DataFrame, or ``(DataFrame, ndarray)`` when ``return_vectors``.
@@ -71,6 +76,8 @@ def load_embeddings(
         files = checked_parts(fs, path, uri, allow_incomplete=allow_incomplete)
         paths = [posixpath.join(path.rstrip("/"), name) for name in files]
         table, vector_cols = _read_parts(fs, paths, uri, feature, split, include_errors)
+    if transform is not None:
+        table = _transformed(table, uri, transform, feature, vector_cols, storage_options)
     df = table.to_pandas()
     if not return_vectors:
         return df
@@ -80,6 +87,26 @@ def load_embeddings(
             f"return_vectors needs feature=...; {uri!r} has {', '.join(vector_cols)}"
         )
     return df, vectors_of(table.column(name))
+
+
+def _transformed(table, uri, name, feature, vector_cols, storage_options) -> pa.Table:
+    """``table`` with its ``feature`` column put through the fitted transform ``name``."""
+    from vitflow.analysis.transforms import checked_transform
+
+    feature = feature or (vector_cols[0] if len(vector_cols) == 1 else None)
+    if feature is None:
+        raise VitflowError(
+            f"transform={name!r} applies to one feature: pass feature=...; {uri!r} has "
+            f"{', '.join(vector_cols)}"
+        )
+    fitted = checked_transform(uri, name, feature, storage_options)
+    col = table.column(feature)
+    y = fitted.apply(vectors_of(col))
+    valid = col.is_valid().to_numpy(zero_copy_only=False)
+    out = pa.FixedSizeListArray.from_arrays(
+        pa.array(y.reshape(-1)), fitted.dim_out, mask=pa.array(~valid) if col.null_count else None
+    )
+    return table.set_column(table.schema.get_field_index(feature), feature, out)
 
 
 def checked_parts(fs, path: str, uri: str, *, allow_incomplete: bool = False) -> list[str]:
