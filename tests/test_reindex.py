@@ -139,7 +139,7 @@ def test_diff_listing_counts_and_stale_files():
         ]
     )
     todo, stale, counts = diff_listing(listing, state)
-    assert todo == [False, True, True, True, True]
+    assert todo.tolist() == [False, True, True, True, True]
     assert counts == {"added": 1, "updated": 3, "deleted": 1, "unchanged": 1}
     assert stale == {"f1": {"b"}, "f2": {"c", "d", "f"}, "f3": {"f"}}
 

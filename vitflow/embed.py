@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -108,10 +109,25 @@ def job_fingerprint(cfg: EmbedConfig, weights: bytes, listing: Listing) -> str:
         "rows_per_file": cfg.output.rows_per_file,
     }
     h.update(json.dumps(stable, sort_keys=True).encode())
-    t = listing.table
     for col in (columns.ID, "size", "mtime"):
-        h.update("\n".join(map(str, t.column(col).to_pylist())).encode())
+        _hash_column(h, listing.table.column(col))
     return h.hexdigest()
+
+
+def _hash_column(h, col: pa.ChunkedArray) -> None:
+    """Feed a column's values to ``h`` straight from its Arrow buffers (no Python object per
+    row): independent of how the column happens to be chunked."""
+    arr = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+    if pa.types.is_string(arr.type):
+        arr = pc.fill_null(arr, "\x00null")
+        offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32)[
+            arr.offset : arr.offset + len(arr) + 1
+        ]
+        data = arr.buffers()[2]
+        h.update((offsets - offsets[0]).tobytes())
+        h.update(memoryview(data)[offsets[0] : offsets[-1]] if data is not None else b"")
+    else:
+        h.update(pc.fill_null(arr, -1).to_numpy(zero_copy_only=False).tobytes())
 
 
 def prepare_embed(
@@ -250,8 +266,9 @@ def _run_locked(
         PART_COLUMN, pa.array(assign_parts(table.num_rows, cfg.output.rows_per_file))
     )
     done = finished_parts(fs, out) if resume else set()
-    todo = table.filter(pa.array([p not in done for p in table.column(PART_COLUMN).to_pylist()]))
-    all_parts = set(table.column(PART_COLUMN).to_pylist())
+    parts_col = table.column(PART_COLUMN)
+    todo = table.filter(pc.invert(pc.is_in(parts_col, pa.array(sorted(done), pa.int64()))))
+    all_parts = set(range(-(-table.num_rows // cfg.output.rows_per_file)))
     clean_staging(fs, out, keep_parts=(all_parts - done) if resume else None, retry_s=retry_s)
     part_sizes = {int(p): int(n) for p, n in zip(*_counts(todo.column(PART_COLUMN)), strict=True)}
     # Batches staged before the interruption are reused: only the rest is computed.

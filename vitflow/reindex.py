@@ -21,6 +21,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from vitflow.config import EmbedConfig
@@ -149,7 +150,7 @@ def plan_reindex(cfg: EmbedConfig, *, rebuild: bool = False) -> ReindexPlan:
     state, sizes = read_state(dt)
     todo_mask, stale, counts = diff_listing(embed.listing.table, state)
     if rebuild:  # everything is re-embedded; the overwrite removes every old file itself
-        todo_mask, stale = [True] * len(todo_mask), {}
+        todo_mask, stale = np.ones(len(todo_mask), dtype=bool), {}
         counts.update(updated=counts["updated"] + counts["unchanged"], unchanged=0)
     todo = embed.listing.table.filter(pa.array(todo_mask, pa.bool_()))
     return ReindexPlan(

@@ -15,10 +15,11 @@ import logging
 import posixpath
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from vitflow import columns
 from vitflow.config import SourceConfig
@@ -200,11 +201,54 @@ LISTING_SCHEMA = pa.schema(
 )
 
 
+LIST_CHUNK = 65_536  # rows turned into Arrow at a time: no Python object outlives its chunk
+
+
+class _Rows:
+    """Listing rows gathered column by column and turned into Arrow every
+    :data:`LIST_CHUNK` rows, so the driver holds Arrow buffers, not a Python dict per file."""
+
+    def __init__(self):
+        self.batches: list[pa.RecordBatch] = []
+        self.cols: dict[str, list] = {f.name: [] for f in LISTING_SCHEMA}
+        self.listed: Counter[str] = Counter()
+        self.refused: Counter[str] = Counter()
+
+    def add(self, **row) -> None:
+        for name, values in self.cols.items():
+            values.append(row[name])
+        if row[columns.LIST_ERROR]:
+            self.refused[row[columns.LIST_ERROR].split(" (")[0]] += 1
+        if len(self.cols[columns.ID]) >= LIST_CHUNK:
+            self.flush()
+
+    def add_batch(self, table: pa.Table) -> None:
+        self.flush()
+        if table.num_rows:
+            self.batches += table.combine_chunks().to_batches()
+            for reason in table.column(columns.LIST_ERROR).drop_null().to_pylist():
+                self.refused[reason.split(" (")[0]] += 1
+
+    def flush(self) -> None:
+        if self.cols[columns.ID]:
+            self.batches.append(pa.RecordBatch.from_pydict(self.cols, schema=LISTING_SCHEMA))
+            self.cols = {f.name: [] for f in LISTING_SCHEMA}
+
+    def table(self) -> pa.Table:
+        self.flush()
+        return pa.Table.from_batches(self.batches, schema=LISTING_SCHEMA)
+
+
 def _list(fs, root: str, cfg: SourceConfig) -> Listing:
+    if fs.isfile(root) and root.lower().endswith(MANIFEST_SUFFIXES):
+        return _list_manifest(fs, root, cfg)
     if not fs.exists(root):
         raise ConfigError(f"source {cfg.uri!r} does not exist; fix source.uri")
     if not fs.isdir(root):
-        raise ConfigError(f"source {cfg.uri!r} is a file; source.uri must be a folder or prefix")
+        raise ConfigError(
+            f"source {cfg.uri!r} is a file; source.uri must be a folder or prefix, or a list of "
+            f"files ({', '.join(MANIFEST_SUFFIXES)})"
+        )
     root = root.rstrip("/")
     protocol = protocol_of(fs)
     folders: Counter[str] = Counter()
@@ -212,18 +256,12 @@ def _list(fs, root: str, cfg: SourceConfig) -> Listing:
         walk = LocalWalk(root, cfg.follow_symlinks)
         found, folders = walk.run(), walk.folders
     else:  # object stores: no symlinks, and keys are UTF-8 text
-        found = []
-        for path, info in fs.find(root, withdirs=False, detail=True).items():
-            rel = path[len(root) :].lstrip("/")
-            size = int(info.get("size") or 0)
-            found.append(
-                FoundFile(rel.encode("utf-8"), size, _mtime(info), None, f"{protocol}://{path}")
-            )
-    rows = []
-    listed: Counter[str] = Counter()
+        found = _list_object_store(fs, root, protocol)
+    rows = _Rows()
     unlisted: Counter[str] = Counter()
     hidden = 0
-    for f in sorted(found, key=lambda f: f.rel):  # byte order = code point order of UTF-8
+    found.sort(key=lambda f: f.rel)  # byte order = code point order of UTF-8
+    for f in found:
         rel, name_error = relpath_text(f.rel)
         if any(part.startswith(".") for part in rel.split("/")):
             hidden += 1
@@ -231,10 +269,10 @@ def _list(fs, root: str, cfg: SourceConfig) -> Listing:
         if not rel.lower().endswith(cfg.extensions):
             unlisted[file_extension(rel)] += 1
             continue
-        listed[file_extension(rel)] += 1
+        rows.listed[file_extension(rel)] += 1
         label, split = label_and_split(rel, cfg.labels, cfg.split)
-        rows.append(
-            {
+        rows.add(
+            **{
                 columns.ID: image_id(f.rel),
                 columns.PATH: f.path or f"{root}/{rel}",
                 "relpath": rel,
@@ -242,27 +280,197 @@ def _list(fs, root: str, cfg: SourceConfig) -> Listing:
                 columns.SPLIT: split,
                 "size": f.size,
                 "mtime": f.mtime,
-                # A link leaving the source outranks its name: renaming would not make it readable.
+                # A link leaving the source outranks its name: renaming would not make it
+                # readable.
                 columns.LIST_ERROR: f.error or name_error or _too_big(f.size, cfg),
             }
         )
+    del found
     skipped = SkippedFiles(by_extension=_by_count(unlisted), hidden=hidden, **folders)
-    if not rows:
+    return _finish(rows, root, protocol, skipped, cfg)
+
+
+def _finish(rows: _Rows, root: str, protocol: str, skipped, cfg: SourceConfig) -> Listing:
+    table = rows.table()
+    if not table.num_rows:
         raise ConfigError(_nothing_listed(cfg, skipped))
-    refused = Counter(r[columns.LIST_ERROR].split(" (")[0] for r in rows if r[columns.LIST_ERROR])
-    if refused:
+    if rows.refused:
         log.warning(
             "%d listed file(s) become error rows without being read: %s",
-            sum(refused.values()),
-            ", ".join(f"{reason} {n}" for reason, n in refused.most_common()),
+            sum(rows.refused.values()),
+            ", ".join(f"{reason} {n}" for reason, n in rows.refused.most_common()),
         )
     return Listing(
         root=root,
         protocol=protocol,
-        table=pa.Table.from_pylist(rows, schema=LISTING_SCHEMA),
-        by_extension=_by_count(listed),
+        table=table,
+        by_extension=_by_count(rows.listed),
         skipped=skipped,
     )
+
+
+LIST_IN_FLIGHT = 16  # prefixes of an object store listed at once
+
+
+def _list_object_store(fs, root: str, protocol: str) -> list[FoundFile]:
+    """Every object under ``root``, listed prefix by prefix with up to
+    :data:`LIST_IN_FLIGHT` prefixes in flight (a flat listing of a big bucket is one request
+    after another, 1,000 keys each)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    fs.invalidate_cache(root)
+    top = fs.ls(root, detail=True)
+    found = [_found(root, protocol, e) for e in top if e.get("type") != "directory"]
+    prefixes = [e["name"] for e in top if e.get("type") == "directory"]
+
+    def under(prefix: str) -> list[FoundFile]:
+        return [
+            _found(root, protocol, info)
+            for info in fs.find(prefix, withdirs=False, detail=True).values()
+        ]
+
+    with ThreadPoolExecutor(max_workers=LIST_IN_FLIGHT) as pool:
+        for part in pool.map(under, prefixes):
+            found += part
+    return found
+
+
+def _found(root: str, protocol: str, info: dict[str, Any]) -> FoundFile:
+    path = info["name"]
+    rel = path[len(root) :].lstrip("/")
+    return FoundFile(
+        rel.encode("utf-8"), int(info.get("size") or 0), _mtime(info), None, f"{protocol}://{path}"
+    )
+
+
+# --- a list of files: parquet, CSV or text ---------------------------------------------------
+
+MANIFEST_SUFFIXES = (".parquet", ".csv", ".txt", ".lst")
+_PATH_COLUMNS = ("path", "uri", "url", "key", "filename", "file")
+
+
+def _list_manifest(fs, path: str, cfg: SourceConfig) -> Listing:
+    """The files named in a list (an S3 Inventory export, a team's own parquet/CSV, or a text
+    file of one path or URL per line), read in pieces.
+
+    A parquet or CSV list needs a path column (one of ``path``, ``uri``, ``url``, ``key``,
+    ``filename``, ``file``); ``label``, ``split``, ``size`` and ``mtime`` columns are used
+    when present, else the label and split come from the path's folders as for a folder
+    source. Relative paths are relative to the list's own folder. Ids are hashes of the
+    path as written, so a list keeps its ids wherever it is read from. Nothing is checked
+    for existence here: a file that is not there becomes an error row when it is read.
+    """
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    base = posixpath.dirname(path)
+    protocol = protocol_of(fs)
+    rows = _Rows()
+    unlisted: Counter[str] = Counter()
+    with fs.open(path, "rb") as f:
+        if path.lower().endswith(".parquet"):
+            batches = pq.ParquetFile(f).iter_batches(batch_size=LIST_CHUNK)
+        elif path.lower().endswith(".csv"):
+            batches = pacsv.open_csv(f, read_options=pacsv.ReadOptions(block_size=1 << 22))
+        else:
+            batches = _text_lines(f)
+        for batch in batches:
+            table = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
+            col = next((c for c in _PATH_COLUMNS if c in table.column_names), None)
+            if col is None:
+                raise ConfigError(
+                    f"the list {cfg.uri!r} has no path column (columns: "
+                    f"{', '.join(table.column_names[:10])}); name it one of "
+                    f"{', '.join(_PATH_COLUMNS)}"
+                )
+            rows.add_batch(_manifest_batch(table, col, base, protocol, cfg, rows, unlisted))
+    skipped = SkippedFiles(by_extension=_by_count(unlisted))
+    listing = _finish(rows, base, protocol, skipped, cfg)
+    ids = listing.table.column(columns.ID)
+    if pc.count_distinct(ids).as_py() != len(ids):  # in Arrow: no set of every path
+        counts = listing.table.group_by(columns.ID).aggregate([(columns.ID, "count")])
+        dupe = counts.filter(pc.greater(counts[f"{columns.ID}_count"], 1))[columns.ID][0]
+        where = listing.table.filter(pc.equal(ids, dupe))["relpath"][0].as_py()
+        raise ConfigError(
+            f"the list {cfg.uri!r} names {where!r} more than once; list each file once"
+        )
+    # A list is read in its own order, but the ledger is sorted like a folder's.
+    order = pc.sort_indices(listing.table, sort_keys=[("relpath", "ascending")])
+    return replace(listing, table=listing.table.take(order))
+
+
+def _extensions(paths) -> pa.ChunkedArray:
+    """Each path's lower-cased extension (``.jpg``), null where it has none."""
+    found = pc.extract_regex(pc.utf8_lower(paths), r"(?P<ext>\.[^./]*)$")
+    return pc.struct_field(found, [0])
+
+
+def _manifest_batch(
+    table: pa.Table, col: str, base: str, protocol: str, cfg: SourceConfig, rows, unlisted
+) -> pa.Table:
+    """One piece of a list as listing rows: filtered and counted with Arrow kernels; only the
+    id hash and the folder rules run per row, in tight loops over one piece."""
+    written = pc.utf8_trim_whitespace(table.column(col).cast(pa.string()))
+    keep = pc.and_(pc.is_valid(written), pc.greater(pc.utf8_length(written), 0))
+    table, written = table.filter(keep), written.filter(keep)
+    ext = _extensions(written)
+    wanted = pc.fill_null(pc.is_in(ext, pa.array(cfg.extensions)), False)
+    for vc in pc.value_counts(pc.fill_null(ext.filter(pc.invert(wanted)), "")).to_pylist():
+        unlisted[vc["values"]] += vc["counts"]
+    for vc in pc.value_counts(ext.filter(wanted)).to_pylist():
+        rows.listed[vc["values"]] += vc["counts"]
+    table, written = table.filter(wanted), written.filter(wanted)
+    paths = written.to_pylist()
+    names = table.column_names
+    folder_rules = [label_and_split(p, cfg.labels, cfg.split) for p in paths]
+    labels = (
+        table["label"].cast(pa.string())
+        if "label" in names and cfg.labels == "folder"
+        else pa.array([lbl for lbl, _ in folder_rules], pa.string())
+    )
+    splits = (
+        table["split"].cast(pa.string())
+        if "split" in names and cfg.split == "auto"
+        else pa.array([spl for _, spl in folder_rules], pa.string())
+    )
+    sizes = (
+        pc.fill_null(table["size"].cast(pa.int64()), 0)
+        if "size" in names
+        else pa.array([0] * len(paths), pa.int64())
+    )
+    too_big = (
+        [_too_big(n, cfg) for n in sizes.to_pylist()] if "size" in names else [None] * len(paths)
+    )
+    return pa.table(
+        {
+            columns.ID: [image_id(p) for p in paths],
+            columns.PATH: [_resolve(p, base, protocol) for p in paths],
+            "relpath": written,
+            columns.LABEL: labels,
+            columns.SPLIT: splits,
+            "size": sizes,
+            "mtime": table["mtime"].cast(pa.string())
+            if "mtime" in names
+            else pa.nulls(len(paths), pa.string()),
+            columns.LIST_ERROR: pa.array(too_big, pa.string()),
+        },
+        schema=LISTING_SCHEMA,
+    )
+
+
+def _text_lines(f):
+    text = f.read().decode("utf-8", errors="strict")
+    lines = [ln.strip() for ln in text.splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith("#")]
+    for i in range(0, len(lines), LIST_CHUNK):
+        yield pa.table({"path": lines[i : i + LIST_CHUNK]})
+
+
+def _resolve(written: str, base: str, protocol: str) -> str:
+    if "://" in written or written.startswith("/"):
+        return written
+    joined = posixpath.normpath(posixpath.join(base, written))
+    return joined if protocol in ("file", "local") else f"{protocol}://{joined}"
 
 
 # --- local folders: raw names, symlinks, special files ------------------------------------
