@@ -16,13 +16,21 @@ from tests.conftest import TINY
 from vitflow.synthetic import make_image_folder
 
 VITFLOW = [sys.executable, "-m", "vitflow.cli"]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def cli_env() -> dict[str, str]:
+    """The environment at call time, not import time: the shared test Ray sets
+    RAY_AUTH_MODE=token in this process when it starts, and a subprocess attaching to it
+    needs that too (on a fresh machine nothing else says the cluster wants the token)."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
 def vitflow(
     *args: str, timeout: int = 60, address: str | None = None
 ) -> subprocess.CompletedProcess:
-    env = {**ENV, "RAY_ADDRESS": address} if address else ENV  # attach to the shared test Ray
+    env = cli_env()
+    if address:
+        env["RAY_ADDRESS"] = address  # attach to the shared test Ray
     return subprocess.run(
         [*VITFLOW, *args], capture_output=True, text=True, env=env, timeout=timeout
     )

@@ -281,7 +281,10 @@ class RunLock:
                 self.fs.pipe_file(self.path, self._payload(), IfMatch=self._etag)
                 self._etag = self._current_etag()
             except Exception as e:
-                _, holder = self._peek()
+                try:
+                    _, holder = self._peek()
+                except Exception:  # the store is away: nothing to learn about the holder now
+                    holder = {}
                 if holder.get("run_id") not in (None, self.info["run_id"]):
                     self.lost = f"taken over by {_describe(holder)}"
                     log.error("the lock of %s was %s", self.uri, self.lost)
