@@ -44,6 +44,8 @@ def main(kind: str, data: str, out: str) -> None:
                     }
                 )
             )
+        elif kind == "lose-node":
+            print(json.dumps(lose_a_node(cluster, data, out)))
         else:
             from vitflow.training.config import TrainConfig
             from vitflow.training.report import read_metrics
@@ -68,6 +70,72 @@ def main(kind: str, data: str, out: str) -> None:
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def lose_a_node(cluster, data: str, out: str) -> dict:
+    """Embed with model actors on both nodes, remove the worker node once parts are being
+    written, let the run finish on the head, then embed again on the head alone (the clean
+    reference) and compare the two outputs row by row."""
+    import threading
+    import time
+
+    import numpy as np
+
+    from tests.conftest import TINY, output_progress
+    from vitflow.embed import run_embed
+    from vitflow.loading import load_embeddings
+    from vitflow.storage import open_fs
+
+    name, kw = TINY["vit"]
+
+    def job(uri):
+        return load_config(
+            base={
+                "source": {"uri": data},
+                "model": {"name": name, "kwargs": kw, "weights": "random"},
+                "output": {"uri": uri, "rows_per_file": 4},
+                "compute": {"batch_size": 1, "num_actors": 2, "decode_batch_size": 2},
+            }
+        )
+
+    worker = cluster.list_all_nodes()[1]
+    removed: list[float] = []
+    fs, path = open_fs(out)
+
+    def remove_when_busy():
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            staged, parts, done = output_progress(fs, path)
+            if done:
+                return
+            if parts >= 2:
+                cluster.remove_node(worker, allow_graceful=False)
+                removed.append(time.time())
+                return
+            time.sleep(0.05)
+
+    t = threading.Thread(target=remove_when_busy, daemon=True)
+    t.start()
+    res = run_embed(job(out))
+    t.join(timeout=5)
+    clean = run_embed(job(out + "-clean"))
+    a = load_embeddings(out, include_errors=True).set_index("id").sort_index()
+    b = load_embeddings(out + "-clean", include_errors=True).set_index("id").sort_index()
+    ok = a["status"] == "ok"
+    same = (
+        list(a.index) == list(b.index)
+        and (a["status"] == b["status"]).all()
+        and bool(np.allclose(np.stack(a["emb"][ok]), np.stack(b["emb"][ok]), atol=1e-6))
+    )
+    return {
+        "removed": bool(removed),
+        "listed": res.listed,
+        "ok": res.ok,
+        "clean_ok": clean.ok,
+        "same_as_clean": same,
+        "nodes_before": res.manifest["execution"]["model_nodes"],
+        "alive_nodes": len([n for n in ray.nodes() if n["Alive"]]),
+    }
 
 
 if __name__ == "__main__":

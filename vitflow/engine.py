@@ -121,7 +121,16 @@ def stream(
         t0 = time.perf_counter()
         actors = plan_pool(ray, cfg.compute, model_params)
         stats_name = f"vitflow-stats-{uuid.uuid4().hex[:12]}"
-        stats = ray.remote(num_cpus=0)(StreamStats).options(name=stats_name).remote()
+        # The counters live beside the driver: a worker node that goes away must not take
+        # them (and the job) with it.
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        stats = (
+            ray.remote(num_cpus=0)(StreamStats)
+            .options(name=stats_name, scheduling_strategy=here)
+            .remote()
+        )
         try:
             sink.start(ray)
             ds = build_dataset(
@@ -158,7 +167,11 @@ def stream(
                     raise job_error from None
                 raise
             sink_summary = sink.finish()
-            run_stats = ray.get(stats.get.remote())
+            try:
+                run_stats = ray.get(stats.get.remote(), timeout=60)
+            except Exception as e:  # counters are reporting, not results: the output is whole
+                log.warning("the run's counters are lost (%s); the output is complete", e)
+                run_stats = {}
         finally:
             ray.kill(stats)
         timings = _timings(t0, first, marks, rows.num_rows, run_stats, actors)
