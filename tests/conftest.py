@@ -30,6 +30,20 @@ TINY = {
 }
 
 
+@pytest.fixture(scope="module")
+def one_openmp_thread():
+    """OpenMP (scikit-learn's t-SNE) on one thread for a module's tests. On a busy 2-core
+    machine (tests running beside others) libgomp's spin-waiting made a 60-row t-SNE take
+    ~27 s on two threads and ~1 s on one. The limit reaches only the OpenMP runtimes loaded
+    when it is set, so t-SNE's own module is imported first."""
+    from threadpoolctl import threadpool_limits
+
+    with contextlib.suppress(ImportError):
+        import sklearn.manifold  # noqa: F401  (loads scikit-learn's OpenMP runtime)
+    with threadpool_limits(limits=1, user_api="openmp"):
+        yield
+
+
 @pytest.fixture(scope="session")
 def ray_address(ray_local) -> str:
     """The shared local Ray's address, for CLI runs in subprocesses: attaching takes a

@@ -356,7 +356,7 @@ def test_eval_refusals_are_one_sentence(digits_out, tmp_path, monkeypatch):
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "sklearn" else real(name, *a)
     )
-    with pytest.raises(VitflowError, match=r"pip install 'vitflow\[train\]'"):
+    with pytest.raises(VitflowError, match=r"pip install 'vitflow\[analysis\]'"):
         evaluate(uri, write=False)
 
 

@@ -33,8 +33,8 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 EXAMPLES = sorted((REPO / "vitflow" / "examples").glob("*.yaml"))
-TRAIN_ONLY = {"scikit-learn", "matplotlib", "mlflow-skinny", "boto3"}
-EXTRA_MODULES = ("sklearn", "matplotlib", "mlflow", "boto3")  # what they are imported as
+TRAIN_ONLY = {"scikit-learn", "matplotlib", "faiss-cpu", "mlflow-skinny", "boto3"}
+EXTRA_MODULES = ("sklearn", "matplotlib", "faiss", "mlflow", "boto3")  # what they are imported as
 
 
 def _env() -> dict[str, str]:
@@ -108,7 +108,7 @@ def test_wheel_carries_examples_types_and_license(wheel):
         (meta,) = [n for n in names if n.endswith(".dist-info/METADATA")]
         msg = email.message_from_bytes(z.read(meta))
     assert msg["License-Expression"] == "Apache-2.0"
-    assert {"train", "cloud", "dev"} <= set(msg.get_all("Provides-Extra"))
+    assert {"analysis", "train", "cloud", "dev"} <= set(msg.get_all("Provides-Extra"))
     for line in msg.get_all("Requires-Dist"):
         req = Requirement(line)
         assert not any(s.operator in ("==", "===") for s in req.specifier), f"exact pin: {line}"
@@ -143,7 +143,7 @@ def test_fresh_venv_runs_the_installed_wheel(fresh_venv, scratch):
     code = (
         "import sys, vitflow\n"
         "import vitflow.embed, vitflow.reindex, vitflow.loading, vitflow.index_table\n"
-        "import vitflow.submit, vitflow.cli, vitflow.dryrun\n"
+        "import vitflow.submit, vitflow.cli, vitflow.dryrun, vitflow.analysis\n"
         "print(vitflow.__file__, vitflow.__version__)\n"
         "import sklearn\n"
     )
@@ -226,7 +226,7 @@ def test_ranges_in_pyproject_exact_versions_in_constraints():
         assert name in pins
     core = {canonicalize_name(Requirement(r).name) for r in project["dependencies"]}
     assert not core & TRAIN_ONLY, "training and cloud tools belong in extras"
-    assert set(project["optional-dependencies"]) >= {"train", "cloud", "dev"}
+    assert set(project["optional-dependencies"]) >= {"analysis", "train", "cloud", "dev"}
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")

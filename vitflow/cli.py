@@ -556,6 +556,7 @@ def version() -> None:
 
 
 __import__("vitflow.cli_analysis").cli_analysis.register(app)  # eval, fit, export
+__import__("vitflow.cli_explore").cli_explore.register(app)  # index, search, dedup, report
 
 
 def main() -> None:

@@ -250,11 +250,12 @@ def describe_spec(spec: dict | None) -> str:
 
 
 def require_train_extra(command: str) -> None:
-    """Refuse in one sentence when scikit-learn or matplotlib (``[train]``) is missing."""
+    """Refuse in one sentence when scikit-learn or matplotlib (the ``[analysis]`` extra) is
+    missing."""
     needed = {"sklearn": "scikit-learn", "matplotlib": "matplotlib"}
     missing = [dist for mod, dist in needed.items() if importlib.util.find_spec(mod) is None]
     if missing:
         raise VitflowError(
             f"{command} needs {' and '.join(missing)}, which a plain install leaves out: "
-            "pip install 'vitflow[train]'"
+            "pip install 'vitflow[analysis]'"
         )
