@@ -315,6 +315,27 @@ def outage_proxy(s3_endpoint, tmp_path):
 
 
 @pytest.mark.timeout(120)
+def test_lock_heartbeat_recovers_from_a_stale_etag(s3_bucket):
+    """A beat whose write landed but whose answer (or the ETag read after it) was lost leaves
+    the run holding a stale ETag: every later conditional write would fail and the live
+    lock would look stale to other runs. The next failed beat finds the lock still ours and
+    takes its current ETag."""
+    from vitflow.locking import LOCK_NAME, RunLock
+
+    fs, bucket, _ = s3_bucket
+    folder = f"{bucket}/etag"
+    lock = RunLock(fs, folder, command="embed", heartbeat_s=0.3)
+    with lock:
+        lock._etag = '"0123456789abcdef0123456789abcdef"'  # what a lost answer leaves behind
+        fs.invalidate_cache(f"{folder}/{LOCK_NAME}")
+        before = fs.cat_file(f"{folder}/{LOCK_NAME}")
+        wait_until(lambda: fs.cat_file(f"{folder}/{LOCK_NAME}") != before, 30, "a beat again")
+        assert lock.lost is None
+        lock.check()
+    assert not fs.exists(f"{folder}/{LOCK_NAME}")
+
+
+@pytest.mark.timeout(120)
 def test_lock_heartbeat_rides_out_an_outage(s3_bucket, outage_proxy):
     """While the endpoint is away every beat fails, and so does the look at who holds the
     lock: the heartbeat thread must live through it (no traceback, not 'lost') and beat again
@@ -488,6 +509,18 @@ def test_file_after_file_failing_the_same_way_is_the_store_not_the_files():
         b.failed(OSError("503 Service Unavailable"))
     with pytest.raises(StorageUnavailable, match="8 files in a row.*--resume"):
         b.failed(OSError("503 Service Unavailable"))
+    # On S3, access denied file after file is expired credentials: the store. On a local
+    # disk it is files this user may not read (a root-owned folder): each its own error row.
+    with pytest.raises(StorageUnavailable):
+        for _ in range(ReadBreaker.BREAKER_READS):
+            b.failed(PermissionError("Access Denied"))
+    local = ReadBreaker(local=True)
+    for _ in range(ReadBreaker.BREAKER_READS * 2):
+        local.failed(PermissionError("[Errno 13] Permission denied: '/photos/root/a.jpg'"))
+    for _ in range(ReadBreaker.BREAKER_READS - 1):
+        local.failed(OSError("[Errno 5] Input/output error"))
+    with pytest.raises(StorageUnavailable):
+        local.failed(OSError("[Errno 5] Input/output error"))  # a failing disk still stops
 
 
 def test_a_job_error_raised_across_ray_is_its_own_sentence():

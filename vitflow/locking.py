@@ -282,13 +282,18 @@ class RunLock:
                 self._etag = self._current_etag()
             except Exception as e:
                 try:
-                    _, holder = self._peek()
+                    info, holder = self._peek()
                 except Exception:  # the store is away: nothing to learn about the holder now
-                    holder = {}
+                    info, holder = None, {}
                 if holder.get("run_id") not in (None, self.info["run_id"]):
                     self.lost = f"taken over by {_describe(holder)}"
                     log.error("the lock of %s was %s", self.uri, self.lost)
                     return
+                if info is not None and holder.get("run_id") == self.info["run_id"]:
+                    # Still ours: a write that landed before its answer was lost, or an ETag
+                    # read that failed after it, left a stale ETag; take the current one so
+                    # the next beat's conditional write matches again.
+                    self._etag = info.get("ETag")
                 # A passing outage: the run goes on, and beats again when the store is back.
                 log.warning("lock heartbeat for %s failed: %s", self.uri, e)
 

@@ -68,12 +68,15 @@ class ReadBreaker:
     One file that cannot be read is an error row. :data:`BREAKER_READS` files in a row that
     fail the same way (expired credentials, an endpoint answering 5xx to everything) are the
     store failing, not the files: the job stops resumably instead of writing error rows for
-    every file read while it lasts. A missing file is always that file's own problem.
+    every file read while it lasts. A missing file is always that file's own problem, and
+    so, on a local disk, is one this user may not read (a root-owned folder of photos is
+    error rows, not a failing store; on S3 the same error means expired credentials).
     """
 
     BREAKER_READS = 8
 
-    def __init__(self):
+    def __init__(self, local: bool = False):
+        self.local = local
         self.kind: str | None = None
         self.count = 0
 
@@ -81,7 +84,8 @@ class ReadBreaker:
         self.kind, self.count = None, 0
 
     def failed(self, e: Exception) -> None:
-        if isinstance(e, FileNotFoundError | IsADirectoryError | NotADirectoryError):
+        own = FileNotFoundError | IsADirectoryError | NotADirectoryError
+        if isinstance(e, own) or (self.local and isinstance(e, PermissionError)):
             self.ok()
             return
         kind = type(e).__name__
@@ -159,7 +163,7 @@ def decode_batch(
         root=source_root,
         follow_symlinks=follow_symlinks,
     )  # raises StorageUnavailable when the store is down: not these files' fault
-    breaker = ReadBreaker()
+    breaker = ReadBreaker(local=bool(todo) and "://" not in str(batch[columns.PATH][todo[0]]))
     contents: dict[int, bytes] = {}
     for i, data in zip(todo, datas, strict=True):
         if isinstance(data, BaseException):

@@ -308,6 +308,17 @@ def compact_part(fs, out_path: str, part: int, retry_s: float | None = None) -> 
         if posixpath.basename(p).startswith(prefix) and _PIECE_FILE.match(posixpath.basename(p))
     )
     budget = DEFAULT_RETRY_SECONDS if retry_s is None else retry_s
+    final = posixpath.join(out, part_file(part))
+    if pieces and fs.exists(final):
+        # A compaction of this part already finished its (atomic) write and died while
+        # deleting pieces, and Ray retried it: the part is whole; rewriting it from the
+        # pieces left would drop the rows of the pieces already deleted.
+        for p in pieces:
+            remove_file(fs, p, retry_s=retry_s)
+        import pyarrow.parquet as pq
+
+        with fs.open(final, "rb") as f:
+            return pq.ParquetFile(f).metadata.num_rows
     tables = []
     for p in pieces:
         try:
@@ -319,7 +330,7 @@ def compact_part(fs, out_path: str, part: int, retry_s: float | None = None) -> 
     if not tables:
         return 0
     table = _unique_ids(pa.concat_tables(tables)).sort_by(columns.PATH)
-    _write_atomic(fs, table, posixpath.join(out, part_file(part)), retry_s)
+    _write_atomic(fs, table, final, retry_s)
     for p in pieces:
         remove_file(fs, p, retry_s=retry_s)
     return table.num_rows
