@@ -330,14 +330,22 @@ def _derived(src, name: str) -> str:
         out.append(
             f"<p>Index of <code>{_e(name)}</code>: {_e(meta['kind'])} ({_e(meta['factory'])}), "
             f"{meta['rows']:,} rows, recall@10 {r['value']:.3f} against exact search on "
-            f"{r['queries']} queries" + ("" if fresh else " — <b>stale: rebuild it</b>") + ".</p>"
+            f"{_e(r['queries'])} queries"
+            + ("" if fresh else " — <b>stale: rebuild it</b>")
+            + ".</p>"
         )
     info = _read_json(src, posixpath.join(base, DEDUP_DIR, "groups.json"))
     if info:
         out.append(
-            f"<p>Near-duplicates ({_e(info['feature'])}, cosine ≥ {info['threshold']}): "
+            f"<p>Near-duplicates ({_e(info['feature'])}, cosine ≥ {_e(info['threshold'])}): "
             f"{info['groups']:,} groups holding {info['members']:,} rows, in "
-            "<code>_dedup/groups.parquet</code>.</p>"
+            "<code>_dedup/groups.parquet</code>"
+            + (
+                ""
+                if (info.get("built_on") or {}).get("fingerprint") == src.fingerprint
+                else " — <b>stale: the output changed since; run vitflow dedup again</b>"
+            )
+            + ".</p>"
         )
     return "".join(out)
 

@@ -301,6 +301,8 @@ def index_rows(src, meta: dict, positions: np.ndarray) -> pa.Table:
     positions = np.asarray(positions, np.int64)
     with src.fs.open(posixpath.join(src.path.rstrip("/"), meta["files"]["rows"]), "rb") as f:
         pf = pq.ParquetFile(f)
+        if positions.size == 0:  # e.g. an IVF search whose probed lists were all empty
+            return pf.schema_arrow.empty_table()
         starts = np.cumsum(
             [0] + [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)]
         )
