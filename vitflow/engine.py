@@ -212,7 +212,7 @@ def build_dataset(
         num_cpus=actors.decode_num_cpus,
         # Never more decode tasks than the CPUs beside the actors' reservations: the actors
         # start (and warm up) at once instead of waiting behind a wall of decode tasks.
-        concurrency=actors.decode_tasks,
+        compute=ray.data.TaskPoolStrategy(size=actors.decode_tasks),
         fn_kwargs={
             "data_config_json": json.dumps(data_config),
             "max_pixels": cfg.source.max_pixels,
