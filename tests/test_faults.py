@@ -144,6 +144,8 @@ def test_driver_killed_mid_run_then_resume_equals_clean_run(
         first.wait(timeout=30)
     staged, parts, finished = output_progress(fs, out_path)
     assert not finished, "the run ended before the kill; the test did not interrupt it"
+    job["compute"]["batch_size"] = 4  # batch size is not part of what a resume must match
+    cfg.write_text(yaml.safe_dump(job))
     resumed = subprocess.run(
         [*cmd, "--resume"],
         env=env,

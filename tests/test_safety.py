@@ -370,7 +370,7 @@ def test_s3_outage_past_the_budget_stops_resumably_and_a_short_one_is_ridden_out
     fs, bucket, _ = s3_bucket
     proxy, flag = outage_proxy
     fs.put(str(corpus / "images"), f"{bucket}/images", recursive=True)
-    job = job_dict(corpus, f"s3://{bucket}/out", batch_size=1)
+    job = job_dict(corpus, f"s3://{bucket}/out", batch_size=2)
     job["source"]["uri"] = f"s3://{bucket}/images"
     job["storage"] = {"endpoint_url": proxy, "retry_seconds": 8, "client_retries": 1}
     cfg = tmp_path / "job.yaml"
@@ -396,6 +396,7 @@ def test_s3_outage_past_the_budget_stops_resumably_and_a_short_one_is_ridden_out
 
     # 2. --resume with a budget that outlasts a 6 s outage in the middle: it completes.
     job["storage"]["retry_seconds"] = 90
+    job["compute"]["batch_size"] = 4  # not part of what a resume must match
     cfg.write_text(yaml.safe_dump(job))
     run = Run(ray_address, ["embed", str(cfg), "--resume"])
     try:
