@@ -30,7 +30,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 from machine import describe, load  # benchmarks/machine.py (the script's folder is on sys.path)
-from PIL import Image, ImageDraw, ImageFilter
+from photos import shapes_and_noise  # benchmarks/photos.py
+from PIL import Image, ImageFilter
 
 from vitflow.decode import decode_image
 from vitflow.gpu_decode import decode_resize_batch
@@ -53,15 +54,7 @@ def photo(rng: np.random.Generator, w: int, h: int) -> Image.Image:
     shapes with edges, and sensor-like noise; JPEG sizes like a camera's at quality 90."""
     scene = synthetic_image(rng, (max(w // 8, 8), max(h // 8, 8)), int(rng.integers(0, 360)))
     img = scene.filter(ImageFilter.GaussianBlur(1)).resize((w, h), Image.BICUBIC)
-    draw = ImageDraw.Draw(img)
-    for _ in range(int(rng.integers(6, 14))):
-        x0, y0 = int(rng.integers(-w // 4, w)), int(rng.integers(-h // 4, h))
-        x1, y1 = x0 + int(rng.integers(w // 10, w // 2)), y0 + int(rng.integers(h // 10, h // 2))
-        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
-        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)((x0, y0, x1, y1), fill=colour)
-    img = img.filter(ImageFilter.GaussianBlur(1.5))
-    arr = np.asarray(img, dtype=np.int16) + rng.normal(0, 4, (h, w, 3)).astype(np.int16)
-    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+    return shapes_and_noise(img, rng, blur=1.5, colour_noise=True)
 
 
 def photo_jpegs(size: tuple[int, int], count: int, seed: int = 0) -> list[bytes]:

@@ -25,19 +25,30 @@ QUALITY = 90
 VERSION = 1  # bump when make_photo changes: pools made by the old one are remade
 
 
-def make_photo(rng: np.random.Generator, w: int, h: int) -> Image.Image:
-    """Smooth colour field + soft shapes + sensor-like noise: JPEG sizes like a camera's."""
-    field = rng.integers(0, 256, (4, 5, 3), dtype=np.uint8)
-    img = Image.fromarray(field).resize((w, h), Image.BICUBIC)
+def shapes_and_noise(
+    img: Image.Image, rng: np.random.Generator, *, blur: float, colour_noise: bool
+) -> Image.Image:
+    """Soft ellipses and rectangles with edges on a smooth scene, then sensor-like noise
+    (the same in every channel, or per channel): what makes JPEG sizes like a camera's."""
+    w, h = img.size
     draw = ImageDraw.Draw(img)
     for _ in range(int(rng.integers(6, 14))):
         x0, y0 = int(rng.integers(-w // 4, w)), int(rng.integers(-h // 4, h))
         x1, y1 = x0 + int(rng.integers(w // 10, w // 2)), y0 + int(rng.integers(h // 10, h // 2))
         colour = tuple(int(c) for c in rng.integers(0, 256, 3))
         (draw.ellipse if rng.random() < 0.5 else draw.rectangle)((x0, y0, x1, y1), fill=colour)
-    img = img.filter(ImageFilter.GaussianBlur(2))
-    arr = np.asarray(img, dtype=np.int16) + rng.normal(0, 4, (h, w, 1)).astype(np.int16)
-    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+    img = img.filter(ImageFilter.GaussianBlur(blur))
+    noise = rng.normal(0, 4, (h, w, 3 if colour_noise else 1)).astype(np.int16)
+    return Image.fromarray(
+        np.clip(np.asarray(img, dtype=np.int16) + noise, 0, 255).astype(np.uint8)
+    )
+
+
+def make_photo(rng: np.random.Generator, w: int, h: int) -> Image.Image:
+    """Smooth colour field + soft shapes + sensor-like noise: JPEG sizes like a camera's."""
+    field = rng.integers(0, 256, (4, 5, 3), dtype=np.uint8)
+    img = Image.fromarray(field).resize((w, h), Image.BICUBIC)
+    return shapes_and_noise(img, rng, blur=2, colour_noise=False)
 
 
 def _write(args: tuple[str, int, int, int]) -> None:
