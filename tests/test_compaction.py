@@ -43,3 +43,28 @@ def test_a_retried_compaction_keeps_the_whole_part(tmp_path):
     assert part.column("x").to_pylist() == list(range(8))
     assert not list((tmp_path / "out" / STAGING).iterdir())  # the pieces left are removed
     assert compact_part(fs, out, 0) == 0  # nothing staged: nothing to do
+
+
+def test_a_compaction_racing_another_never_writes_part_of_a_part(tmp_path, monkeypatch):
+    """Two compactions of one part at once (a failed run's late task and a resumed run's):
+    the one that finds a piece gone mid-read knows the other wrote the whole part first."""
+    from vitflow.sinks import parquet
+
+    fs = fsspec.filesystem("file")
+    out = str(tmp_path / "out")
+    writer = PieceWriter(fs, out, SCHEMA)
+    for ids in ([0, 1, 2], [3, 4], [5, 6, 7]):
+        writer.write(batch(ids))
+    real, raced = parquet._read_parquet, []
+
+    def read_while_the_other_compacts(fs, path):
+        table = real(fs, path)
+        if not raced:  # after this one's first read, the other compaction runs to its end
+            raced.append(True)
+            monkeypatch.setattr(parquet, "_read_parquet", real)
+            assert compact_part(fs, out, 0) == 8
+        return table
+
+    monkeypatch.setattr(parquet, "_read_parquet", read_while_the_other_compacts)
+    assert compact_part(fs, out, 0) == 0
+    assert pq.read_table(tmp_path / "out" / part_file(0)).column("x").to_pylist() == list(range(8))

@@ -121,11 +121,11 @@ def stream(
         t0 = time.perf_counter()
         actors = plan_pool(ray, cfg.compute, model_params)
         stats_name = f"vitflow-stats-{uuid.uuid4().hex[:12]}"
-        # The counters live beside the driver: a worker node that goes away must not take
-        # them (and the job) with it.
+        # The counters live on the head node: a worker node that goes away must not take
+        # them with it (a driver may be attached through any node's raylet).
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        here = NodeAffinitySchedulingStrategy(_head_node_id(ray), soft=True)
         stats = (
             ray.remote(num_cpus=0)(StreamStats)
             .options(name=stats_name, scheduling_strategy=here)
@@ -160,6 +160,7 @@ def stream(
                     if lock is not None:
                         lock.check()
             except Exception as e:
+                sink.abort()  # nothing of this run still writes when the next one starts
                 # A job error raised in a task or actor (storage out past its retry budget,
                 # disk full) arrives wrapped by Ray: give the user its sentence.
                 job_error = job_error_in(e)
@@ -248,6 +249,15 @@ def build_dataset(
             "decode": actors.decode,
         },
     )
+
+
+def _head_node_id(ray) -> str:
+    """The head node's id (the node whose loss ends the cluster anyway); the driver's own
+    node where Ray marks none."""
+    for node in ray.nodes():
+        if node.get("Alive") and "node:__internal_head__" in node.get("Resources", {}):
+            return node["NodeID"]
+    return ray.get_runtime_context().get_node_id()
 
 
 def _progress_marks(total: int) -> dict[float, float | None]:

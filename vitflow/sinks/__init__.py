@@ -8,7 +8,9 @@ actors; a *sink* decides what happens to the embedded rows. It has two halves:
   small receipt table with at least ``id`` and ``status`` per row (plus the sink's own
   bookkeeping columns), so rows never pass through one process;
 - the **driver half**: ``start(ray)`` before the stream, ``receive(receipt)`` for every
-  receipt as it arrives, ``finish()`` after the last one (compact, collect, commit inputs).
+  receipt as it arrives, ``finish()`` after the last one (compact, collect, commit inputs),
+  and ``abort()`` when the stream fails (wait for whatever it started, so a resumed run
+  never meets a task of the failed one).
 
 Sinks: :mod:`vitflow.sinks.parquet` (resumable parquet parts, ``vitflow embed``) and
 :mod:`vitflow.sinks.delta` (data files for one Delta commit, ``vitflow reindex``). A new

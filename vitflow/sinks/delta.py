@@ -75,6 +75,10 @@ class DeltaSink:
     def finish(self) -> dict:
         return {"data_files": len(self.files)}
 
+    def abort(self) -> None:
+        """Nothing to wait for: data files are written in the actors, and a file no commit
+        references is never read."""
+
     def add_actions(self) -> list:
         """The files written, as deltalake ``AddAction`` objects for the commit."""
         from deltalake.transaction import AddAction

@@ -263,6 +263,13 @@ class PartsSink:
                 self._compact(part)
         self._collect(block=False)
 
+    def abort(self, timeout_s: float = 120.0) -> None:
+        """A failed run waits for the compactions it started (their parts are whole), so no
+        task of it is still moving pieces when the next run (--resume) lists them."""
+        if self.pending and self._ray is not None:
+            self._ray.wait(self.pending, num_returns=len(self.pending), timeout=timeout_s)
+            self.pending = []
+
     def finish(self) -> dict:
         """Wait for every compaction; returns counters for the run's stats."""
         self._collect(block=True)
@@ -326,7 +333,10 @@ def compact_part(fs, out_path: str, part: int, retry_s: float | None = None) -> 
                 retrying(lambda p=p: _read_parquet(fs, p), what=f"read {p}", budget_s=budget)
             )
         except FileNotFoundError:
-            continue  # a compaction that ran before this one took it
+            # Another compaction of this part took it: a compaction deletes pieces only
+            # after its part is written, so the part is whole already. Writing it again from
+            # the pieces this one still read would drop the rows of the pieces gone.
+            return 0
     if not tables:
         return 0
     table = _unique_ids(pa.concat_tables(tables)).sort_by(columns.PATH)
