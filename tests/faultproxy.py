@@ -4,20 +4,26 @@
   (always);
 - while the file given as ``--down-file`` exists, drops every connection without an answer
   (the endpoint "goes away", as in an outage);
-- with ``--latency-ms``, waits that long before forwarding each request (a distant region).
+- with ``--latency-ms``, waits that long before forwarding each request (a distant region);
+- with ``--hold GLOB``, holds GETs of keys containing "held" until a file matches GLOB (at
+  most ``HOLD_MAX_S`` after the first such GET, then never again), so a test can make a read wait for an event it can see on disk.
 
 Run: python tests/faultproxy.py UPSTREAM_PORT LISTEN_PORT [FLAKY_FAILURES] [--down-file F]
-     [--latency-ms N]
+     [--latency-ms N] [--hold GLOB]
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import http.client
 import os
+import threading
 import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+HOLD_MAX_S = 90.0
 
 SLOW_DOWN = (
     b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
@@ -26,9 +32,23 @@ SLOW_DOWN = (
 
 
 def make_handler(
-    upstream: int, flaky_failures: int, down_file: str | None = None, latency_ms: float = 0.0
+    upstream: int,
+    flaky_failures: int,
+    down_file: str | None = None,
+    latency_ms: float = 0.0,
+    hold: str | None = None,
 ):
     seen: Counter[str] = Counter()
+
+    released = threading.Event()  # once let go (by the file or the time limit), for good
+    deadline: list[float] = []  # set by the first held GET
+
+    def wait_for_hold() -> None:
+        if not deadline:
+            deadline.append(time.monotonic() + HOLD_MAX_S)
+        while not released.is_set() and not glob.glob(hold) and time.monotonic() < deadline[0]:
+            time.sleep(0.05)
+        released.set()
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -44,6 +64,8 @@ def make_handler(
             if latency_ms:
                 time.sleep(latency_ms / 1000)
             path = self.path.split("?", 1)[0]
+            if hold and self.command == "GET" and "held" in path:
+                wait_for_hold()
             if self.command == "GET" and ("broken" in path or "flaky" in path):
                 seen[path] += 1
                 if "broken" in path or seen[path] <= flaky_failures:
@@ -82,6 +104,7 @@ if __name__ == "__main__":
     parser.add_argument("flaky", type=int, nargs="?", default=2)
     parser.add_argument("--down-file")
     parser.add_argument("--latency-ms", type=float, default=0.0)
+    parser.add_argument("--hold")
     a = parser.parse_args()
-    handler = make_handler(a.upstream, a.flaky, a.down_file, a.latency_ms)
+    handler = make_handler(a.upstream, a.flaky, a.down_file, a.latency_ms, a.hold)
     ThreadingHTTPServer(("127.0.0.1", a.listen), handler).serve_forever()
