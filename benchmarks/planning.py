@@ -9,7 +9,7 @@ Measures, for one process (the driver), in one run:
     it fails if the engine is entered);
   - the driver's peak memory (ru_maxrss) and bytes per listed row.
 
-Run:  .venv/bin/python benchmarks/planning.py                 (10M rows; several minutes, ~6 GB)
+Run:  .venv/bin/python benchmarks/planning.py                 (10M rows; several minutes, ~1.5 GB)
       .venv/bin/python benchmarks/planning.py --rows 200000   (a quick look)
 Each size runs in its own process, so every peak is that size's own.
 """
@@ -92,15 +92,11 @@ def build_index(cfg) -> None:
     from vitflow.reindex import plan_reindex
 
     plan = plan_reindex(cfg)
-    t = plan.todo
-    n = t.num_rows
     dim = plan.embed.dims["emb"]
     file_schema = pa.schema([f.remove_metadata() for f in plan.schema])
     stager = FileStager(plan.uri, plan.storage_options, plan.run_id)
     adds = []
-    step = 1_000_000
-    for s in range(0, n, step):
-        part = t.slice(s, step)
+    for part in plan.todo.batches(batch_rows=1_000_000):
         m = part.num_rows
         cols = {
             columns.ID: part[columns.ID],

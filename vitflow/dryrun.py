@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from collections import Counter
 
+import pyarrow.compute as pc
+
 from vitflow import columns
 from vitflow.runtime import ActorPlan, local_resources, plan_actors
 
@@ -37,7 +39,12 @@ def weights_line(model_cfg, checkpoint_sha256: str | None) -> str:
 def describe_plan(plan, actors: ActorPlan, where: str) -> str:
     """The dry run's report for an :class:`~vitflow.embed.EmbedPlan`."""
     cfg, listing = plan.cfg, plan.listing
-    t = listing.table
+    labels: Counter[str | None] = Counter()
+    splits: Counter[str | None] = Counter()
+    for piece in listing.ledger.batches([columns.LABEL, columns.SPLIT]):
+        for counter, name in ((labels, columns.LABEL), (splits, columns.SPLIT)):
+            for vc in pc.value_counts(piece.column(name)).to_pylist():
+                counter[vc["values"]] += vc["counts"]
     dc = plan.backbone.data_config
     n_params = sum(p.numel() for p in plan.backbone.model.parameters())
     parts = math.ceil(len(listing) / cfg.output.rows_per_file)
@@ -46,9 +53,8 @@ def describe_plan(plan, actors: ActorPlan, where: str) -> str:
         f"  source    : {cfg.source.uri}",
         f"  listed    : {len(listing)} files ({_counts(listing.by_extension, 20)})",
         f"  skipped   : {listing.skipped.describe()}",
-        f"  labels    : {len(set(t.column(columns.LABEL).to_pylist()) - {None})} "
-        f"({_counts(Counter(t.column(columns.LABEL).to_pylist()))})",
-        f"  splits    : {_counts(Counter(t.column(columns.SPLIT).to_pylist()))}",
+        f"  labels    : {len(set(labels) - {None})} ({_counts(labels)})",
+        f"  splits    : {_counts(splits)}",
         f"  model     : {plan.backbone.name} | {n_params / 1e6:.1f}M parameters | input "
         f"{'x'.join(map(str, dc['input_size']))}, {dc.get('interpolation')}, crop_pct "
         f"{dc.get('crop_pct')}",

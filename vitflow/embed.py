@@ -17,6 +17,7 @@ import json
 import logging
 import posixpath
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +32,7 @@ from vitflow.engine import stream
 from vitflow.errors import ConfigError, OutputExistsError, VitflowError
 from vitflow.features import FeatureExtractor, FeaturePlan
 from vitflow.identity import fingerprint, vector_identity
+from vitflow.ledger import Ledger, rebatch
 from vitflow.locking import LOCK_NAME, RunLock
 from vitflow.manifest import build_manifest, write_manifest
 from vitflow.outputs import check_output_location, output_lock
@@ -40,7 +42,6 @@ from vitflow.sinks import (
     PART_COLUMN,
     RUN_STATE,
     PartsSink,
-    assign_parts,
     clean_staging,
     finished_parts,
     output_files,
@@ -110,24 +111,28 @@ def job_fingerprint(cfg: EmbedConfig, weights: bytes, listing: Listing) -> str:
     }
     h.update(json.dumps(stable, sort_keys=True).encode())
     for col in (columns.ID, "size", "mtime"):
-        _hash_column(h, listing.table.column(col))
+        lengths, values = hashlib.sha256(), hashlib.sha256()
+        for piece in listing.ledger.batches([col]):
+            _hash_values(lengths, values, piece.column(0))
+        h.update(lengths.digest() + values.digest())
     return h.hexdigest()
 
 
-def _hash_column(h, col: pa.ChunkedArray) -> None:
-    """Feed a column's values to ``h`` straight from its Arrow buffers (no Python object per
-    row): independent of how the column happens to be chunked."""
-    arr = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
-    if pa.types.is_string(arr.type):
-        arr = pc.fill_null(arr, "\x00null")
-        offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32)[
-            arr.offset : arr.offset + len(arr) + 1
-        ]
-        data = arr.buffers()[2]
-        h.update((offsets - offsets[0]).tobytes())
-        h.update(memoryview(data)[offsets[0] : offsets[-1]] if data is not None else b"")
-    else:
-        h.update(pc.fill_null(arr, -1).to_numpy(zero_copy_only=False).tobytes())
+def _hash_values(lengths, values, col: pa.ChunkedArray) -> None:
+    """Feed a column to two hashes straight from its Arrow buffers (no Python object per
+    row): each string's length to ``lengths`` and its bytes to ``values`` (numbers go to
+    ``values``), so the digests are the same however the column is cut into pieces."""
+    for arr in col.chunks:
+        if pa.types.is_string(arr.type):
+            arr = pc.fill_null(arr, "\x00null")
+            offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32)[
+                arr.offset : arr.offset + len(arr) + 1
+            ]
+            data = arr.buffers()[2]
+            lengths.update(np.diff(offsets).astype(np.int32).tobytes())
+            values.update(memoryview(data)[offsets[0] : offsets[-1]] if data is not None else b"")
+        else:
+            values.update(pc.fill_null(arr, -1).to_numpy(zero_copy_only=False).tobytes())
 
 
 def prepare_embed(
@@ -261,23 +266,15 @@ def _run_locked(
         lock.check()
         removed = remove_output(fs, out, retry_s)
         log.info("--overwrite: removed %d files of the previous output", removed)
-    table = plan.listing.table
-    table = table.append_column(
-        PART_COLUMN, pa.array(assign_parts(table.num_rows, cfg.output.rows_per_file))
-    )
+    n, per_part = len(plan.listing), cfg.output.rows_per_file
     done = finished_parts(fs, out) if resume else set()
-    parts_col = table.column(PART_COLUMN)
-    todo = table.filter(pc.invert(pc.is_in(parts_col, pa.array(sorted(done), pa.int64()))))
-    all_parts = set(range(-(-table.num_rows // cfg.output.rows_per_file)))
+    all_parts = set(range(-(-n // per_part)))
     clean_staging(fs, out, keep_parts=(all_parts - done) if resume else None, retry_s=retry_s)
-    part_sizes = {int(p): int(n) for p, n in zip(*_counts(todo.column(PART_COLUMN)), strict=True)}
+    part_sizes = {p: min(per_part, n - p * per_part) for p in sorted(all_parts - done)}
     # Batches staged before the interruption are reused: only the rest is computed.
     staged = staged_ids(fs, out) if resume else {}
     staged_all = set().union(*staged.values()) if staged else set()
-    if staged_all:
-        todo = todo.filter(
-            pc.invert(pc.is_in(todo.column(columns.ID), pa.array(sorted(staged_all))))
-        )
+    todo = PartRows(plan.listing.ledger, per_part, done, staged_all)
     run_state = json.dumps({"fingerprint": plan.fingerprint}).encode()
     write_atomic(fs, posixpath.join(out, RUN_STATE), run_state, retry_s=retry_s)
     sink = PartsSink(fs, out, output_schema(plan.dims), part_sizes, staged, retry_s)
@@ -333,10 +330,38 @@ def _run_locked(
     )
 
 
-def _counts(col: pa.ChunkedArray):
-    import numpy as np
+class PartRows:
+    """The rows an embed run still has to compute, read from the ledger in pieces: each
+    listed row with its part number (:data:`PART_COLUMN`: ``row // rows_per_file``), less
+    the rows of finished parts and the rows already staged."""
 
-    return np.unique(col.to_numpy(), return_counts=True)
+    def __init__(self, ledger: Ledger, rows_per_file: int, done: set[int], staged: set[str]):
+        self.ledger, self.rows_per_file = ledger, rows_per_file
+        self.done = pa.array(sorted(done), pa.int64())
+        self.staged = pa.array(sorted(staged), pa.string())
+        self.schema = ledger.schema.append(pa.field(PART_COLUMN, pa.int64()))
+        self.num_rows = (
+            ledger.num_rows
+            if not done and not staged
+            else sum(t.num_rows for t in self._pieces([columns.ID]))
+        )
+
+    def _pieces(self, names: list[str] | None = None):
+        start = 0
+        for piece in self.ledger.batches(names):
+            parts = pa.array((start + np.arange(piece.num_rows)) // self.rows_per_file)
+            start += piece.num_rows
+            piece = piece.append_column(PART_COLUMN, parts)
+            if len(self.done) or len(self.staged):
+                keep = pc.invert(
+                    pc.or_(pc.is_in(parts, self.done), pc.is_in(piece[columns.ID], self.staged))
+                )
+                piece = piece.filter(keep)
+            yield piece
+
+    def batches(self, batch_rows: int) -> Iterator[pa.Table]:
+        """The rows in order, in tables of exactly ``batch_rows`` rows (the last one fewer)."""
+        return rebatch(self._pieces(), self.schema, batch_rows)
 
 
 def _verify_output(plan: EmbedPlan) -> tuple[dict[str, int], dict[str, int]]:
@@ -345,15 +370,14 @@ def _verify_output(plan: EmbedPlan) -> tuple[dict[str, int], dict[str, int]]:
     Returns ``(counts, parts)``: ok/error/listed counts, and each part file's row count
     (recorded in the manifest, so readers can tell a complete output from a damaged one).
     One part is in memory at a time."""
-    listing = plan.listing.table
     rows = plan.cfg.output.rows_per_file
     fs, out = plan.output_fs, plan.output_path
-    counts = {"listed": listing.num_rows, "ok": 0, "error": 0}
+    counts = {"listed": len(plan.listing), "ok": 0, "error": 0}
     parts: dict[str, int] = {}
     problems = []
-    for start in range(0, listing.num_rows, rows):
-        name = part_file(start // rows)
-        want = listing.column(columns.ID).slice(start, rows)
+    for number, ids in enumerate(plan.listing.ledger.batches([columns.ID], batch_rows=rows)):
+        name = part_file(number)
+        want = ids.column(0)
         try:
             got = _read_columns(fs, posixpath.join(out, name), [columns.ID, columns.STATUS])
         except FileNotFoundError:

@@ -26,8 +26,9 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -41,6 +42,16 @@ log = logging.getLogger(__name__)
 
 ERROR_BUDGET_MIN_ROWS = 100  # the error budget is judged after a fair sample
 MAX_DECODE_BLOCK = 64
+
+
+class Rows(Protocol):
+    """Listing rows read in pieces (a :class:`~vitflow.ledger.Ledger`, an embed run's
+    :class:`~vitflow.embed.PartRows`): the stream never needs them all in the driver."""
+
+    num_rows: int
+    schema: pa.Schema
+
+    def batches(self, batch_rows: int) -> Iterator[pa.Table]: ...
 
 
 class ErrorBudgetExceeded(VitflowError):
@@ -94,7 +105,7 @@ def stream(
     *,
     data_config: dict,
     weights: bytes,
-    rows: pa.Table,
+    rows: pa.Table | Rows,
     sink,
     address: str | None = None,
     source_root: str | None = None,
@@ -187,6 +198,32 @@ def stream(
     )
 
 
+INPUT_CHUNK_ROWS = 16_384  # listing rows per object the driver puts (then cut into blocks)
+
+
+def input_dataset(ray, rows: pa.Table | Rows, block_rows: int):
+    """The rows as a Ray Dataset of blocks of exactly ``block_rows`` rows: each block becomes
+    one decode task, so decode is cut fine however long the listing is.
+
+    The driver puts the rows into the object store in chunks of about
+    :data:`INPUT_CHUNK_ROWS` (a ledger is read a chunk at a time), so it keeps one object
+    ref per 16K rows, not per block; the object store holds the chunks and spills them to
+    disk when full. Ray Data's streaming repartition then cuts the chunks into blocks as the
+    decode tasks need them (Ray never fuses it into the decode tasks that follow it)."""
+    chunk = block_rows * max(1, INPUT_CHUNK_ROWS // block_rows)  # whole blocks per chunk
+    if isinstance(rows, pa.Table):
+        pieces = (rows.slice(i, chunk) for i in range(0, rows.num_rows, chunk))
+    else:
+        pieces = rows.batches(batch_rows=chunk)
+    refs = [ray.put(piece) for piece in pieces]
+    if not refs:
+        refs = [
+            ray.put(rows.slice(0, 0) if isinstance(rows, pa.Table) else rows.schema.empty_table())
+        ]
+    ds = ray.data.from_arrow_refs(refs)
+    return ds.repartition(target_num_rows_per_block=block_rows, strict=True)
+
+
 def build_dataset(
     ray,
     cfg: EmbedConfig,
@@ -195,7 +232,7 @@ def build_dataset(
     weights_ref,
     actors: ActorPlan,
     stats_name: str | None,
-    rows: pa.Table,
+    rows: pa.Table | Rows,
     writer: tuple[type, dict] | None,
     source_root: str | None = None,
 ):
@@ -203,9 +240,7 @@ def build_dataset(
     the Ray Dataset of receipts (or of output rows, with ``writer=None``)."""
     from vitflow.stages import EmbedWorker, decode_batch
 
-    block = decode_block_rows(cfg, actors.batch_size)
-    blocks = [rows.slice(i, block) for i in range(0, rows.num_rows, block)]
-    ds = ray.data.from_arrow(blocks or [rows])
+    ds = input_dataset(ray, rows, decode_block_rows(cfg, actors.batch_size))
     ds = ds.map_batches(
         decode_batch,
         batch_size=None,

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import time
 from collections import defaultdict
 from typing import Any
@@ -36,6 +37,8 @@ import pyarrow.parquet as pq
 
 from vitflow import columns
 from vitflow.errors import VitflowError
+from vitflow.ledger import ROW_GROUP as LEDGER_ROW_GROUP
+from vitflow.ledger import Ledger, LedgerWriter, duckdb_session, spill_folder, sql_path
 
 SIZE = "size"
 MTIME = "mtime"
@@ -136,90 +139,96 @@ def stored_job(dt) -> tuple[str | None, dict[str, Any]]:
     return (fingerprint.decode() if fingerprint else None, json.loads(job) if job else {})
 
 
-def read_state(dt) -> tuple[pa.Table, dict[str, int]]:
+def read_state(dt) -> tuple[Ledger, dict[str, int]]:
     """What the diff needs from a snapshot (``dt``; None: no table yet): :data:`STATE_COLUMNS`
-    plus each row's data file (:data:`FILE`), and the size of every data file (for its
-    remove action)."""
-    schema = STATE_SCHEMA
+    plus each row's data file (:data:`FILE`), spilled to a ledger on local disk as it is
+    scanned, and the size of every data file (for its remove action)."""
+    writer = LedgerWriter(STATE_SCHEMA)
     dataset = None if dt is None else dt.to_pyarrow_dataset()
     if dataset is None or not set(STATE_COLUMNS) <= set(dataset.schema.names):
-        return schema.empty_table(), {}  # nothing to diff against (a rebuild replaces it all)
-    parts = []
-    # Tagged batches name their fragment (= data file); the scan itself runs in parallel.
-    for tagged in dataset.scanner(columns=list(STATE_COLUMNS)).scan_batches():
+        return writer.close(), {}  # nothing to diff against (a rebuild replaces it all)
+    # Tagged batches name their fragment (= data file). Read ahead one file and a few
+    # batches: the default (several files at once) holds hundreds of MB per big data file.
+    scanner = dataset.scanner(
+        columns=list(STATE_COLUMNS), batch_size=1 << 16, batch_readahead=4, fragment_readahead=1
+    )
+    for tagged in scanner.scan_batches():
         batch = pa.Table.from_batches([tagged.record_batch])
-        parts.append(batch.append_column(FILE, pa.array([tagged.fragment.path] * len(batch))))
-    state = pa.concat_tables(parts).cast(schema) if parts else schema.empty_table()
+        file = pa.array([tagged.fragment.path], pa.string()).take(np.zeros(len(batch), np.int64))
+        writer.write(batch.append_column(FILE, file))
     adds = pa.table(dt.get_add_actions(flatten=True))
     sizes = dict(zip(adds["path"].to_pylist(), adds["size_bytes"].to_pylist(), strict=True))
-    return state, sizes
+    return writer.close(), sizes
 
 
 def diff_listing(
-    listing: pa.Table, state: pa.Table
-) -> tuple[np.ndarray, dict[str, set[str]], dict[str, int]]:
-    """Compare the listed files with the indexed rows, by id, with Arrow's hash join and
-    aggregations (no Python object per row: the diff of a 10M-row corpus stays in Arrow).
+    listing: Ledger, state: Ledger
+) -> tuple[Ledger, dict[str, set[str]], dict[str, int]]:
+    """Compare the listed files with the indexed rows, by id, as out-of-core joins in DuckDB
+    (bounded memory: the diff of a 100M-row corpus never sits in the driver).
+
+    A listed file is to embed when the index lacks it, or holds it with another path, size
+    or mtime (a null equals only a null), or holds it more than once (re-embedding heals it).
 
     Returns:
-        ``(todo, stale, counts)``: for each listed row whether to embed it (a numpy bool
-        array in listing order); for each data file the ids whose rows must go (updated,
-        deleted, or stored more than once, which re-embedding heals); counts of added,
-        updated, deleted and unchanged files.
+        ``(todo, stale, counts)``: the listed rows to embed, in listing order; for each data
+        file the ids whose rows must go (updated, deleted, or stored more than once); counts
+        of added, updated, deleted and unchanged files. Python sees only the changed rows.
     """
-    new = listing.select(list(STATE_COLUMNS)).append_column(
-        "__row", pa.array(np.arange(listing.num_rows, dtype=np.int64))
-    )
-    old = state.group_by(columns.ID).aggregate(
-        [(columns.ID, "count"), (columns.PATH, "min"), (SIZE, "min"), (MTIME, "min")]
-    )
-    old = old.rename_columns(
-        [
-            {f"{columns.ID}_count": "__count"}.get(n, n.replace("_min", "__old"))
-            for n in old.column_names
-        ]
-    )
-    joined = new.join(old, keys=columns.ID, join_type="left outer").sort_by("__row")
-    known = pc.is_valid(joined["__count"])
-
-    def differs(a: str, b: str):
-        # null-aware inequality: two nulls are equal, a null and a value are not
-        return pc.or_kleene(
-            pc.fill_null(pc.not_equal(joined[a], joined[b]), False),
-            pc.xor(pc.is_null(joined[a]), pc.is_null(joined[b])),
+    folder = spill_folder("vitflow-diff-")
+    con = duckdb_session(folder)
+    new = f"read_parquet({sql_path(listing.path)}, file_row_number = true)"
+    old = f"read_parquet({sql_path(state.path)})"
+    id_, path = f'"{columns.ID}"', f'"{columns.PATH}"'
+    try:
+        con.execute(
+            f"""CREATE TEMP TABLE flags AS
+            SELECT l.file_row_number AS rn, l.{id_} AS {id_}, o.n IS NULL AS added,
+                   o.n IS NOT NULL AND (o.n > 1 OR l.{path} IS DISTINCT FROM o.{path}
+                            OR l."{SIZE}" IS DISTINCT FROM o."{SIZE}"
+                            OR l."{MTIME}" IS DISTINCT FROM o."{MTIME}") AS changed
+            FROM {new} l LEFT JOIN (
+                SELECT {id_}, count(*) AS n, min({path}) AS {path}, min("{SIZE}") AS "{SIZE}",
+                       min("{MTIME}") AS "{MTIME}"
+                FROM {old} GROUP BY {id_}
+            ) o ON l.{id_} = o.{id_}"""
         )
-
-    changed = pc.and_(
-        known,
-        pc.or_(
-            pc.or_(
-                pc.greater(pc.fill_null(joined["__count"], 0), 1),
-                differs(columns.PATH, f"{columns.PATH}__old"),
-            ),
-            pc.or_(differs(SIZE, f"{SIZE}__old"), differs(MTIME, f"{MTIME}__old")),
-        ),
-    )
-    todo = pc.or_(pc.invert(known), changed).to_numpy(zero_copy_only=False)
-    added = int(pc.sum(pc.invert(known)).as_py() or 0)
-    updated = int(pc.sum(changed).as_py() or 0)
-    listed_ids = listing.column(columns.ID)
-    gone = pc.invert(pc.is_in(state.column(columns.ID), listed_ids))
-    stale_ids = pa.concat_arrays(
-        [
-            joined.filter(changed).column(columns.ID).combine_chunks(),
-            state.filter(gone).column(columns.ID).combine_chunks(),
-        ]
-    )
-    stale_rows = state.filter(pc.is_in(state.column(columns.ID), stale_ids))
-    stale: dict[str, set[str]] = defaultdict(set)
-    for file, id_ in zip(
-        stale_rows[FILE].to_pylist(), stale_rows[columns.ID].to_pylist(), strict=True
-    ):
-        stale[file].add(id_)  # Python only for the rows that change
+        added, updated = con.execute(
+            "SELECT count(*) FILTER (WHERE added), count(*) FILTER (WHERE changed) FROM flags"
+        ).fetchall()[0]
+        (deleted,) = con.execute(
+            f"SELECT count(DISTINCT s.{id_}) FROM {old} s ANTI JOIN flags f ON s.{id_} = f.{id_}"
+        ).fetchall()[0]
+        stale: dict[str, set[str]] = defaultdict(set)
+        gone = con.sql(
+            f"""SELECT s."{FILE}", s.{id_} FROM {old} s ANTI JOIN flags f ON s.{id_} = f.{id_}
+            UNION ALL
+            SELECT s."{FILE}", s.{id_} FROM {old} s
+            SEMI JOIN (SELECT {id_} FROM flags WHERE changed) c ON s.{id_} = c.{id_}"""
+        ).fetch_record_batch(1 << 16)
+        for batch in gone:
+            for file, id_value in zip(*batch.to_pydict().values(), strict=True):
+                stale[file].add(id_value)  # Python only for the rows that change
+        n_todo = added + updated
+        if n_todo:
+            out = os.path.join(folder, "todo.parquet")
+            con.execute(
+                f"""COPY (SELECT l.* EXCLUDE (file_row_number) FROM {new} l
+                JOIN flags f ON l.file_row_number = f.rn WHERE f.added OR f.changed
+                ORDER BY l.file_row_number) TO {sql_path(out)}
+                (FORMAT parquet, ROW_GROUP_SIZE {LEDGER_ROW_GROUP})"""
+            )
+    finally:
+        con.close()
+    if n_todo:
+        todo = Ledger(out, listing.schema, n_todo, folder)
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
+        todo = LedgerWriter(listing.schema).close()
     counts = {
-        "added": added,
-        "updated": updated,
-        "deleted": int(pc.count_distinct(state.filter(gone).column(columns.ID)).as_py() or 0),
+        "added": int(added),
+        "updated": int(updated),
+        "deleted": int(deleted),
         "unchanged": listing.num_rows - added - updated,
     }
     return todo, dict(stale), counts

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import stat
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from vitflow.errors import ConfigError
@@ -91,7 +92,9 @@ class LocalWalk:
             (b"", ((st.st_dev, st.st_ino),))
         ]
 
-    def run(self) -> list[FoundFile]:
+    def run(self) -> Iterator[FoundFile]:
+        """The files, a folder at a time (in no particular order): only one folder's entries
+        are held at once."""
         while self.stack:
             rel_dir, chain = self.stack.pop()
             try:
@@ -114,7 +117,8 @@ class LocalWalk:
                     self._link(entry, rel, own, chain)
                 else:
                     self.found.append(_file(rel, own))
-        return self.found
+            yield from self.found
+            self.found.clear()
 
     def _link(self, entry: os.DirEntry, rel: bytes, own: os.stat_result, chain) -> None:
         """A symlink: stat its target (never open it), then list, enter or count it."""

@@ -21,7 +21,6 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 
 from vitflow.config import EmbedConfig
@@ -43,6 +42,7 @@ from vitflow.index_table import (
     stored_job,
     table_schema,
 )
+from vitflow.ledger import Ledger
 from vitflow.locking import LOCK_NAME
 from vitflow.outputs import output_lock
 from vitflow.sinks.delta import DeltaSink
@@ -88,7 +88,7 @@ class ReindexPlan:
     fingerprint: str
     version: int | None
     rebuild: bool
-    todo: pa.Table = field(repr=False)  # listing rows to embed: added + updated
+    todo: Ledger = field(repr=False)  # listing rows to embed: added + updated (on disk)
     # data file -> ids to drop from it (updated, deleted, or stored twice)
     stale: dict[str, set[str]] = field(repr=False)
     file_sizes: dict[str, int] = field(repr=False)
@@ -148,11 +148,11 @@ def plan_reindex(cfg: EmbedConfig, *, rebuild: bool = False) -> ReindexPlan:
                 "or choose another output.uri"
             )
     state, sizes = read_state(dt)
-    todo_mask, stale, counts = diff_listing(embed.listing.table, state)
+    todo, stale, counts = diff_listing(embed.listing.ledger, state)
+    del state  # its spill folder goes with it
     if rebuild:  # everything is re-embedded; the overwrite removes every old file itself
-        todo_mask, stale = np.ones(len(todo_mask), dtype=bool), {}
+        todo, stale = embed.listing.ledger, {}
         counts.update(updated=counts["updated"] + counts["unchanged"], unchanged=0)
-    todo = embed.listing.table.filter(pa.array(todo_mask, pa.bool_()))
     return ReindexPlan(
         cfg,
         embed,

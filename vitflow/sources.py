@@ -1,7 +1,9 @@
 """Listing a source: every image file under a folder or fsspec URL, with label and split.
 
 The listing is the job's ledger: each listed file comes out as exactly one row (``ok`` or
-``error``), so it is computed once, on the driver, before any work starts.
+``error``), so it is computed once, on the driver, before any work starts. It is kept on local
+disk (:class:`~vitflow.ledger.Ledger`), sorted, and read back in pieces: the driver's memory
+does not grow with the number of files listed from a list of files.
 
 A local folder is walked with raw (bytes) names, so a name that is not UTF-8, a symlink
 leading out of the folder or a broken one is a listed file like any other: it becomes an
@@ -14,8 +16,8 @@ import hashlib
 import logging
 import posixpath
 from collections import Counter
-from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -24,6 +26,7 @@ import pyarrow.compute as pc
 from vitflow import columns
 from vitflow.config import SourceConfig
 from vitflow.errors import ConfigError
+from vitflow.ledger import Ledger, LedgerWriter, duckdb_session, sql_path
 from vitflow.localwalk import (  # noqa: F401 - the messages are part of this module's API
     BROKEN_LINK,
     OUTSIDE_LINK,
@@ -138,18 +141,23 @@ class SkippedFiles:
 
 @dataclass(frozen=True)
 class Listing:
-    """The files of a source: an arrow table with one row per image (see :func:`list_images`)."""
+    """The files of a source: a ledger with one row per image (see :func:`list_images`)."""
 
     root: str
     protocol: str
-    table: pa.Table
+    ledger: Ledger
     # Listed files per lower-cased extension, most common first (sums to len(self)).
     by_extension: dict[str, int] = field(default_factory=dict)
     # Files under the root that are not listed, and why.
     skipped: SkippedFiles = field(default_factory=SkippedFiles)
 
     def __len__(self) -> int:
-        return self.table.num_rows
+        return self.ledger.num_rows
+
+    @property
+    def table(self) -> pa.Table:
+        """The whole listing in memory: for small listings (tests, training's file list)."""
+        return self.ledger.read()
 
     @property
     def local_root(self) -> str | None:
@@ -201,16 +209,19 @@ LISTING_SCHEMA = pa.schema(
 )
 
 
+_RAW_NAME = "__raw_name"  # a local file's name as bytes: what a folder's ledger is sorted by
 LIST_CHUNK = 65_536  # rows turned into Arrow at a time: no Python object outlives its chunk
 
 
 class _Rows:
-    """Listing rows gathered column by column and turned into Arrow every
-    :data:`LIST_CHUNK` rows, so the driver holds Arrow buffers, not a Python dict per file."""
+    """Listing rows gathered column by column and written to the ledger every
+    :data:`LIST_CHUNK` rows, so the driver holds one chunk, not a Python dict per file.
+    ``sort_by``: the rows do not arrive in order, and the ledger sorts them when it closes."""
 
-    def __init__(self):
-        self.batches: list[pa.RecordBatch] = []
-        self.cols: dict[str, list] = {f.name: [] for f in LISTING_SCHEMA}
+    def __init__(self, sort_by: str | pa.Field | None = None):
+        self.writer = LedgerWriter(LISTING_SCHEMA, sort_by=sort_by)
+        self.schema = self.writer.written
+        self.cols: dict[str, list] = {f.name: [] for f in self.schema}
         self.listed: Counter[str] = Counter()
         self.refused: Counter[str] = Counter()
 
@@ -225,18 +236,18 @@ class _Rows:
     def add_batch(self, table: pa.Table) -> None:
         self.flush()
         if table.num_rows:
-            self.batches += table.combine_chunks().to_batches()
+            self.writer.write(table)
             for reason in table.column(columns.LIST_ERROR).drop_null().to_pylist():
                 self.refused[reason.split(" (")[0]] += 1
 
     def flush(self) -> None:
         if self.cols[columns.ID]:
-            self.batches.append(pa.RecordBatch.from_pydict(self.cols, schema=LISTING_SCHEMA))
-            self.cols = {f.name: [] for f in LISTING_SCHEMA}
+            self.writer.write(pa.RecordBatch.from_pydict(self.cols, schema=self.schema))
+            self.cols = {f.name: [] for f in self.schema}
 
-    def table(self) -> pa.Table:
+    def ledger(self) -> Ledger:
         self.flush()
-        return pa.Table.from_batches(self.batches, schema=LISTING_SCHEMA)
+        return self.writer.close()
 
 
 def _list(fs, root: str, cfg: SourceConfig) -> Listing:
@@ -252,15 +263,18 @@ def _list(fs, root: str, cfg: SourceConfig) -> Listing:
     root = root.rstrip("/")
     protocol = protocol_of(fs)
     folders: Counter[str] = Counter()
-    if is_local(fs):
+    # Files stream into the ledger as they are found, and the ledger sorts them.
+    local = is_local(fs)
+    if local:
         walk = LocalWalk(root, cfg.follow_symlinks)
         found, folders = walk.run(), walk.folders
+        # by the raw bytes of the name: names that are not UTF-8 sort too
+        rows = _Rows(sort_by=pa.field(_RAW_NAME, pa.binary()))
     else:  # object stores: no symlinks, and keys are UTF-8 text
         found = _list_object_store(fs, root, protocol)
-    rows = _Rows()
+        rows = _Rows(sort_by="relpath")  # byte order = code point order of UTF-8
     unlisted: Counter[str] = Counter()
     hidden = 0
-    found.sort(key=lambda f: f.rel)  # byte order = code point order of UTF-8
     for f in found:
         rel, name_error = relpath_text(f.rel)
         if any(part.startswith(".") for part in rel.split("/")):
@@ -283,6 +297,7 @@ def _list(fs, root: str, cfg: SourceConfig) -> Listing:
                 # A link leaving the source outranks its name: renaming would not make it
                 # readable.
                 columns.LIST_ERROR: f.error or name_error or _too_big(f.size, cfg),
+                **({_RAW_NAME: f.rel} if local else {}),
             }
         )
     del found
@@ -291,8 +306,8 @@ def _list(fs, root: str, cfg: SourceConfig) -> Listing:
 
 
 def _finish(rows: _Rows, root: str, protocol: str, skipped, cfg: SourceConfig) -> Listing:
-    table = rows.table()
-    if not table.num_rows:
+    ledger = rows.ledger()
+    if not ledger.num_rows:
         raise ConfigError(_nothing_listed(cfg, skipped))
     if rows.refused:
         log.warning(
@@ -303,7 +318,7 @@ def _finish(rows: _Rows, root: str, protocol: str, skipped, cfg: SourceConfig) -
     return Listing(
         root=root,
         protocol=protocol,
-        table=table,
+        ledger=ledger,
         by_extension=_by_count(rows.listed),
         skipped=skipped,
     )
@@ -312,15 +327,16 @@ def _finish(rows: _Rows, root: str, protocol: str, skipped, cfg: SourceConfig) -
 LIST_IN_FLIGHT = 16  # prefixes of an object store listed at once
 
 
-def _list_object_store(fs, root: str, protocol: str) -> list[FoundFile]:
+def _list_object_store(fs, root: str, protocol: str) -> Iterator[FoundFile]:
     """Every object under ``root``, listed prefix by prefix with up to
     :data:`LIST_IN_FLIGHT` prefixes in flight (a flat listing of a big bucket is one request
-    after another, 1,000 keys each)."""
+    after another, 1,000 keys each). Yields as the prefixes come back: only the prefixes in
+    flight are held, never the whole bucket's keys."""
     from concurrent.futures import ThreadPoolExecutor
 
     fs.invalidate_cache(root)
     top = fs.ls(root, detail=True)
-    found = [_found(root, protocol, e) for e in top if e.get("type") != "directory"]
+    yield from (_found(root, protocol, e) for e in top if e.get("type") != "directory")
     prefixes = [e["name"] for e in top if e.get("type") == "directory"]
 
     def under(prefix: str) -> list[FoundFile]:
@@ -331,8 +347,7 @@ def _list_object_store(fs, root: str, protocol: str) -> list[FoundFile]:
 
     with ThreadPoolExecutor(max_workers=LIST_IN_FLIGHT) as pool:
         for part in pool.map(under, prefixes):
-            found += part
-    return found
+            yield from part
 
 
 def _found(root: str, protocol: str, info: dict[str, Any]) -> FoundFile:
@@ -365,7 +380,8 @@ def _list_manifest(fs, path: str, cfg: SourceConfig) -> Listing:
 
     base = posixpath.dirname(path)
     protocol = protocol_of(fs)
-    rows = _Rows()
+    # A list is read in its own order, but the ledger is sorted like a folder's.
+    rows = _Rows(sort_by="relpath")
     unlisted: Counter[str] = Counter()
     with fs.open(path, "rb") as f:
         if path.lower().endswith(".parquet"):
@@ -386,17 +402,25 @@ def _list_manifest(fs, path: str, cfg: SourceConfig) -> Listing:
             rows.add_batch(_manifest_batch(table, col, base, protocol, cfg, rows, unlisted))
     skipped = SkippedFiles(by_extension=_by_count(unlisted))
     listing = _finish(rows, base, protocol, skipped, cfg)
-    ids = listing.table.column(columns.ID)
-    if pc.count_distinct(ids).as_py() != len(ids):  # in Arrow: no set of every path
-        counts = listing.table.group_by(columns.ID).aggregate([(columns.ID, "count")])
-        dupe = counts.filter(pc.greater(counts[f"{columns.ID}_count"], 1))[columns.ID][0]
-        where = listing.table.filter(pc.equal(ids, dupe))["relpath"][0].as_py()
+    where = _named_twice(listing.ledger)
+    if where is not None:
         raise ConfigError(
             f"the list {cfg.uri!r} names {where!r} more than once; list each file once"
         )
-    # A list is read in its own order, but the ledger is sorted like a folder's.
-    order = pc.sort_indices(listing.table, sort_keys=[("relpath", "ascending")])
-    return replace(listing, table=listing.table.take(order))
+    return listing
+
+
+def _named_twice(ledger: Ledger) -> str | None:
+    """A path the ledger lists more than once (found out of core: no set of every path)."""
+    con = duckdb_session(ledger.folder or ".")
+    try:
+        found = con.execute(
+            f"SELECT min(relpath) FROM read_parquet({sql_path(ledger.path)}) "
+            f'GROUP BY "{columns.ID}" HAVING count(*) > 1 LIMIT 1'
+        ).fetchall()
+    finally:
+        con.close()
+    return found[0][0] if found else None
 
 
 def _extensions(paths) -> pa.ChunkedArray:

@@ -46,11 +46,6 @@ def part_file(part: int) -> str:
     return f"part-{part:05d}.parquet"
 
 
-def assign_parts(num_rows: int, rows_per_part: int) -> np.ndarray:
-    """Part index of each listed row (rows are in listing order)."""
-    return np.arange(num_rows, dtype=np.int64) // rows_per_part
-
-
 def part_files(fs, out_path: str) -> list[str]:
     """Names of the finished part files under ``out_path``, sorted."""
     names = (posixpath.basename(p.rstrip("/")) for p in _ls(fs, out_path))

@@ -1,0 +1,123 @@
+"""The listing's ledger on disk: read back in order in exact pieces, sorted out of core like
+Arrow sorts in memory, removed with its last reference; an embed run's remaining rows and the
+listing's fingerprint computed from it in pieces."""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+from vitflow import columns
+from vitflow.embed import PartRows, _hash_values
+from vitflow.ledger import MEMORY_LIMIT_ENV, ROW_GROUP, SPILL_ENV, Ledger, LedgerWriter
+
+N = 2 * ROW_GROUP + 1234  # more than one row group, and a ragged end
+
+
+def _rows(n: int, seed: int = 0) -> pa.Table:
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n)
+    return pa.table(
+        {
+            columns.ID: pa.array([f"id{i:07d}" for i in order]),
+            "relpath": pa.array([f"d{i % 97:02d}/{i:07d}.jpg" for i in order]),
+            "size": pa.array(order.astype(np.int64)),
+        }
+    )
+
+
+@pytest.mark.parametrize("batch_rows", [1, 1000, ROW_GROUP + 7, 10 * N])
+def test_batches_have_exactly_the_rows_asked_for_in_order(batch_rows):
+    table = _rows(N if batch_rows > 1 else 300)
+    ledger = Ledger.from_table(table)
+    pieces = list(ledger.batches(batch_rows=batch_rows))
+    sizes = [p.num_rows for p in pieces]
+    assert all(s == batch_rows for s in sizes[:-1]) and 0 < sizes[-1] <= batch_rows
+    assert pa.concat_tables(pieces).equals(table)
+    assert ledger.read(["size"]).column(0).equals(table["size"])
+
+
+def test_a_sorted_ledger_equals_arrows_sort_with_a_small_memory_limit(monkeypatch, tmp_path):
+    monkeypatch.setenv(SPILL_ENV, str(tmp_path))
+    monkeypatch.setenv(MEMORY_LIMIT_ENV, "32MB")
+    table = _rows(N, seed=1)
+    writer = LedgerWriter(table.schema, sort_by="relpath")
+    for start in range(0, N, 10_000):  # arrives in pieces, out of order
+        writer.write(table.slice(start, 10_000))
+    ledger = writer.close()
+    expected = table.take(pc.sort_indices(table, sort_keys=[("relpath", "ascending")]))
+    assert ledger.num_rows == N
+    assert ledger.read().equals(expected)
+    assert os.path.dirname(ledger.path).startswith(str(tmp_path))
+
+
+def test_the_spill_folder_goes_with_the_ledger():
+    ledger = Ledger.from_table(_rows(10))
+    folder = ledger.folder
+    assert os.path.isdir(folder)
+    del ledger
+    gc.collect()
+    assert not os.path.exists(folder)
+
+
+def test_an_empty_ledger_reads_as_empty():
+    ledger = LedgerWriter(_rows(1).schema).close()
+    assert ledger.num_rows == 0 and list(ledger.batches()) == []
+    assert ledger.read().num_rows == 0 and ledger.read().schema == _rows(1).schema
+
+
+def test_part_rows_leave_out_finished_parts_and_staged_rows():
+    table = _rows(1000, seed=2)
+    per_part, done = 64, {0, 3, 15}
+    staged = set(table[columns.ID].slice(200, 10).to_pylist())  # part 3 (done) and part 4
+    rows = PartRows(Ledger.from_table(table), per_part, done, staged)
+    # The reference, row by row: part = position // rows_per_file.
+    want = [
+        {**r, "__part": i // per_part}
+        for i, r in enumerate(table.to_pylist())
+        if i // per_part not in done and r[columns.ID] not in staged
+    ]
+    got = pa.concat_tables(rows.batches(batch_rows=50))
+    assert rows.num_rows == len(want) == got.num_rows
+    assert got.to_pylist() == want
+    assert [b.num_rows for b in rows.batches(batch_rows=50)][:-1] == [50] * (len(want) // 50)
+    fresh = PartRows(Ledger.from_table(table), per_part, set(), set())
+    assert fresh.num_rows == 1000
+
+
+def _digests(col: pa.ChunkedArray) -> tuple[bytes, bytes]:
+    lengths, values = hashlib.sha256(), hashlib.sha256()
+    _hash_values(lengths, values, col)
+    return lengths.digest(), values.digest()
+
+
+def test_the_listing_hash_does_not_depend_on_how_a_column_is_cut():
+    values = ["a", None, "bcd", "", "ef", "g" * 40]
+    whole = pa.chunked_array([values])
+    cut = pa.chunked_array([values[:2], values[2:3], values[3:]])
+    sliced = pa.chunked_array([pa.array(["x", *values]).slice(1)])
+    assert _digests(whole) == _digests(cut) == _digests(sliced)
+    # ...but does on the values: a byte moved from one string to the next changes it.
+    assert _digests(pa.chunked_array([["ab", "c"]])) != _digests(pa.chunked_array([["a", "bc"]]))
+    nums = pa.array([1, None, 3], pa.int64())
+    assert _digests(pa.chunked_array([nums])) == _digests(pa.chunked_array([nums[:1], nums[1:]]))
+
+
+def test_a_key_of_its_own_sorts_the_ledger_and_is_left_out():
+    """A folder's ledger is sorted by each name's raw bytes, a key the ledger does not keep."""
+    names = [b"b\xff.jpg", b"a.jpg", b"b.jpg", b"\xc3\xa9.jpg", b"B.jpg"]
+    schema = pa.schema([("name", pa.string())])
+    writer = LedgerWriter(schema, sort_by=pa.field("__raw", pa.binary()))
+    writer.write(
+        pa.table({"name": [n.decode("utf-8", "backslashreplace") for n in names], "__raw": names})
+    )
+    ledger = writer.close()
+    assert ledger.schema == schema and ledger.read().schema == schema
+    want = [n.decode("utf-8", "backslashreplace") for n in sorted(names)]
+    assert ledger.column("name").to_pylist() == want
