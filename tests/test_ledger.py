@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import os
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -121,3 +122,48 @@ def test_a_key_of_its_own_sorts_the_ledger_and_is_left_out():
     assert ledger.schema == schema and ledger.read().schema == schema
     want = [n.decode("utf-8", "backslashreplace") for n in sorted(names)]
     assert ledger.column("name").to_pylist() == want
+
+
+def test_without_duckdb_a_listing_is_sorted_and_checked_in_memory(monkeypatch, tmp_path):
+    """An install made with --no-deps may lack DuckDB: a list is then sorted in memory, to the
+    same ledger, a file named twice is still refused, and the reindex diff names the fix."""
+    from vitflow.config import SourceConfig
+    from vitflow.errors import ConfigError
+    from vitflow.index_table import diff_listing
+    from vitflow.sources import list_images
+
+    names = [f"{c}/{i}.jpg" for i in range(300) for c in "zab"]
+    (tmp_path / "files.txt").write_text("\n".join(names[::-1]))
+    (tmp_path / "twice.txt").write_text("a.jpg\nb.jpg\na.jpg\n")
+    with_duckdb = list_images(SourceConfig(uri=str(tmp_path / "files.txt"))).table
+    monkeypatch.setitem(sys.modules, "duckdb", None)  # `import duckdb` fails from here
+    without = list_images(SourceConfig(uri=str(tmp_path / "files.txt"))).table
+    assert without.equals(with_duckdb)
+    assert without["relpath"].to_pylist() == sorted(names)
+    with pytest.raises(ConfigError, match="names 'a.jpg' more than once"):
+        list_images(SourceConfig(uri=str(tmp_path / "twice.txt")))
+    ledger = Ledger.from_table(with_duckdb)
+    with pytest.raises(ConfigError, match=r"pip install 'duckdb"):
+        diff_listing(ledger, ledger)
+
+
+def test_spill_folders_of_processes_that_are_gone_are_swept(monkeypatch, tmp_path):
+    """A driver killed with SIGKILL leaves its spill folder; the next ledger on the same host
+    removes it, and leaves live processes' folders and other hosts' alone."""
+    import subprocess
+
+    from vitflow.ledger import _host, spill_folder
+
+    monkeypatch.setenv(SPILL_ENV, str(tmp_path))
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid that has exited
+    here = _host()
+    dead = tmp_path / f"vitflow-ledger-{gone.pid}@{here}.abc123"
+    live = tmp_path / f"vitflow-diff-{os.getpid()}@{here}.def456"
+    elsewhere = tmp_path / f"vitflow-ledger-{gone.pid}@another-host.x.ghi789"
+    for d in (dead, live, elsewhere):
+        d.mkdir()
+        (d / "ledger.parquet").write_bytes(b"x")
+    new = spill_folder()
+    assert not dead.exists() and live.exists() and elsewhere.exists()
+    assert os.path.basename(new).startswith(f"vitflow-ledger-{os.getpid()}@{here}.")

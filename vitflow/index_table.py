@@ -36,7 +36,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from vitflow import columns
-from vitflow.errors import VitflowError
+from vitflow.errors import ConfigError, VitflowError
 from vitflow.ledger import ROW_GROUP as LEDGER_ROW_GROUP
 from vitflow.ledger import Ledger, LedgerWriter, duckdb_session, spill_folder, sql_path
 
@@ -176,7 +176,11 @@ def diff_listing(
         of added, updated, deleted and unchanged files. Python sees only the changed rows.
     """
     folder = spill_folder("vitflow-diff-")
-    con = duckdb_session(folder)
+    try:
+        con = duckdb_session(folder)
+    except ConfigError:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
     new = f"read_parquet({sql_path(listing.path)}, file_row_number = true)"
     old = f"read_parquet({sql_path(state.path)})"
     id_, path = f'"{columns.ID}"', f'"{columns.PATH}"'
@@ -218,6 +222,9 @@ def diff_listing(
                 ORDER BY l.file_row_number) TO {sql_path(out)}
                 (FORMAT parquet, ROW_GROUP_SIZE {LEDGER_ROW_GROUP})"""
             )
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
     finally:
         con.close()
     if n_todo:

@@ -16,14 +16,22 @@ about 60 bytes per listed file, and is removed when the ledger is no longer refe
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
 import weakref
 from collections.abc import Iterable, Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from vitflow.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 SPILL_ENV = "VITFLOW_SPILL_DIR"
 # DuckDB's working memory for sorts and joins; beyond it, it spills to the ledger's folder.
@@ -34,15 +42,59 @@ READ_BATCH = 65_536
 
 
 def spill_folder(prefix: str = "vitflow-ledger-") -> str:
-    base = os.environ.get(SPILL_ENV) or None
-    if base:
-        os.makedirs(base, exist_ok=True)
-    return tempfile.mkdtemp(prefix=prefix, dir=base)
+    """A new folder for one ledger, named with this process's id; folders left behind by
+    processes that are gone (a driver killed with SIGKILL runs no clean-up) are removed."""
+    base = os.environ.get(SPILL_ENV) or tempfile.gettempdir()
+    os.makedirs(base, exist_ok=True)
+    _sweep(base)
+    return tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}@{_host()}.", dir=base)
+
+
+# vitflow-ledger-PID@HOST.RANDOM (the random part has no dot)
+_SPILL_NAME = re.compile(r"^vitflow-(?:ledger|diff)-(\d+)@(.+)\.[^.]+$")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())
+
+
+def _sweep(base: str) -> None:
+    """Remove the spill folders of this host's processes that are gone (a spill folder may
+    be shared by several hosts: another host's are left alone)."""
+    for name in os.listdir(base):
+        m = _SPILL_NAME.match(name)
+        if m and m.group(2) == _host() and not _alive(int(m.group(1))):
+            shutil.rmtree(os.path.join(base, name), ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def have_duckdb() -> bool:
+    """DuckDB is a dependency, but an install made with ``--no-deps`` (the GPU machines'
+    wheel kit) may lack it: the listing then sorts in memory (see :meth:`LedgerWriter.close`)."""
+    try:
+        import duckdb  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def duckdb_session(folder: str):
     """A DuckDB connection bounded in memory, spilling into ``folder``."""
-    import duckdb
+    try:
+        import duckdb
+    except ImportError as e:
+        raise ConfigError(
+            "the reindex diff needs DuckDB, which this install lacks: pip install 'duckdb>=2.0.1'"
+        ) from e
 
     con = duckdb.connect()
     limit = os.environ.get(MEMORY_LIMIT_ENV) or DEFAULT_MEMORY_LIMIT
@@ -162,6 +214,21 @@ class LedgerWriter:
         self._writer.close()
         if not self.sort_by:
             ledger = Ledger(self.path, self.schema, self.num_rows, self.folder)
+        elif not have_duckdb():
+            log.warning(
+                "DuckDB is not installed: the listing of %d files is sorted in memory "
+                "(pip install 'duckdb>=2.0.1' for an out-of-core sort)",
+                self.num_rows,
+            )
+            out = os.path.join(self.folder, "ledger.parquet")
+            table = pq.read_table(self.path)
+            order = pc.sort_indices(table, sort_keys=[(self.sort_by, "ascending")])
+            pq.write_table(
+                table.take(order).select(self.schema.names), out, row_group_size=ROW_GROUP
+            )
+            del table, order
+            os.remove(self.path)
+            ledger = Ledger(out, self.schema, self.num_rows, self.folder)
         else:
             out = os.path.join(self.folder, "ledger.parquet")
             key = f'"{self.sort_by}"'

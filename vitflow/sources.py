@@ -3,7 +3,7 @@
 The listing is the job's ledger: each listed file comes out as exactly one row (``ok`` or
 ``error``), so it is computed once, on the driver, before any work starts. It is kept on local
 disk (:class:`~vitflow.ledger.Ledger`), sorted, and read back in pieces: the driver's memory
-does not grow with the number of files listed from a list of files.
+does not grow with the number of files listed.
 
 A local folder is walked with raw (bytes) names, so a name that is not UTF-8, a symlink
 leading out of the folder or a broken one is a listed file like any other: it becomes an
@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 from vitflow import columns
 from vitflow.config import SourceConfig
 from vitflow.errors import ConfigError
-from vitflow.ledger import Ledger, LedgerWriter, duckdb_session, sql_path
+from vitflow.ledger import Ledger, LedgerWriter, duckdb_session, have_duckdb, sql_path
 from vitflow.localwalk import (  # noqa: F401 - the messages are part of this module's API
     BROKEN_LINK,
     OUTSIDE_LINK,
@@ -412,6 +412,11 @@ def _list_manifest(fs, path: str, cfg: SourceConfig) -> Listing:
 
 def _named_twice(ledger: Ledger) -> str | None:
     """A path the ledger lists more than once (found out of core: no set of every path)."""
+    if not have_duckdb():  # a --no-deps install: in memory, as the sort was
+        t = ledger.read([columns.ID, "relpath"])
+        counts = t.group_by(columns.ID).aggregate([("relpath", "min"), (columns.ID, "count")])
+        twice = counts.filter(pc.greater(counts[f"{columns.ID}_count"], 1))
+        return twice["relpath_min"][0].as_py() if twice.num_rows else None
     con = duckdb_session(ledger.folder or ".")
     try:
         found = con.execute(
