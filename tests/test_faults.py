@@ -186,11 +186,10 @@ def test_resume_reuses_staged_batches_and_computes_only_the_rest(
 ):
     """An interrupted run left part 1 wholly staged and part 2 half staged: --resume embeds
     exactly the unstaged half of part 2 and ends equal to the clean run."""
-    import json
 
     import pyarrow.parquet as pq
 
-    from vitflow.embed import RUN_STATE, prepare_embed
+    from vitflow.embed import RUN_STATE, prepare_embed, run_state
     from vitflow.sinks import part_file
 
     out = tmp_path / "out"
@@ -206,7 +205,7 @@ def test_resume_reuses_staged_batches_and_computes_only_the_rest(
     (out / part_file(1)).unlink()
     (out / part_file(2)).unlink()
     plan = prepare_embed(cfg, check_output=False)
-    (out / RUN_STATE).write_text(json.dumps({"fingerprint": plan.fingerprint}))
+    (out / RUN_STATE).write_bytes(run_state(plan))
     res = run_embed(cfg, resume=True)
     assert res.manifest["execution"]["images"] <= half.num_rows - 3  # not part 1, not staged rows
     assert res.manifest["execution"]["batches"] >= 1

@@ -147,23 +147,35 @@ def test_without_duckdb_a_listing_is_sorted_and_checked_in_memory(monkeypatch, t
         diff_listing(ledger, ledger)
 
 
-def test_spill_folders_of_processes_that_are_gone_are_swept(monkeypatch, tmp_path):
-    """A driver killed with SIGKILL leaves its spill folder; the next ledger on the same host
-    removes it, and leaves live processes' folders and other hosts' alone."""
+def test_spill_folders_whose_process_is_gone_are_swept(monkeypatch, tmp_path):
+    """A driver killed with SIGKILL leaves its spill folder; the next ledger removes it. A
+    folder whose lock a live process holds stays, and so does one without a lock file."""
     import subprocess
 
-    from vitflow.ledger import _host, spill_folder
+    from vitflow.ledger import spill_folder
 
     monkeypatch.setenv(SPILL_ENV, str(tmp_path))
-    gone = subprocess.Popen(["true"])
-    gone.wait()  # a pid that has exited
-    here = _host()
-    dead = tmp_path / f"vitflow-ledger-{gone.pid}@{here}.abc123"
-    live = tmp_path / f"vitflow-diff-{os.getpid()}@{here}.def456"
-    elsewhere = tmp_path / f"vitflow-ledger-{gone.pid}@another-host.x.ghi789"
-    for d in (dead, live, elsewhere):
+    dead, live, bare = (tmp_path / f"vitflow-ledger-{n}" for n in ("dead", "live", "bare"))
+    for d in (dead, live, bare):
         d.mkdir()
         (d / "ledger.parquet").write_bytes(b"x")
-    new = spill_folder()
-    assert not dead.exists() and live.exists() and elsewhere.exists()
-    assert os.path.basename(new).startswith(f"vitflow-ledger-{os.getpid()}@{here}.")
+    (dead / ".owner").touch()  # its process is gone: nobody holds the lock
+    (live / ".owner").touch()
+    hold = (
+        "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR); "
+        "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(120)"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", hold, str(live / ".owner")], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        mine = spill_folder()
+        assert not dead.exists() and live.exists() and bare.exists()
+        holder.kill()
+        holder.wait(timeout=30)
+        spill_folder()
+        assert not live.exists() and bare.exists() and os.path.isdir(mine)  # ours is held
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)

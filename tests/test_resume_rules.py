@@ -80,6 +80,14 @@ def test_resume_after_changing_precision_is_refused(images, tmp_path, monkeypatc
         prepare_embed(job(images, out, precision="bf16"), resume=True)
     # The same job resumes: it is the precision alone that was refused.
     assert prepare_embed(job(images, out, precision="fp32"), resume=True).listing is not None
+    # A run state written by an older vitflow (another way of hashing the listing) cannot be
+    # checked: it is refused with the fix, not blamed on changed files.
+    state = out / embed.RUN_STATE
+    old = json.loads(state.read_text())
+    del old["fingerprint_version"]
+    state.write_text(json.dumps(old))
+    with pytest.raises(ConfigError, match="started by an older vitflow.*--overwrite"):
+        prepare_embed(job(images, out, precision="fp32"), resume=True)
 
 
 def test_precision_is_part_of_the_job_fingerprint(images, tmp_path):

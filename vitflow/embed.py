@@ -100,6 +100,11 @@ class EmbedResult:
         return self.listed / self.seconds if self.seconds > 0 else 0.0
 
 
+# How job_fingerprint hashes (2: the listing's columns as length and value digests, read from
+# the ledger in pieces). A run state of another version cannot be compared, only refused.
+FINGERPRINT_VERSION = 2
+
+
 def job_fingerprint(cfg: EmbedConfig, weights: bytes, listing: Listing) -> str:
     """What must not change between an interrupted run and its resume: the vectors' identity
     (:func:`vitflow.identity.vector_identity`), the source settings that decide what is
@@ -133,6 +138,12 @@ def _hash_values(lengths, values, col: pa.ChunkedArray) -> None:
             values.update(memoryview(data)[offsets[0] : offsets[-1]] if data is not None else b"")
         else:
             values.update(pc.fill_null(arr, -1).to_numpy(zero_copy_only=False).tobytes())
+
+
+def run_state(plan: EmbedPlan) -> bytes:
+    """What an unfinished run leaves in ``RUN_STATE`` for ``--resume`` to check."""
+    state = {"fingerprint": plan.fingerprint, "fingerprint_version": FINGERPRINT_VERSION}
+    return json.dumps(state).encode()
 
 
 def prepare_embed(
@@ -211,6 +222,11 @@ def _check_resumable(plan: EmbedPlan) -> None:
             )
         return  # nothing was started: --resume on an empty output is a fresh run
     state = json.loads(retrying(lambda: fs.cat_file(state_path), what=f"read {state_path}"))
+    if state.get("fingerprint_version") != FINGERPRINT_VERSION:
+        raise ConfigError(
+            f"cannot resume {plan.cfg.output.uri!r}: it was started by an older vitflow, whose "
+            "run state this one cannot check against the job; rerun with --overwrite"
+        )
     if state.get("fingerprint") != plan.fingerprint:
         raise ConfigError(
             f"cannot resume {plan.cfg.output.uri!r}: the model weights, feature spec, source "
@@ -275,8 +291,7 @@ def _run_locked(
     staged = staged_ids(fs, out) if resume else {}
     staged_all = set().union(*staged.values()) if staged else set()
     todo = PartRows(plan.listing.ledger, per_part, done, staged_all)
-    run_state = json.dumps({"fingerprint": plan.fingerprint}).encode()
-    write_atomic(fs, posixpath.join(out, RUN_STATE), run_state, retry_s=retry_s)
+    write_atomic(fs, posixpath.join(out, RUN_STATE), run_state(plan), retry_s=retry_s)
     sink = PartsSink(fs, out, output_schema(plan.dims), part_sizes, staged, retry_s)
     result = None
     if todo.num_rows:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import time
 from collections import defaultdict
 from typing import Any
@@ -38,7 +37,14 @@ import pyarrow.parquet as pq
 from vitflow import columns
 from vitflow.errors import ConfigError, VitflowError
 from vitflow.ledger import ROW_GROUP as LEDGER_ROW_GROUP
-from vitflow.ledger import Ledger, LedgerWriter, duckdb_session, spill_folder, sql_path
+from vitflow.ledger import (
+    Ledger,
+    LedgerWriter,
+    duckdb_session,
+    release_folder,
+    spill_folder,
+    sql_path,
+)
 
 SIZE = "size"
 MTIME = "mtime"
@@ -179,7 +185,7 @@ def diff_listing(
     try:
         con = duckdb_session(folder)
     except ConfigError:
-        shutil.rmtree(folder, ignore_errors=True)
+        release_folder(folder)
         raise
     new = f"read_parquet({sql_path(listing.path)}, file_row_number = true)"
     old = f"read_parquet({sql_path(state.path)})"
@@ -223,14 +229,14 @@ def diff_listing(
                 (FORMAT parquet, ROW_GROUP_SIZE {LEDGER_ROW_GROUP})"""
             )
     except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)
+        release_folder(folder)
         raise
     finally:
         con.close()
     if n_todo:
         todo = Ledger(out, listing.schema, n_todo, folder)
     else:
-        shutil.rmtree(folder, ignore_errors=True)
+        release_folder(folder)
         todo = LedgerWriter(listing.schema).close()
     counts = {
         "added": int(added),

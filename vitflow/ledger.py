@@ -16,11 +16,10 @@ about 60 bytes per listed file, and is removed when the ledger is no longer refe
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
-import re
 import shutil
-import socket
 import tempfile
 import weakref
 from collections.abc import Iterable, Iterator
@@ -41,40 +40,49 @@ ROW_GROUP = 65_536
 READ_BATCH = 65_536
 
 
+_OWNER = ".owner"  # each spill folder's lock file, held (flock) by its process for its lifetime
+_HELD: dict[str, int] = {}  # this process's spill folders -> their lock's file descriptor
+
+
 def spill_folder(prefix: str = "vitflow-ledger-") -> str:
-    """A new folder for one ledger, named with this process's id; folders left behind by
-    processes that are gone (a driver killed with SIGKILL runs no clean-up) are removed."""
+    """A new folder for one ledger, held by this process through a lock on a file inside it.
+    Folders whose lock nobody holds (left by a driver killed with SIGKILL, which runs no
+    clean-up) are removed first. The kernel drops a lock with its process, whatever the host
+    name or PID namespace, so a live process's folder is never taken."""
     base = os.environ.get(SPILL_ENV) or tempfile.gettempdir()
     os.makedirs(base, exist_ok=True)
     _sweep(base)
-    return tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}@{_host()}.", dir=base)
+    folder = tempfile.mkdtemp(prefix=prefix, dir=base)
+    fd = os.open(os.path.join(folder, _OWNER), os.O_CREAT | os.O_RDWR, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    _HELD[folder] = fd
+    return folder
 
 
-# vitflow-ledger-PID@HOST.RANDOM (the random part has no dot)
-_SPILL_NAME = re.compile(r"^vitflow-(?:ledger|diff)-(\d+)@(.+)\.[^.]+$")
-
-
-def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())
+def release_folder(folder: str) -> None:
+    """Remove one of this process's spill folders and let go of its lock."""
+    shutil.rmtree(folder, ignore_errors=True)
+    fd = _HELD.pop(folder, None)
+    if fd is not None:
+        os.close(fd)
 
 
 def _sweep(base: str) -> None:
-    """Remove the spill folders of this host's processes that are gone (a spill folder may
-    be shared by several hosts: another host's are left alone)."""
     for name in os.listdir(base):
-        m = _SPILL_NAME.match(name)
-        if m and m.group(2) == _host() and not _alive(int(m.group(1))):
-            shutil.rmtree(os.path.join(base, name), ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's live process
-    return True
+        folder = os.path.join(base, name)
+        if not name.startswith(("vitflow-ledger-", "vitflow-diff-")) or folder in _HELD:
+            continue
+        try:
+            fd = os.open(os.path.join(folder, _OWNER), os.O_RDWR)
+        except OSError:
+            continue  # no lock file (yet): being made, or not ours to judge
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # held: its process is alive
+        finally:
+            os.close(fd)  # (closing also drops the lock just taken)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def have_duckdb() -> bool:
@@ -126,7 +134,7 @@ class Ledger:
         self.num_rows = num_rows
         self.folder = folder
         if folder is not None:
-            self._cleanup = weakref.finalize(self, shutil.rmtree, folder, True)
+            self._cleanup = weakref.finalize(self, release_folder, folder)
 
     def __len__(self) -> int:
         return self.num_rows
@@ -198,7 +206,7 @@ class LedgerWriter:
         self._writer = pq.ParquetWriter(self.path, self.written)
         self.num_rows = 0
         # A writer dropped unclosed (the listing failed) takes its folder with it.
-        self._cleanup = weakref.finalize(self, shutil.rmtree, self.folder, True)
+        self._cleanup = weakref.finalize(self, release_folder, self.folder)
 
     def write(self, rows: pa.Table | pa.RecordBatch) -> None:
         if rows.num_rows:

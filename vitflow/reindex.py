@@ -147,12 +147,17 @@ def plan_reindex(cfg: EmbedConfig, *, rebuild: bool = False) -> ReindexPlan:
                 "comparable; rerun with --rebuild to re-embed every file into it (one commit), "
                 "or choose another output.uri"
             )
+    listed = embed.listing.ledger
     state, sizes = read_state(dt)
-    todo, stale, counts = diff_listing(embed.listing.ledger, state)
-    del state  # its spill folder goes with it
+    if state.num_rows:
+        todo, stale, counts = diff_listing(listed, state)
+    else:  # a first build: every listed file is new, nothing to diff (and no DuckDB needed)
+        todo, stale = listed, {}
+        counts = {"added": len(listed), "updated": 0, "deleted": 0, "unchanged": 0}
     if rebuild:  # everything is re-embedded; the overwrite removes every old file itself
-        todo, stale = embed.listing.ledger, {}
+        todo, stale = listed, {}
         counts.update(updated=counts["updated"] + counts["unchanged"], unchanged=0)
+    del state  # its spill folder goes with it
     return ReindexPlan(
         cfg,
         embed,

@@ -330,24 +330,38 @@ LIST_IN_FLIGHT = 16  # prefixes of an object store listed at once
 def _list_object_store(fs, root: str, protocol: str) -> Iterator[FoundFile]:
     """Every object under ``root``, listed prefix by prefix with up to
     :data:`LIST_IN_FLIGHT` prefixes in flight (a flat listing of a big bucket is one request
-    after another, 1,000 keys each). Yields as the prefixes come back: only the prefixes in
-    flight are held, never the whole bucket's keys."""
-    from concurrent.futures import ThreadPoolExecutor
+    after another, 1,000 keys each). Yields each prefix's objects as soon as it is listed
+    (the ledger sorts them), and drops them from the filesystem's listings cache: only the
+    prefixes in flight are held, never the whole bucket's keys."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
     fs.invalidate_cache(root)
     top = fs.ls(root, detail=True)
+    fs.invalidate_cache(root)
     yield from (_found(root, protocol, e) for e in top if e.get("type") != "directory")
     prefixes = [e["name"] for e in top if e.get("type") == "directory"]
+    del top
 
     def under(prefix: str) -> list[FoundFile]:
-        return [
-            _found(root, protocol, info)
-            for info in fs.find(prefix, withdirs=False, detail=True).values()
-        ]
+        try:
+            infos = fs.find(prefix, withdirs=False, detail=True).values()
+            return [_found(root, protocol, info) for info in infos]
+        finally:
+            fs.invalidate_cache(prefix)  # s3fs keeps every key it found otherwise
 
-    with ThreadPoolExecutor(max_workers=LIST_IN_FLIGHT) as pool:
-        for part in pool.map(under, prefixes):
-            yield from part
+    pool = ThreadPoolExecutor(max_workers=LIST_IN_FLIGHT)
+    try:
+        pending: set = set()
+        for prefix in prefixes:
+            pending.add(pool.submit(under, prefix))
+            if len(pending) >= LIST_IN_FLIGHT:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    yield from future.result()
+        for future in pending:
+            yield from future.result()
+    finally:  # an error or Ctrl-C: do not wait for the prefixes not started
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _found(root: str, protocol: str, info: dict[str, Any]) -> FoundFile:
