@@ -2,8 +2,9 @@
 
 A listing of 100M files is ~12 GB as an Arrow table (and more while it is sorted), so the
 driver never holds it: rows are appended in pieces to a parquet file in a spill folder, and a
-listing that does not arrive in order (a list of files) is sorted out of core by DuckDB, under
-a memory limit, spilling to the same folder. The joins of a reindex (the listing against the
+listing that does not arrive in order (a list of files, an object store's prefixes, a folder
+walked one directory at a time) is sorted out of core by DuckDB, under a memory limit,
+spilling to the same folder. The joins of a reindex (the listing against the
 index snapshot) run the same way (:func:`vitflow.index_table.diff_listing`).
 
 DuckDB does here what it does well (external sort, hash joins that spill); writing either by
@@ -11,7 +12,7 @@ hand would mean a sampled range partition and a k-way merge in Python. Readers t
 ledger in order, in batches of exactly the size they ask for.
 
 The spill folder is ``$VITFLOW_SPILL_DIR`` (default: the system's temporary folder); it needs
-about 60 bytes per listed file, and is removed when the ledger is no longer referenced.
+30–60 bytes per listed file, and is removed when the ledger is no longer referenced.
 """
 
 from __future__ import annotations
