@@ -105,7 +105,7 @@ def stream(
     *,
     data_config: dict,
     weights: bytes,
-    rows: pa.Table | Rows,
+    rows: Rows,
     sink,
     address: str | None = None,
     source_root: str | None = None,
@@ -201,7 +201,7 @@ def stream(
 INPUT_CHUNK_ROWS = 16_384  # listing rows per object the driver puts (then cut into blocks)
 
 
-def input_dataset(ray, rows: pa.Table | Rows, block_rows: int):
+def input_dataset(ray, rows: Rows, block_rows: int):
     """The rows as a Ray Dataset of blocks of exactly ``block_rows`` rows: each block becomes
     one decode task, so decode is cut fine however long the listing is.
 
@@ -211,15 +211,8 @@ def input_dataset(ray, rows: pa.Table | Rows, block_rows: int):
     disk when full. Ray Data's streaming repartition then cuts the chunks into blocks as the
     decode tasks need them (Ray never fuses it into the decode tasks that follow it)."""
     chunk = block_rows * max(1, INPUT_CHUNK_ROWS // block_rows)  # whole blocks per chunk
-    if isinstance(rows, pa.Table):
-        pieces = (rows.slice(i, chunk) for i in range(0, rows.num_rows, chunk))
-    else:
-        pieces = rows.batches(batch_rows=chunk)
-    refs = [ray.put(piece) for piece in pieces]
-    if not refs:
-        refs = [
-            ray.put(rows.slice(0, 0) if isinstance(rows, pa.Table) else rows.schema.empty_table())
-        ]
+    refs = [ray.put(piece) for piece in rows.batches(batch_rows=chunk)]
+    refs = refs or [ray.put(rows.schema.empty_table())]
     ds = ray.data.from_arrow_refs(refs)
     return ds.repartition(target_num_rows_per_block=block_rows, strict=True)
 
@@ -232,7 +225,7 @@ def build_dataset(
     weights_ref,
     actors: ActorPlan,
     stats_name: str | None,
-    rows: pa.Table | Rows,
+    rows: Rows,
     writer: tuple[type, dict] | None,
     source_root: str | None = None,
 ):
