@@ -65,9 +65,9 @@ def test_losing_the_worker_node_mid_run_still_gives_the_clean_output(tmp_path):
     """The worker node holding a model actor and decode tasks goes away mid-run (parts
     already written): the job completes on the head node, and its output equals a clean
     run's, row by row."""
-    make_image_folder(tmp_path / "images", per_class=8, splits=None, with_bad_files=True)
+    make_image_folder(tmp_path / "images", per_class=12, splits=None, with_bad_files=True)
     res = run_on_two_nodes("lose-node", tmp_path / "images", tmp_path / "out")
     assert res["removed"], "the node was never removed; the test did not exercise a loss"
     assert len(set(res["nodes_before"])) == 2 and res["alive_nodes"] == 1, res
-    assert res["ok"] == res["clean_ok"] == 24 and res["listed"] == 29
+    assert res["ok"] == res["clean_ok"] == 36 and res["listed"] == 41
     assert res["same_as_clean"]

@@ -271,6 +271,7 @@ def test_s3_lock_is_exclusive_and_a_stale_one_is_taken_over(s3_bucket):
         # The holder dies (stops beating): the object stops changing and is taken over.
         holder._stop.set()
         holder._thread.join()
+        time.sleep(1.5)  # its last beat is now older than stale_s, whatever the start-up
         assert try_lock_elsewhere(endpoint, folder, stale_s=1.0) == "TOOK"
         assert not fs.exists(f"{folder}/{LOCK_NAME}")  # the taker released it
         fs.pipe_file(f"{folder}/{LOCK_NAME}", b'{"run_id": "someone else"}')
@@ -497,8 +498,8 @@ def test_listing_refuses_files_past_max_file_bytes(tmp_path):
 
 
 def test_file_after_file_failing_the_same_way_is_the_store_not_the_files():
+    from vitflow.decode_task import ReadBreaker
     from vitflow.errors import StorageUnavailable
-    from vitflow.stages import ReadBreaker
 
     b = ReadBreaker()
     for _ in range(ReadBreaker.BREAKER_READS - 1):
