@@ -14,7 +14,7 @@ its output locally:
   direct  - straight to moto: what the proxy itself costs, for reference (run last, so
             that the pair the goal compares runs side by side).
 
-vitflow's decode tasks read the files of their block with ``storage.read_in_flight``
+vitflow's decode actors read the files of their block with ``storage.read_in_flight``
 (default 16) requests in flight. Goal (issue 10): (+30 ms) / proxy >= 0.8. Prints one
 table, writes bench-out/results/object_store.json; asserts nothing.
 
@@ -148,7 +148,7 @@ def main() -> None:
     case.setup = [
         f"images   : {describe_set(paths, a.width, a.height)}, in moto's in-memory S3 server",
         f"model    : {a.model}, random weights; output written locally",
-        f"reads    : storage.read_in_flight {in_flight} per decode task; proxy = "
+        f"reads    : storage.read_in_flight {in_flight} per decode block; proxy = "
         f"tests/faultproxy.py (a thread per request, a new upstream connection each)",
     ]
     for label, run in (

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import io
-import os
 import re
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 import warnings
 import zlib
@@ -634,18 +632,17 @@ def test_pillow_globals_are_untouched():
     assert issubclass(DecodeError, ValueError)
 
 
-def test_decode_over_its_time_budget_is_cut_off_as_an_error_row():
-    """The pipeline's decode stage bounds each file's decode time (a file that would hang)."""
-    import json
+@pytest.fixture(scope="module")
+def slow_and_fast_files(tmp_path_factory):
+    """A batch of a big noisy PNG (slow to decode) and a tiny one, and the resize spec."""
+    from vitflow.preprocess import Preprocessor
 
-    from vitflow.stages import decode_batch
-
-    big, small = io.BytesIO(), io.BytesIO()
+    d = tmp_path_factory.mktemp("timeouts")
     Image.fromarray(
         np.random.default_rng(0).integers(0, 255, (3000, 3000, 3), dtype=np.uint8)
-    ).save(big, "PNG")
-    Image.new("RGB", (8, 8)).save(small, "PNG")
-    cfg = json.dumps(
+    ).save(d / "big.png")
+    Image.new("RGB", (8, 8)).save(d / "small.png")
+    spec = Preprocessor(
         {
             "input_size": (3, 16, 16),
             "interpolation": "bilinear",
@@ -654,29 +651,69 @@ def test_decode_over_its_time_budget_is_cut_off_as_an_error_row():
             "crop_pct": 1.0,
             "crop_mode": "center",
         }
-    )
-    with tempfile.TemporaryDirectory() as d:
-        paths = []
-        for name, buf in (("big.png", big), ("small.png", small)):
-            paths.append(os.path.join(d, name))
-            with open(paths[-1], "wb") as f:
-                f.write(buf.getvalue())
-        batch = {
-            k: np.array(v, dtype=object)
-            for k, v in {
-                "id": ["a", "b"],
-                "path": paths,
-                "label": [None, None],
-                "split": [None, None],
-            }.items()
-        }
-        out = decode_batch(batch, data_config_json=cfg, max_pixels=10**8, decode_timeout_s=0.005)
-        assert list(out["status"]) == ["error", "ok"]
-        assert "decode_timeout_s" in out["error"][0]
-        unbounded = decode_batch(
-            batch, data_config_json=cfg, max_pixels=10**8, decode_timeout_s=None
-        )
-        assert list(unbounded["status"]) == ["ok", "ok"]
+    ).resize_spec()
+    batch = {
+        "id": np.array(["a", "b"], dtype=object),
+        "path": np.array([str(d / "big.png"), str(d / "small.png")], dtype=object),
+        "label": np.array([None, None], dtype=object),
+        "split": np.array([None, None], dtype=object),
+    }
+    return batch, spec
+
+
+@pytest.mark.parametrize("where", ["main thread", "another thread"])
+def test_decode_over_its_time_budget_is_cut_off_as_an_error_row(slow_and_fast_files, where):
+    """The decode stage bounds each file's decode time (a file that would hang), in the main
+    thread (a Ray task) and outside it (Ray Data runs an actor's batches in a thread)."""
+    import concurrent.futures
+
+    from vitflow.decode_task import decode_batch
+
+    batch, spec = slow_and_fast_files
+
+    def run(timeout):
+        return decode_batch(dict(batch), resize=spec, max_pixels=10**8, decode_timeout_s=timeout)
+
+    if where == "another thread":
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            out = pool.submit(run, 0.005).result(timeout=60)
+            unbounded = pool.submit(run, None).result(timeout=60)
+    else:
+        out, unbounded = run(0.005), run(None)
+    assert list(out["status"]) == ["error", "ok"]
+    assert "decode_timeout_s" in out["error"][0]
+    assert list(unbounded["status"]) == ["ok", "ok"]
+
+
+@pytest.mark.parametrize("in_thread", [False, True])
+def test_a_time_limit_never_strikes_after_its_block(in_thread):
+    """Blocks that end around their limit: the timeout is raised inside the ``with`` or not
+    at all, never later in code that did not ask for it."""
+    import threading
+
+    from vitflow.decode_task import DecodeTimeout, time_limit
+
+    outcome: dict[str, object] = {}
+
+    def many():
+        cut = 0
+        for i in range(400):
+            try:
+                with time_limit(0.002):
+                    sum(range(1000 + 2000 * i))  # from well inside the limit to far past it
+            except DecodeTimeout:
+                cut += 1
+            for _ in range(3000):  # a late exception would land here, outside the try
+                pass
+        outcome["cut"] = cut
+
+    if in_thread:
+        t = threading.Thread(target=many)
+        t.start()
+        t.join(timeout=120)
+    else:
+        many()
+    assert 0 < outcome["cut"] < 400  # some blocks were cut, some were not
 
 
 # --- JPEG draft (reduced-scale decode, opt-in) ----------------------------------------

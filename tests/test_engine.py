@@ -5,7 +5,6 @@ No timing assertions: speed lives in benchmarks/."""
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -133,7 +132,9 @@ def test_actor_side_decode_falls_back_to_the_exact_path_without_cuda(corpus, ray
     """The model actor's GPU-decode path, run here without CUDA: every JPEG and every
     other file takes the exact CPU path, so the vectors equal the CPU decode tasks' run."""
     from vitflow.backbone import backbone_bytes, create_backbone
-    from vitflow.stages import EmbedWorker, decode_batch
+    from vitflow.decode_task import decode_batch
+    from vitflow.preprocess import Preprocessor
+    from vitflow.stages import EmbedWorker
 
     cfg = job(corpus, corpus / "unused")
     bb = create_backbone(cfg.model)
@@ -145,7 +146,10 @@ def test_actor_side_decode_falls_back_to_the_exact_path_without_cuda(corpus, ray
         columns.LABEL: np.array([None] * len(paths), dtype=object),
         columns.SPLIT: np.array([None] * len(paths), dtype=object),
     }
-    common = {"data_config_json": json.dumps(bb.data_config), "max_pixels": cfg.source.max_pixels}
+    common = {
+        "resize": Preprocessor(bb.data_config).resize_spec(),
+        "max_pixels": cfg.source.max_pixels,
+    }
     on_cpu = decode_batch(dict(batch), **common, mode="cpu")
     as_bytes = decode_batch(dict(batch), **common, mode="gpu")
     assert columns.PIXELS not in as_bytes and columns.RAW_BYTES in as_bytes

@@ -229,7 +229,8 @@ def test_inside_links_are_checked_against_the_resolved_root(tmp_path):
 
 
 def test_decode_batch_never_opens_a_refused_file(tree):
-    from vitflow.stages import decode_batch
+    from vitflow.decode_task import decode_batch
+    from vitflow.preprocess import Preprocessor
 
     listing = list_images(SourceConfig(uri=str(tree), follow_symlinks=True)).table
     # Refuse the (followed) link to the secret the way the listing refuses any file.
@@ -243,7 +244,7 @@ def test_decode_batch_never_opens_a_refused_file(tree):
     ]
     batch = {c: np.array(listing.column(c).to_pylist(), dtype=object) for c in listing.column_names}
     batch[columns.LIST_ERROR] = np.array(errors, dtype=object)
-    cfg = json.dumps(
+    cfg = Preprocessor(
         {
             "input_size": (3, 16, 16),
             "interpolation": "bilinear",
@@ -252,8 +253,8 @@ def test_decode_batch_never_opens_a_refused_file(tree):
             "crop_pct": 1.0,
             "crop_mode": "center",
         }
-    )
-    out = decode_batch(batch, data_config_json=cfg, max_pixels=10**8)
+    ).resize_spec()
+    out = decode_batch(batch, resize=cfg, max_pixels=10**8)
     got = dict(zip(batch["relpath"], zip(out["status"], out["error"], strict=True), strict=True))
     assert got["cat/leak.jpg"] == ("error", OUTSIDE_LINK)
     assert got["cat/broken.jpg"] == ("error", BROKEN_LINK)

@@ -266,3 +266,93 @@ def test_a_drafted_jpeg_is_never_upsampled_by_the_resize(name, size):
     resized = p.transform.transforms[0](decode_image(buf.getvalue()))  # the exact resize
     assert drafted.width >= resized.width and drafted.height >= resized.height
     assert p.resize_crop(drafted).shape == (*p.input_size[1:], 3)
+
+
+# --- the torch-free plan decode tasks run (vitflow.resize) -----------------------------
+
+PLAN_INTERPOLATIONS = ["bicubic", "bilinear", "lanczos", "nearest", "box", "hamming"]
+PLAN_SIZES = [*IMAGE_SIZES, (1, 1), (640, 480), (333, 1000), (224, 224), (255, 257)]
+
+
+@pytest.mark.parametrize("crop_mode", ["center", "squash", "border"])
+@pytest.mark.parametrize("interpolation", PLAN_INTERPOLATIONS)
+@pytest.mark.parametrize("input_size", [(3, 32, 32), (3, 48, 40)], ids=["32", "48x40"])
+@pytest.mark.parametrize("crop_pct", [0.875, 1.0, 1.15])
+def test_torch_free_plan_is_timms_pil_steps_pixel_for_pixel(
+    crop_mode, interpolation, input_size, crop_pct
+):
+    """What decode tasks run (Pillow alone) equals timm's own resize/crop objects exactly,
+    for every crop mode and interpolation, on images larger, smaller and as large."""
+    cfg = {
+        "input_size": input_size,
+        "interpolation": interpolation,
+        "crop_pct": crop_pct,
+        "crop_mode": crop_mode,
+        **IMAGENET,
+    }
+    p = Preprocessor(cfg)
+    assert p.plan is not None
+    timm_steps = create_transform(**cfg, is_training=False).transforms[:-2]  # ToTensor, Normalize
+    for w, h in PLAN_SIZES:
+        img = random_image(w, h, seed=3)
+        want = img
+        for t in timm_steps:
+            want = t(want)
+        np.testing.assert_array_equal(p.plan(img), np.asarray(want), err_msg=f"{w}x{h}")
+
+
+def test_plan_round_trips_through_json_and_decode_tasks_run_it_without_torch(tmp_path):
+    """The spec the driver hands to decode tasks is plain JSON, and running it (read,
+    decode, resize/crop a block) imports neither torch nor timm nor torchvision."""
+    import subprocess
+    import sys
+
+    from vitflow.resize import ResizeCrop
+
+    cfg = ALL_CONFIGS["border-bilinear-115-imagenet-48x40"]
+    p = Preprocessor(cfg)
+    spec = p.resize_spec()
+    assert ResizeCrop.from_json(spec) == p.plan
+    img = random_image(97, 61)
+    img.save(tmp_path / "a.png")
+    code = f"""
+import json, sys
+import numpy as np
+from vitflow.decode_task import decode_batch
+out = decode_batch({{"path": np.array([{str(tmp_path / "a.png")!r}], dtype=object)}},
+                   resize={spec!r}, max_pixels=10**8)
+assert list(out["status"]) == ["ok"], out["error"]
+np.save({str(tmp_path / "px.npy")!r}, out["__pixels"][0])
+print(json.dumps(sorted(m for m in ("torch", "timm", "torchvision") if m in sys.modules)))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == []
+    np.testing.assert_array_equal(np.load(tmp_path / "px.npy"), p.resize_crop(img))
+
+
+def test_a_step_without_a_plan_runs_timms_objects_in_the_decode_task(monkeypatch):
+    """A transform the plan does not know travels as its data config, and the decode task
+    runs timm's objects: the same pixels, and no draft decoding."""
+    import vitflow.preprocess
+    from vitflow.decode_task import resizer
+
+    cfg = ALL_CONFIGS["bicubic-875-imagenet-32"]
+    exact = Preprocessor(cfg).resize_crop(random_image(97, 61))
+    monkeypatch.setattr(vitflow.preprocess, "_plan", lambda steps, size: None)
+    p = Preprocessor(cfg)
+    assert p.plan is None and p.draft_size is None
+    spec = p.resize_spec()
+    assert "steps" not in json.loads(spec)
+    resize_crop, size, draft = resizer(spec)
+    assert size == (32, 32) and draft is None
+    np.testing.assert_array_equal(resize_crop(random_image(97, 61)), exact)
+
+
+def test_resize_crop_refuses_an_unknown_op():
+    from vitflow.resize import ResizeCrop
+
+    with pytest.raises(ValueError, match="unknown resize/crop op 'rotate'"):
+        ResizeCrop(({"op": "rotate"},), (8, 8))
+    with pytest.raises(ValueError, match="unknown interpolation"):
+        ResizeCrop(({"op": "resize", "size": [8], "interpolation": "cubic"},), (8, 8))

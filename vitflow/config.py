@@ -277,18 +277,18 @@ class ComputeConfig(_Section):
     decode_num_cpus: float | None = Field(
         None,
         gt=0,
-        description="CPUs reserved per read+decode task; null = one task per core beside the "
-        "actors (fractions on CPU-only nodes, 1 with GPUs).",
+        description="CPUs reserved per read+decode actor; null = one decode actor per core "
+        "beside the model actors (fractions on CPU-only nodes, 1 with GPUs).",
     )
     decode_batch_size: int | None = Field(
         None,
         gt=0,
-        description="Images per decode task; null = min(batch_size, 64). Small blocks reach "
+        description="Images per decode block; null = min(batch_size, 64). Small blocks reach "
         "the model within seconds and keep decode and the model overlapped.",
     )
     decode: Literal["cpu", "gpu", "auto"] = Field(
         "cpu",
-        description="Where images are decoded. cpu: CPU tasks, exactly timm's eval transform. "
+        description="Where images are decoded. cpu: CPU actors, exactly timm's eval transform. "
         "gpu: JPEGs decoded in batches on the model actor's GPU (nvJPEG via torchvision) and "
         "resized there, other files on the CPU in the actor; pixels differ slightly from the "
         "exact path. auto: gpu when the actors have CUDA.",

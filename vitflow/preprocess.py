@@ -15,6 +15,7 @@ from the exact path.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,7 @@ from torchvision import transforms as T
 from torchvision.transforms import functional as F
 
 from vitflow.errors import ModelError
+from vitflow.resize import PIL_FILTERS, ResizeCrop
 
 
 class Preprocessor:
@@ -40,9 +42,13 @@ class Preprocessor:
         input_size: ``(3, H, W)``.
         draft_size: ``(width, height)`` for :func:`vitflow.decode.decode_image`'s
             ``draft_size``: both sides at least what the first resize writes, so a drafted
-            JPEG is never upsampled by it; None for a transform without a leading resize.
+            JPEG is never upsampled by it; None for a transform without a leading resize
+            (or without a :attr:`plan`).
         tensor_unsupported: Why :meth:`resize_crop_tensor` cannot run this transform
             (lanczos, box or nearest interpolation), or None when it can.
+        plan: The resize/crop steps as a torch-free :class:`~vitflow.resize.ResizeCrop`
+            (what decode tasks run), or None for a step it does not know (then
+            :meth:`resize_crop` runs timm's objects themselves).
 
     Example:
         >>> from PIL import Image
@@ -67,11 +73,21 @@ class Preprocessor:
         self.mean = torch.as_tensor(norm.mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.as_tensor(norm.std, dtype=torch.float32).view(1, 3, 1, 1)
         self.input_size = tuple(int(v) for v in data_config["input_size"])
-        self.draft_size = _draft_size(steps[:cut])
         self.tensor_unsupported = _tensor_unsupported(steps[:cut])
+        self.plan = _plan(steps[:cut], self.input_size)
+        self.draft_size = self.plan.draft_size if self.plan is not None else None
+
+    def resize_spec(self) -> str:
+        """The resize/crop as JSON for :func:`vitflow.decode_task.decode_batch`: the
+        torch-free :attr:`plan`, or the data config where there is none."""
+        if self.plan is not None:
+            return self.plan.to_json()
+        return json.dumps({"data_config": self.data_config})
 
     def resize_crop(self, img: Image.Image) -> np.ndarray:
         """RGB PIL image -> ``uint8`` array ``(H, W, 3)`` at the model's input size."""
+        if self.plan is not None:
+            return self.plan(img)
         out = np.asarray(self._pil_steps(img), dtype=np.uint8)
         if out.shape != (self.input_size[1], self.input_size[2], 3):
             raise ValueError(f"preprocessed to {out.shape}, expected {self.input_size[1:]} x 3")
@@ -125,22 +141,35 @@ class Preprocessor:
         return x.sub(self.mean.to(x.device)).div(self.std.to(x.device))
 
 
-def _draft_size(steps: list[Any]) -> tuple[int, int] | None:
-    """The smallest ``(width, height)`` whose both sides are at least what the first resize
-    writes, for any image: a JPEG drafted to it is never upsampled by that resize."""
-    first = steps[0] if steps else None
-    if isinstance(first, T.Resize) and first.max_size is None:
-        size = first.size
-        if isinstance(size, int) or len(size) == 1:
-            # Shorter side to s: the shorter side, and so both, at least s.
-            s = size if isinstance(size, int) else size[0]
-            return (int(s), int(s))
-        return (int(size[1]), int(size[0]))
-    if isinstance(first, ResizeKeepRatio):
-        # longest=0 fits the tighter side to the target, longest=1 the looser: both sides
-        # of either stay within the target size.
-        return (int(first.size[1]), int(first.size[0]))
-    return None
+def _plan(steps: list[Any], input_size: tuple[int, ...]) -> ResizeCrop | None:
+    """timm's resize/crop objects as a torch-free :class:`ResizeCrop`; None when a step is
+    not one whose Pillow calls it knows exactly."""
+    out: list[dict[str, Any]] = []
+    for t in steps:
+        mode = getattr(t, "interpolation", None)
+        interp = mode.value if isinstance(mode, T.InterpolationMode) else None
+        if isinstance(t, T.Resize) and interp in PIL_FILTERS:
+            size = [t.size] if isinstance(t.size, int) else list(t.size)
+            out.append({"op": "resize", "size": size, "max_size": t.max_size})
+        elif (
+            isinstance(t, ResizeKeepRatio)
+            and interp in PIL_FILTERS
+            and not t.random_scale_prob
+            and not t.random_aspect_prob
+        ):
+            out.append({"op": "resize_keep_ratio", "size": list(t.size), "longest": t.longest})
+        elif isinstance(t, CenterCropOrPad) and t.padding_mode == "constant":
+            fill = t.fill if isinstance(t.fill, list | tuple) else [t.fill] * 3
+            if len(fill) == 1:
+                fill = list(fill) * 3
+            out.append({"op": "center_crop", "size": list(t.size), "fill": [int(v) for v in fill]})
+        elif type(t) is T.CenterCrop:
+            out.append({"op": "center_crop", "size": list(t.size), "fill": [0, 0, 0]})
+        else:
+            return None
+        if out[-1]["op"] != "center_crop":
+            out[-1]["interpolation"] = interp
+    return ResizeCrop(tuple(out), (int(input_size[1]), int(input_size[2])))
 
 
 # torchvision runs these on tensors the way it runs them on PIL images; NEAREST differs

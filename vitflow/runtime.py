@@ -38,8 +38,8 @@ class ActorPlan:
     torch_threads: int
     device: str  # "cuda" | "cpu"
     batch_size: int = 32  # images per forward pass
-    decode_tasks: int = 1  # decode tasks running at once, cluster-wide
-    decode_num_cpus: float = 1.0  # CPUs each decode task reserves
+    decode_tasks: int = 1  # decode actors (blocks decoded at once), cluster-wide
+    decode_num_cpus: float = 1.0  # CPUs each decode actor reserves
     decode: str = "cpu"  # where images are decoded: "cpu" tasks | "gpu" in the actors
 
 

@@ -1,222 +1,25 @@
-"""The two Ray Data stages of the embed job: read+decode (CPU tasks) and embed (model actors).
+"""The embed stage of the embed job (model actors), and the output table it writes.
 
-Both are plain Python, importable and testable without Ray. A file that cannot be read,
-decoded or preprocessed leaves the decode stage as a row with ``status='error'`` and the
-reason; the embed stage passes such rows through with null vectors.
+Plain Python, importable and testable without Ray. The decode stage before it is
+:func:`vitflow.decode_task.decode_batch` (no torch there). Rows that stage marked
+``status='error'`` pass through here with null vectors.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import json
-import signal
-import threading
 import time
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import torch
 
 from vitflow import columns
-from vitflow.decode import DecodeError, decode_image, decoded_size
-from vitflow.errors import ConfigError, StorageUnavailable
+from vitflow.decode_task import _strings
+from vitflow.errors import ConfigError
 from vitflow.preprocess import Preprocessor
 from vitflow.sinks import PART_COLUMN
-from vitflow.storage import read_many
 
 _PASSTHROUGH = (columns.ID, columns.PATH, columns.LABEL, columns.SPLIT)
-
-
-@functools.lru_cache(maxsize=4)
-def _preprocessor(data_config_json: str) -> Preprocessor:
-    return Preprocessor(json.loads(data_config_json))
-
-
-class DecodeTimeout(BaseException):
-    """Raised by :func:`time_limit` when a file's decode runs past its budget. A
-    BaseException, so the decoder's own ``except Exception`` handlers cannot swallow it."""
-
-
-@contextlib.contextmanager
-def time_limit(seconds: float | None):
-    """Interrupt the block after ``seconds`` of wall time (SIGALRM; main thread only).
-
-    PIL decodes in C but returns to Python between chunks, where the alarm's exception is
-    raised; where no timer can be set (a non-main thread) the block runs unbounded.
-    """
-    if not seconds or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def _raise(signum, frame):
-        raise DecodeTimeout()
-
-    previous = signal.signal(signal.SIGALRM, _raise)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
-class ReadBreaker:
-    """Tells a bad file from a failing store by what the *next* files do.
-
-    One file that cannot be read is an error row. :data:`BREAKER_READS` files in a row that
-    fail the same way (expired credentials, an endpoint answering 5xx to everything) are the
-    store failing, not the files: the job stops resumably instead of writing error rows for
-    every file read while it lasts. A missing file is always that file's own problem, and
-    so, on a local disk, is one this user may not read (a root-owned folder of photos is
-    error rows, not a failing store; on S3 the same error means expired credentials).
-    """
-
-    BREAKER_READS = 8
-
-    def __init__(self, local: bool = False):
-        self.local = local
-        self.kind: str | None = None
-        self.count = 0
-
-    def ok(self) -> None:
-        self.kind, self.count = None, 0
-
-    def failed(self, e: Exception) -> None:
-        own = FileNotFoundError | IsADirectoryError | NotADirectoryError
-        if isinstance(e, own) or (self.local and isinstance(e, PermissionError)):
-            self.ok()
-            return
-        kind = type(e).__name__
-        self.count = self.count + 1 if kind == self.kind else 1
-        self.kind = kind
-        if self.count >= self.BREAKER_READS:
-            raise StorageUnavailable(
-                f"{self.count} files in a row could not be read ({kind}: {str(e)[:200]}): the "
-                "store itself is failing (expired credentials, an endpoint answering errors), "
-                "not the files; the job stopped with its finished work kept, fix it and rerun "
-                "with --resume"
-            ) from e
-
-
-@functools.lru_cache(maxsize=4)
-def _stats_actor(name: str):
-    import ray
-
-    return ray.get_actor(name)
-
-
-def _report(stats_actor: str | None, **kw) -> None:
-    if stats_actor:
-        try:
-            _stats_actor(stats_actor).add.remote(**kw)
-        except Exception:  # counters are best effort; they never fail a batch
-            pass
-
-
-def decode_batch(
-    batch: dict[str, np.ndarray],
-    *,
-    data_config_json: str,
-    max_pixels: int,
-    storage_options: dict[str, Any] | None = None,
-    decode_timeout_s: float | None = None,
-    retry_s: float | None = None,
-    max_file_bytes: int | None = None,
-    source_root: str | None = None,
-    follow_symlinks: bool = True,
-    mode: str = "cpu",
-    jpeg_draft: bool = False,
-    read_in_flight: int = 16,
-    stats_actor: str | None = None,
-) -> dict[str, np.ndarray]:
-    """Read, decode and resize/crop a block of listed files (a Ray Data ``map_batches`` UDF).
-
-    Returns every input column (extra ones ride along to the sink's writer) plus
-    ``status``, ``error``, ``width``, ``height`` and either ``uint8`` pixels ``(B, H, W, 3)``
-    (zeros on error rows; ``mode="cpu"``) or the files' bytes for the model actor to decode
-    (``mode="gpu"``). The block's files are read with up to ``read_in_flight`` requests at
-    once. A file whose decode and resize take longer than ``decode_timeout_s`` is cut off
-    and becomes an error row. A row the listing already refused (a reason in
-    ``columns.LIST_ERROR``) is an error row with that reason, and its file is never opened.
-    """
-    started = time.perf_counter()
-    pre = _preprocessor(data_config_json)
-    _, h, w = pre.input_size
-    n = len(batch[columns.PATH])
-    status = np.full(n, columns.STATUS_OK, dtype=object)
-    error = np.full(n, None, dtype=object)
-    width = np.full(n, -1, dtype=np.int32)
-    height = np.full(n, -1, dtype=np.int32)
-    refused = _strings(batch[columns.LIST_ERROR]) if columns.LIST_ERROR in batch else [None] * n
-    todo = [i for i in range(n) if refused[i] is None]
-    for i in range(n):
-        if refused[i] is not None:
-            status[i], error[i] = columns.STATUS_ERROR, refused[i]
-    datas = read_many(
-        [str(batch[columns.PATH][i]) for i in todo],
-        storage_options,
-        max_in_flight=read_in_flight,
-        retry_s=retry_s,
-        max_bytes=max_file_bytes,
-        root=source_root,
-        follow_symlinks=follow_symlinks,
-    )  # raises StorageUnavailable when the store is down: not these files' fault
-    breaker = ReadBreaker(local=bool(todo) and "://" not in str(batch[columns.PATH][todo[0]]))
-    contents: dict[int, bytes] = {}
-    for i, data in zip(todo, datas, strict=True):
-        if isinstance(data, BaseException):
-            breaker.failed(data)  # file after file failing the same way: the store
-            status[i], error[i] = (
-                columns.STATUS_ERROR,
-                f"read failed: {type(data).__name__}: {data}",
-            )
-        else:
-            breaker.ok()
-            contents[i] = data
-    out = {c: batch[c] for c in batch if c != columns.LIST_ERROR}
-    if mode == "gpu":  # the model actor decodes (JPEGs on its GPU, the rest on its CPU)
-        raw = np.full(n, b"", dtype=object)
-        for i, data in contents.items():
-            raw[i] = data
-        out[columns.RAW_BYTES] = raw
-    else:
-        pixels = np.zeros((n, h, w, 3), dtype=np.uint8)
-        draft = pre.draft_size if jpeg_draft else None
-        for i, data in contents.items():
-            reason = _decode_into(
-                data, pre, pixels, width, height, i, max_pixels, draft, decode_timeout_s
-            )
-            if reason is not None:
-                status[i], error[i] = columns.STATUS_ERROR, reason
-        out[columns.PIXELS] = pixels
-    out.update(
-        {columns.STATUS: status, columns.ERROR: error, columns.WIDTH: width, columns.HEIGHT: height}
-    )
-    _report(
-        stats_actor,
-        decode_seconds=time.perf_counter() - started,
-        decode_blocks=1,
-        decode_end=time.time(),
-    )
-    return out
-
-
-def _decode_into(data, pre, pixels, width, height, i, max_pixels, draft, timeout) -> str | None:
-    """Decode one file into row ``i`` of the block; the error row's reason, or None."""
-    try:
-        with time_limit(timeout):
-            img = decode_image(data, max_pixels=max_pixels, draft_size=draft)
-            width[i], height[i] = decoded_size(img)
-            pixels[i] = pre.resize_crop(img)
-        return None
-    except DecodeTimeout:
-        return f"decode took longer than source.decode_timeout_s={timeout} s; cut off"
-    except DecodeError as e:
-        return str(e)
-    except Exception as e:
-        return f"preprocessing failed: {type(e).__name__}: {e}"
 
 
 def output_schema(dims: dict[str, int]) -> pa.Schema:
@@ -239,17 +42,6 @@ def vectors_to_arrow(vectors: np.ndarray, valid: np.ndarray, dim: int) -> pa.Fix
     """``(N, dim)`` float32 with a validity mask -> ``fixed_size_list<float32>[dim]`` (nulls where invalid)."""
     flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1))
     return pa.FixedSizeListArray.from_arrays(flat, dim, mask=pa.array(~valid))
-
-
-def _strings(values) -> list[str | None]:
-    # Ray hands an all-null string column back as float NaNs or bytes; normalise to str/None.
-    out = []
-    for v in values:
-        if v is None or (isinstance(v, float | np.floating) and v != v):
-            out.append(None)
-        else:
-            out.append(v.decode() if isinstance(v, bytes) else str(v))
-    return out
 
 
 def rows_table(

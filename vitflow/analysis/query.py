@@ -18,7 +18,6 @@ here only, so readers of the output never pay for it.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,13 +55,13 @@ class QueryEmbedder:
         """
         import torch
 
-        from vitflow.stages import decode_batch
+        from vitflow.decode_task import decode_batch
 
         cfg = self.cfg
         batch = {columns.PATH: np.asarray(paths, dtype=object)}
         out = decode_batch(
             batch,
-            data_config_json=json.dumps(self.backbone.data_config),
+            resize=self.pre.resize_spec(),
             max_pixels=cfg.source.max_pixels,
             storage_options=storage_options,
             decode_timeout_s=cfg.source.decode_timeout_s,
