@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import io
 import re
 import struct
@@ -686,7 +687,7 @@ def test_decode_over_its_time_budget_is_cut_off_as_an_error_row(slow_and_fast_fi
 
 
 @pytest.mark.parametrize("in_thread", [False, True])
-def test_a_time_limit_never_strikes_after_its_block(in_thread):
+def test_a_time_limit_never_strikes_after_its_block(in_thread, monkeypatch):
     """Blocks that end around their limit: the timeout is raised inside the ``with`` or not
     at all, never later in code that did not ask for it."""
     import threading
@@ -694,6 +695,8 @@ def test_a_time_limit_never_strikes_after_its_block(in_thread):
     from vitflow.decode_task import DecodeTimeout, time_limit
 
     outcome: dict[str, object] = {}
+    stray: list = []  # an exception raised where nobody could catch it ("Exception ignored")
+    monkeypatch.setattr(sys, "unraisablehook", stray.append)
 
     def many():
         cut = 0
@@ -714,6 +717,8 @@ def test_a_time_limit_never_strikes_after_its_block(in_thread):
     else:
         many()
     assert 0 < outcome["cut"] < 400  # some blocks were cut, some were not
+    gc.collect()
+    assert stray == []
 
 
 # --- JPEG draft (reduced-scale decode, opt-in) ----------------------------------------

@@ -105,7 +105,7 @@ def test_error_budget_is_judged_the_same_for_every_sink():
 
 
 def test_decode_runs_beside_the_actors_on_a_small_node():
-    """On 2 CPUs the model actor reserves half a CPU and two decode tasks run at once
+    """On 2 CPUs the model actor reserves half a CPU and two decode actors run at once
     (one whole CPU each left room for one); with GPUs decode takes the CPUs the actors
     do not reserve."""
     cpu = plan_actors({"CPU": 2.0}, 2.0, ComputeConfig())
@@ -130,7 +130,7 @@ def test_gpu_decode_without_cuda_actors_decodes_in_cpu_tasks(caplog):
 @pytest.mark.timeout(300)
 def test_actor_side_decode_falls_back_to_the_exact_path_without_cuda(corpus, ray_local):
     """The model actor's GPU-decode path, run here without CUDA: every JPEG and every
-    other file takes the exact CPU path, so the vectors equal the CPU decode tasks' run."""
+    other file takes the exact CPU path, so the vectors equal the CPU decode actors' run."""
     from vitflow.backbone import backbone_bytes, create_backbone
     from vitflow.decode_task import decode_batch
     from vitflow.preprocess import Preprocessor

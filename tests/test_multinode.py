@@ -62,7 +62,7 @@ def test_training_workers_spread_over_two_nodes(tmp_path):
 
 
 def test_losing_the_worker_node_mid_run_still_gives_the_clean_output(tmp_path):
-    """The worker node holding a model actor and decode tasks goes away mid-run (parts
+    """The worker node holding a model actor and decode actors goes away mid-run (parts
     already written): the job completes on the head node, and its output equals a clean
     run's, row by row."""
     make_image_folder(tmp_path / "images", per_class=12, splits=None, with_bad_files=True)

@@ -268,7 +268,7 @@ def test_a_drafted_jpeg_is_never_upsampled_by_the_resize(name, size):
     assert p.resize_crop(drafted).shape == (*p.input_size[1:], 3)
 
 
-# --- the torch-free plan decode tasks run (vitflow.resize) -----------------------------
+# --- the torch-free plan decode actors run (vitflow.resize) -----------------------------
 
 PLAN_INTERPOLATIONS = ["bicubic", "bilinear", "lanczos", "nearest", "box", "hamming"]
 PLAN_SIZES = [*IMAGE_SIZES, (1, 1), (640, 480), (333, 1000), (224, 224), (255, 257)]
@@ -281,7 +281,7 @@ PLAN_SIZES = [*IMAGE_SIZES, (1, 1), (640, 480), (333, 1000), (224, 224), (255, 2
 def test_torch_free_plan_is_timms_pil_steps_pixel_for_pixel(
     crop_mode, interpolation, input_size, crop_pct
 ):
-    """What decode tasks run (Pillow alone) equals timm's own resize/crop objects exactly,
+    """What decode actors run (Pillow alone) equals timm's own resize/crop objects exactly,
     for every crop mode and interpolation, on images larger, smaller and as large."""
     cfg = {
         "input_size": input_size,
@@ -302,7 +302,7 @@ def test_torch_free_plan_is_timms_pil_steps_pixel_for_pixel(
 
 
 def test_plan_round_trips_through_json_and_decode_tasks_run_it_without_torch(tmp_path):
-    """The spec the driver hands to decode tasks is plain JSON, and running it (read,
+    """The spec the driver hands to decode actors is plain JSON, and running it (read,
     decode, resize/crop a block) imports neither torch nor timm nor torchvision."""
     import subprocess
     import sys
@@ -332,7 +332,7 @@ print(json.dumps(sorted(m for m in ("torch", "timm", "torchvision") if m in sys.
 
 
 def test_a_step_without_a_plan_runs_timms_objects_in_the_decode_task(monkeypatch):
-    """A transform the plan does not know travels as its data config, and the decode task
+    """A transform the plan does not know travels as its data config, and the decode actor
     runs timm's objects: the same pixels, and no draft decoding."""
     import vitflow.preprocess
     from vitflow.decode_task import resizer
@@ -356,3 +356,27 @@ def test_resize_crop_refuses_an_unknown_op():
         ResizeCrop(({"op": "rotate"},), (8, 8))
     with pytest.raises(ValueError, match="unknown interpolation"):
         ResizeCrop(({"op": "resize", "size": [8], "interpolation": "cubic"},), (8, 8))
+
+
+def test_steps_the_plan_cannot_reproduce_exactly_get_no_plan():
+    """Random resizing, a subclass and a refused max_size are left to timm's own objects."""
+    from timm.data.transforms import ResizeKeepRatio
+    from torchvision import transforms as T
+
+    from vitflow.preprocess import _plan
+
+    crop = T.CenterCrop(32)
+    assert _plan([T.Resize(36), crop], (3, 32, 32)) is not None
+    assert _plan([ResizeKeepRatio(36, random_scale_prob=0.5), crop], (3, 32, 32)) is None
+    assert _plan([ResizeKeepRatio(36, interpolation="random"), crop], (3, 32, 32)) is None
+
+    class MyResize(T.Resize):
+        pass
+
+    assert _plan([MyResize(36), crop], (3, 32, 32)) is None
+    assert _plan([T.Resize(36, max_size=30), crop], (3, 32, 32)) is None
+    capped = [T.Resize(36, max_size=40), crop]  # a long side capped at 40: 32x40 crops pad
+    plan = _plan(capped, (3, 32, 32))
+    for w, h in PLAN_SIZES:
+        img = random_image(w, h, seed=5)
+        np.testing.assert_array_equal(plan(img), np.asarray(T.Compose(capped)(img)))

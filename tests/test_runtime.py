@@ -1,4 +1,4 @@
-"""What the model actor pool and the decode tasks look like on given clusters.
+"""What the model actor pool and the decode actors look like on given clusters.
 
 Each test plans for a literal cluster (what ``ray.cluster_resources()`` reports, and the CPUs
 of its largest node) with :func:`vitflow.runtime.plan_actors`, and asserts what a user would
@@ -21,7 +21,7 @@ def plan(cluster: dict[str, float], node_cpus: float | None = None, **compute) -
 
 
 def runs_at_once(p: ActorPlan, cpus: float, actors: int, decode_tasks: int) -> bool:
-    """Whether ``actors`` model actors and ``decode_tasks`` decode tasks of plan ``p`` fit in
+    """Whether ``actors`` model actors and ``decode_tasks`` decode actors of plan ``p`` fit in
     ``cpus`` CPUs together, so Ray runs them all at the same time."""
     return actors * p.num_cpus + decode_tasks * p.decode_num_cpus <= cpus + 1e-9
 
@@ -55,7 +55,7 @@ def test_small_and_medium_nodes_decode_on_every_core_beside_one_actor(cpus):
 def test_64_core_node_runs_eight_actors_on_eight_threads_each():
     p = plan({"CPU": 64.0})
     assert (p.num_actors, p.torch_threads, p.device) == (8, 8, "cpu")
-    assert p.decode_tasks == 64  # a decode task on every core
+    assert p.decode_tasks == 64  # a decode actor on every core
     assert runs_at_once(p, 64, actors=8, decode_tasks=64)
 
 
@@ -63,7 +63,7 @@ def test_four_16_core_nodes_run_two_actors_per_node():
     # 64 CPUs in all: 8 actors, two on each 16-core node, 8 torch threads each.
     p = plan({"CPU": 64.0}, node_cpus=16.0)
     assert (p.num_actors, p.torch_threads) == (8, 8)
-    assert runs_at_once(p, 16, actors=2, decode_tasks=1)  # a node's two actors + a decode task
+    assert runs_at_once(p, 16, actors=2, decode_tasks=1)  # a node's two actors + a decode actor
 
 
 def test_sixteen_4_core_nodes_run_one_actor_on_half_of_them():

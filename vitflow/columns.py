@@ -17,7 +17,7 @@ STATUS_ERROR = "error"
 # Columns every row carries, in output order; one vector column per feature set follows.
 META_COLUMNS = (ID, PATH, LABEL, SPLIT, STATUS, ERROR, WIDTH, HEIGHT)
 
-# Internal column carrying preprocessed pixels from decode tasks to the model actors;
+# Internal column carrying preprocessed pixels from decode actors to the model actors;
 # never written to the output.
 PIXELS = "__pixels"
 # Internal column carrying a file's bytes to the model actor when it decodes on its GPU.

@@ -61,7 +61,7 @@ class StorageConfig(_Section):
     read_in_flight: int = Field(
         16,
         ge=1,
-        description="Reads in flight per decode task, so object-store latency is hidden.",
+        description="Reads in flight per decode block, so object-store latency is hidden.",
     )
     retry_seconds: float = Field(
         120.0,

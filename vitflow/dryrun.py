@@ -69,7 +69,7 @@ def describe_plan(plan, actors: ActorPlan, where: str) -> str:
         f"  actors    : {actors.num_actors} x {actors.device} (num_cpus {actors.num_cpus:g}, "
         f"num_gpus {actors.num_gpus:g}, torch threads {actors.torch_threads}), "
         f"batch {actors.batch_size}, {cfg.compute.precision}; {actors.decode_tasks} decode "
-        f"tasks at once, {actors.decode_num_cpus:g} CPU each, decode on {actors.decode} — {where}",
+        f"actors, {actors.decode_num_cpus:g} CPU each, decode on {actors.decode} — {where}",
         f"  output    : {cfg.output.uri}: {parts} part(s) of up to {cfg.output.rows_per_file} "
         f"rows (part-00000.parquet ...) + {columns.MANIFEST_NAME}",
     ]

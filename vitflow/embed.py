@@ -3,7 +3,7 @@
 Everything that can be wrong with the job (config, model name, layer indices, pooling that
 does not fit the model, checkpoint keys, source, existing output) is checked by
 :func:`prepare_embed` on the driver before Ray runs any work. Then the engine
-(:mod:`vitflow.engine`) streams the listing through read+decode tasks and model actors,
+(:mod:`vitflow.engine`) streams the listing through read+decode actors and model actors,
 which stage what they embed as parquet pieces (:mod:`vitflow.sinks.parquet`); parts are
 compacted as they complete, and the driver checks, part by part, that every listed file
 came out exactly once before writing ``_manifest.json``. ``resume=True`` continues an

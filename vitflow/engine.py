@@ -138,10 +138,12 @@ def stream(
         actors = plan_pool(ray, cfg.compute, model_params)
         stats_name = f"vitflow-stats-{uuid.uuid4().hex[:12]}"
         # The counters live on the head node: a worker node that goes away must not take
-        # them with it (a driver may be attached through any node's raylet).
+        # them with it (a driver may be attached through any node's raylet). Hard affinity:
+        # Ray 2.60 places a soft-affine actor on another node even when the head is free
+        # (seen in the two-node test), and a 0-CPU actor always fits the head.
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        here = NodeAffinitySchedulingStrategy(_head_node_id(ray), soft=True)
+        here = NodeAffinitySchedulingStrategy(_head_node_id(ray), soft=False)
         stats = (
             ray.remote(num_cpus=0)(StreamStats)
             .options(name=stats_name, scheduling_strategy=here)
@@ -340,7 +342,7 @@ def _timings(t0, first, marks, total, stats, actors) -> dict[str, Any]:
 
 
 class StreamStats:
-    """Counters the decode tasks and model actors report to (a tiny Ray actor per run)."""
+    """Counters the decode actors and model actors report to (a tiny Ray actor per run)."""
 
     _SUMS = (
         "batches",

@@ -180,7 +180,7 @@ def decode_resize_batch(
 
 def is_device_decodable(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> bool:
     """Whether :func:`decode_resize_batch` sends ``data`` to the device decoder (from the
-    header alone, ~50 us): a CPU decode task can decode everything else itself and ship only
+    header alone, ~50 us): a CPU decode actor can decode everything else itself and ship only
     JPEG bytes to the model actor."""
     return _device_plan(data, max_pixels) is not None
 

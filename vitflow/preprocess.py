@@ -47,7 +47,7 @@ class Preprocessor:
         tensor_unsupported: Why :meth:`resize_crop_tensor` cannot run this transform
             (lanczos, box or nearest interpolation), or None when it can.
         plan: The resize/crop steps as a torch-free :class:`~vitflow.resize.ResizeCrop`
-            (what decode tasks run), or None for a step it does not know (then
+            (what decode actors run), or None for a step it does not know (then
             :meth:`resize_crop` runs timm's objects themselves).
 
     Example:
@@ -148,18 +148,22 @@ def _plan(steps: list[Any], input_size: tuple[int, ...]) -> ResizeCrop | None:
     for t in steps:
         mode = getattr(t, "interpolation", None)
         interp = mode.value if isinstance(mode, T.InterpolationMode) else None
-        if isinstance(t, T.Resize) and interp in PIL_FILTERS:
+        # Exact types only: a subclass may do anything in its forward.
+        if type(t) is T.Resize and interp in PIL_FILTERS:
             size = [t.size] if isinstance(t.size, int) else list(t.size)
+            if t.max_size is not None and (len(size) != 1 or t.max_size <= size[0]):
+                return None  # torchvision refuses it: let timm's object say so
             out.append({"op": "resize", "size": size, "max_size": t.max_size})
         elif (
-            isinstance(t, ResizeKeepRatio)
+            type(t) is ResizeKeepRatio
             and interp in PIL_FILTERS
             and not t.random_scale_prob
             and not t.random_aspect_prob
         ):
             out.append({"op": "resize_keep_ratio", "size": list(t.size), "longest": t.longest})
-        elif isinstance(t, CenterCropOrPad) and t.padding_mode == "constant":
-            fill = t.fill if isinstance(t.fill, list | tuple) else [t.fill] * 3
+        elif type(t) is CenterCropOrPad and t.padding_mode == "constant":
+            fill = 0 if t.fill is None else t.fill
+            fill = fill if isinstance(fill, list | tuple) else [fill] * 3
             if len(fill) == 1:
                 fill = list(fill) * 3
             out.append({"op": "center_crop", "size": list(t.size), "fill": [int(v) for v in fill]})

@@ -1,10 +1,10 @@
-"""timm's eval resize/crop, run with Pillow alone, so decode tasks never import torch.
+"""timm's eval resize/crop, run with Pillow alone, so decode actors never import torch.
 
 A model's eval transform is built by timm from torchvision and timm transform objects, which
 need torch (and timm and torchvision) to import: about 5 s of CPU and 0.9 GB of memory in
 every decode worker process, for ops that in the end are three Pillow calls. The driver,
 which has torch anyway, builds timm's transform and turns its resize/crop steps into a
-:class:`ResizeCrop` (:func:`vitflow.preprocess.Preprocessor.plan`); decode tasks get it as
+:class:`ResizeCrop` (:attr:`vitflow.preprocess.Preprocessor.plan`); decode actors get it as
 JSON and run the same Pillow calls with the same size arithmetic:
 
 - ``resize``: ``torchvision.transforms.Resize``: the shorter side to ``size[0]`` (the longer
@@ -17,7 +17,7 @@ JSON and run the same Pillow calls with the same size arithmetic:
   at ``round((size - crop) / 2)``.
 
 Any other step (a custom transform, random resizing, non-constant padding) has no plan, and
-decode tasks fall back to the torch transform. ``tests/test_preprocess.py`` holds the plan
+decode actors fall back to the torch transform. ``tests/test_preprocess.py`` holds the plan
 to timm's transform pixel for pixel, over every crop mode and interpolation.
 """
 

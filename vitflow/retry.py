@@ -9,7 +9,7 @@ Three kinds of failure, three answers:
   (:class:`~vitflow.errors.DiskFull`);
 - the request is *wrong* (missing file, no permission, bad arguments): fail at once.
 
-Torch-free and Ray-free: the part writer, decode tasks and the driver all use it.
+Torch-free and Ray-free: the part writer, decode actors and the driver all use it.
 """
 
 from __future__ import annotations

@@ -3,10 +3,10 @@
 Sizing rules (each overridable in ``compute:``):
 
 - GPUs in the cluster: one actor per GPU, ``num_gpus=1`` each, 1 CPU each; decode runs as
-  CPU tasks on the remaining cores.
+  CPU actors on the remaining cores.
 - CPU only: one actor per 8 cores of the cluster (at least one). On a small node (<= 4
   cores) an actor reserves only half a CPU, so Ray always has whole CPUs left for the
-  read+decode tasks: an actor that reserves a whole core on a 2-core machine can starve
+  read+decode actors: an actor that reserves a whole core on a 2-core machine can starve
   decode and stall the pipeline. torch inside the actor still uses the node's cores
   (``torch_threads``), since Ray would otherwise pin it to its reservation.
 """
@@ -30,7 +30,7 @@ SMALL_NODE_CPUS = 4
 
 @dataclass(frozen=True)
 class ActorPlan:
-    """How the model actor pool and the decode tasks beside it are laid out."""
+    """How the model actor pool and the decode actors beside it are laid out."""
 
     num_actors: int
     num_cpus: float
@@ -62,7 +62,7 @@ def plan_actors(
     compute: ComputeConfig,
     model_params: int | None = None,
 ) -> ActorPlan:
-    """Size the actor pool and the decode tasks from ``ray.cluster_resources()`` and the
+    """Size the actor pool and the decode actors from ``ray.cluster_resources()`` and the
     largest node's CPU count."""
     plan = _plan_pool(cluster, node_cpus, compute)
     return _with_decode(plan, float(cluster.get("CPU", 0)), compute, model_params)
@@ -71,11 +71,10 @@ def plan_actors(
 def _with_decode(
     plan: ActorPlan, cpus: float, compute: ComputeConfig, model_params: int | None
 ) -> ActorPlan:
-    """Decode beside the actors. Decode tasks never take the CPUs the actors reserve (they
-    would keep the actors pending, as measured on an H200 node). On CPU-only clusters every
-    core runs a decode task at once, with fractional reservations beside the actors (one
-    whole CPU each left room for a single task on a 2-core node); with GPUs a task takes a
-    CPU."""
+    """Decode beside the model actors. Decode actors never take the CPUs the model actors
+    reserve (they would keep them pending, as measured on an H200 node). On CPU-only clusters
+    every core runs a decode actor, with fractional reservations beside the model actors (one
+    whole CPU each left room for a single one on a 2-core node); with GPUs one takes a CPU."""
     free = max(0.0, cpus - plan.num_actors * plan.num_cpus)
     if compute.decode_num_cpus is not None:
         per_task = compute.decode_num_cpus
@@ -109,7 +108,7 @@ def _plan_pool(cluster: dict[str, float], node_cpus: float, compute: ComputeConf
     autoscale = compute.device == "cuda" and compute.num_actors is not None
     if cpus <= 0 and not autoscale:
         raise ConfigError(
-            "the Ray cluster reports no CPUs, so decode tasks cannot run; on an autoscaling "
+            "the Ray cluster reports no CPUs, so decode actors cannot run; on an autoscaling "
             "cluster that is still at zero workers set compute.device: cuda and "
             "compute.num_actors so vitflow requests the nodes instead of measuring them"
         )
@@ -152,7 +151,7 @@ def _plan_pool(cluster: dict[str, float], node_cpus: float, compute: ComputeConf
         # Small node: half a CPU; larger: half the node's cores go to its actors'
         # reservations, half stay for decode.
         num_cpus = 0.5 if node_cpus <= SMALL_NODE_CPUS else max(0.5, node_cpus / per_node / 2)
-        # Whatever the size, one decode task must still fit beside the node's actors, or the
+        # Whatever the size, one decode actor must still fit beside the node's actors, or the
         # pipeline stalls with nothing to feed them. An actor may reserve 0 CPUs in Ray.
         room = max(0.0, (node_cpus - (compute.decode_num_cpus or 0.5)) / per_node)
         num_cpus = min(num_cpus, room)

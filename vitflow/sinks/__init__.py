@@ -1,6 +1,6 @@
 """Where embedded rows go: one module per output format, all behind one small protocol.
 
-The engine (:mod:`vitflow.engine`) streams listing rows through decode tasks and model
+The engine (:mod:`vitflow.engine`) streams listing rows through decode actors and model
 actors; a *sink* decides what happens to the embedded rows. It has two halves:
 
 - a **writer** (``sink.writer() -> (class, kwargs)``), built once in every model actor:
