@@ -171,3 +171,36 @@ def test_class_similarity_chart_is_a_picture(digits):
 
     uri, _ = digits
     is_png(class_similarity_chart(class_similarity(uri)))
+
+
+# --- out-of-distribution chart, dense-map pictures --------------------------------------
+
+
+def test_pca_rgb_colours_regions_alike_within_and_across_maps():
+    from vitflow.analysis.plots import pca_rgb
+
+    rng = np.random.default_rng(0)
+    basis = np.linalg.qr(rng.normal(size=(16, 3)))[0].T * 5  # three orthogonal directions
+    regions = np.repeat(np.arange(3), 4)  # 12 columns: 3 regions of 4
+    a = np.stack([basis[regions]] * 6)  # (6, 12, 16)
+    b = np.stack([basis[regions[::-1]]] * 6)  # the same features, regions mirrored
+    pa_, pb = pca_rgb([a, b])
+    assert pa_.shape == (6, 12, 3) and pa_.dtype == np.uint8
+    colours = {tuple(pa_[0, c]) for c in range(12)}
+    assert len(colours) == 3  # one colour per region, three different ones
+    assert (pa_ == pa_[0]).all()  # every row alike
+    np.testing.assert_array_equal(pb[:, ::-1], pa_)  # same feature, same colour in both maps
+
+
+def test_ood_chart_and_dense_panel_are_real_pictures():
+    from vitflow.analysis.plots import dense_panel, ood_chart
+
+    rng = np.random.default_rng(1)
+    png = ood_chart({"near": rng.normal(0.1, 0.02, 50), "far": rng.normal(0.4, 0.05, 30)})
+    img = np.asarray(Image.open(io.BytesIO(png)).convert("L"), dtype=np.float32)
+    assert img.shape[0] > 100 and img.shape[1] > 400 and img.std() > 5
+    images = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(2)]
+    maps = [rng.normal(size=(8, 8, 12)) for _ in range(2)]
+    png = dense_panel(images, maps, titles=["a.jpg", "b.jpg"])
+    img = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.float32)
+    assert img.shape[0] > 200 and img.std() > 5

@@ -376,3 +376,80 @@ def class_similarity_chart(cs: ClassSimilarity, *, max_classes: int = 40) -> byt
     )
     ax.set_title(f"{cs.feature}: mean cosine similarity between classes{more}", fontsize=10)
     return _png(fig)
+
+
+# --- out-of-distribution scores and dense maps ---
+
+
+def ood_chart(scores: dict[str, np.ndarray], *, score: str = "ood_knn", title: str = "") -> bytes:
+    """PNG box plot of each collection's per-image scores (lower: closer to the reference),
+    collections ordered by median, with the median written beside each box."""
+    names = sorted(scores, key=lambda n: float(np.nanmedian(scores[n])) if len(scores[n]) else 0)
+    data = [np.asarray(scores[n], dtype=np.float64) for n in names]
+    fig = _figure(8.0, 1.2 + 0.5 * max(1, len(names)), layout="constrained")
+    ax = fig.add_subplot()
+    if not names:
+        ax.text(0.5, 0.5, "no collections", ha="center")
+        return _png(fig)
+    ax.boxplot(
+        data,
+        vert=False,
+        showfliers=True,
+        tick_labels=[f"{n} ({len(d)})" for n, d in zip(names, data, strict=True)],
+    )
+    for i, d in enumerate(data, start=1):
+        if len(d):
+            ax.text(
+                float(np.nanmedian(d)), i + 0.3, f"{np.nanmedian(d):.3f}", ha="center", fontsize=8
+            )
+    ax.set_xlabel(score)
+    ax.set_title(
+        title or f"{score} per image, by collection (lower: closer to the reference)", fontsize=10
+    )
+    return _png(fig)
+
+
+def pca_rgb(maps: list[np.ndarray], *, seed: int = 0) -> list[np.ndarray]:
+    """Dense maps ``(h, w, D)`` -> ``uint8`` ``(h, w, 3)`` pictures: the first three
+    principal components of all the maps' cells together (so colours compare across
+    images), each scaled from its 1st to its 99th percentile onto 0..255."""
+    from sklearn.decomposition import PCA
+
+    if not maps:
+        return []
+    flat = np.concatenate([m.reshape(-1, m.shape[-1]) for m in maps]).astype(np.float32)
+    k = min(3, flat.shape[1], flat.shape[0])
+    comps = PCA(n_components=k, random_state=seed).fit_transform(flat)
+    if k < 3:
+        comps = np.pad(comps, ((0, 0), (0, 3 - k)))
+    lo, hi = np.percentile(comps, 1, axis=0), np.percentile(comps, 99, axis=0)
+    spread = hi - lo
+    flat_comp = spread <= 1e-6 * max(float(spread.max()), 1e-12)  # rounding noise, not signal
+    scaled = np.clip((comps - lo) / np.where(flat_comp, 1.0, spread), 0, 1)
+    scaled[:, flat_comp] = 0.5
+    out, start = [], 0
+    for m in maps:
+        n = m.shape[0] * m.shape[1]
+        out.append(
+            (scaled[start : start + n] * 255).round().astype(np.uint8).reshape(*m.shape[:2], 3)
+        )
+        start += n
+    return out
+
+
+def dense_panel(
+    images: list[np.ndarray], maps: list[np.ndarray], titles: list[str] | None = None
+) -> bytes:
+    """PNG: each image beside the first three principal components of its dense map as RGB
+    (:func:`pca_rgb`), the usual check that dense features follow the objects."""
+    pictures = pca_rgb(maps)
+    n = len(images)
+    fig = _figure(4.4, 2.2 * max(1, n), layout="constrained")
+    for i, (img, pic) in enumerate(zip(images, pictures, strict=True)):
+        for j, (arr, label) in enumerate(((img, (titles or [""] * n)[i]), (pic, "PCA 1-3 as RGB"))):
+            ax = fig.add_subplot(n, 2, 2 * i + j + 1)
+            ax.imshow(arr, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(label, fontsize=8)
+    return _png(fig)
