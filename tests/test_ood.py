@@ -87,3 +87,17 @@ def test_a_feature_of_another_width_is_refused(tmp_path):
     b = open_source(write_output(tmp_path / "b", rows(5, 6, seed=8)))
     with pytest.raises(ValueError, match="same model and feature"):
         knn_distance(a, b, "emb")
+
+
+def test_a_non_finite_vector_is_never_a_neighbour_and_scores_nan(tmp_path):
+    ref_rows, q_rows = rows(20, 4, seed=9), rows(6, 4, seed=10)
+    ref_rows["emb"][2] = np.nan  # would sort as the nearest of every query
+    q_rows["emb"][1] = np.nan
+    ref = open_source(write_output(tmp_path / "ref", ref_rows))
+    got = knn_distance(ref, open_source(write_output(tmp_path / "q", q_rows)), "emb", k=3)
+    scores = got.column("ood_knn").to_numpy()
+    assert np.isnan(scores[1]) and np.isfinite(np.delete(scores, 1)).all()
+    finite_ref = np.delete(ref_rows["emb"], 2, axis=0)
+    np.testing.assert_allclose(
+        np.delete(scores, 1), by_hand(finite_ref, np.delete(q_rows["emb"], 1, axis=0), 3), rtol=1e-5
+    )

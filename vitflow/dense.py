@@ -12,10 +12,12 @@ ViTs). Pixel-shift upscaling gets a finer map from the same model:
 
 The result is computed at an output stride ``s`` that divides the patch size and every
 offset (by default their greatest common divisor), so each token is spread over
-``p/s x p/s`` cells and every shift moves whole cells: no per-pixel map of the full width is
-ever built. A linear projection (a PCA fitted on a sample) commutes with steps 3 and 4, so
-:func:`pixel_shift` can project each map first and average in the smaller space, with the
-same result as projecting the average.
+``p/s x p/s`` cells and every shift moves whole cells. The map held is ``(B, D, H/s, W/s)``:
+at ``s = 1`` (DINOv2's patch 14 with offsets 7, 4, 2) that is the full width at every pixel,
+~1 GB per 518 px image for a 1024-d model. A linear projection (a PCA fitted on a sample)
+commutes with steps 3 and 4, so :func:`pixel_shift` projects each map first when given
+one, and averages in the smaller space with the same result as projecting the average:
+pass ``project`` (or a coarser stride) for wide models.
 """
 
 from __future__ import annotations

@@ -46,7 +46,11 @@ def knn_distance(
         query_rows: query rows per pass over the reference.
 
     Returns:
-        ``id``, ``split``, ``ood_knn`` (float32) per ok query row, in storage order.
+        ``id``, ``split``, ``ood_knn`` (float32) per ok query row, in storage order; NaN for
+        a row whose vector is not finite (a Delta file older than the feature).
+
+    Raises:
+        ValueError: the widths differ, or the reference has no finite ok vector.
     """
     if reference.dims.get(feature) != query.dims.get(feature):
         raise ValueError(
@@ -62,23 +66,29 @@ def knn_distance(
         n = block.num_rows
         positions = np.arange(start, start + n)
         # Against itself, a row's position is its group: it never meets itself.
+        queries = vectors_of(block.column(feature))
+        good = np.isfinite(queries).all(axis=1)
         acc = KnnAccumulator(
-            vectors_of(block.column(feature)), k=k, groups=positions if same else None
+            np.where(good[:, None], queries, 0), k=k, groups=positions if same else None
         )
         ref_start = 0
         for _, ref in reference.batches([feature], ok=True):
+            vectors = vectors_of(ref.column(feature))
             ref_positions = np.arange(ref_start, ref_start + ref.num_rows)
+            keep = np.isfinite(vectors).all(axis=1)  # a NaN would sort as the nearest
             acc.update(
-                vectors_of(ref.column(feature)),
-                ref_positions,
-                groups=ref_positions if same else None,
+                vectors[keep],
+                ref_positions[keep],
+                groups=ref_positions[keep] if same else None,
             )
             ref_start += ref.num_rows
         sims = np.where(np.isfinite(acc.sims), acc.sims, np.nan)
         found = np.isfinite(acc.sims).sum(axis=1)
-        if (found == 0).any():
-            raise ValueError("the reference has no ok rows to compare with")
-        distance = 1.0 - np.nanmean(sims, axis=1)
+        if n and (found == 0).all():
+            raise ValueError("the reference has no ok rows with finite vectors to compare with")
+        with np.errstate(invalid="ignore"):
+            distance = 1.0 - np.nanmean(np.where(found[:, None] > 0, sims, 0.0), axis=1)
+        distance[~good | (found == 0)] = np.nan
         out.append(
             pa.table(
                 {
@@ -101,8 +111,9 @@ def knn_distance(
 
 
 def summarize(scores: Mapping[str, np.ndarray], column: str = "ood_knn") -> pa.Table:
-    """One row per collection: ``dataset``, ``n``, ``mean``, ``median``, ``std``, ``p10``,
-    ``p90`` of its per-image scores (``column`` names the score in the table)."""
+    """One row per collection: ``dataset``, ``score`` (``column``, the score's name), ``n``
+    (finite scores), ``mean``, ``median``, ``std``, ``p10``, ``p90`` of its per-image
+    scores."""
     rows = []
     for name, values in scores.items():
         v = np.asarray(values, dtype=np.float64)

@@ -384,8 +384,10 @@ def class_similarity_chart(cs: ClassSimilarity, *, max_classes: int = 40) -> byt
 def ood_chart(scores: dict[str, np.ndarray], *, score: str = "ood_knn", title: str = "") -> bytes:
     """PNG box plot of each collection's per-image scores (lower: closer to the reference),
     collections ordered by median, with the median written beside each box."""
-    names = sorted(scores, key=lambda n: float(np.nanmedian(scores[n])) if len(scores[n]) else 0)
-    data = [np.asarray(scores[n], dtype=np.float64) for n in names]
+    finite = {n: np.asarray(v, dtype=np.float64) for n, v in scores.items()}
+    finite = {n: v[np.isfinite(v)] for n, v in finite.items()}
+    names = sorted(finite, key=lambda n: float(np.median(finite[n])) if len(finite[n]) else 0.0)
+    data = [finite[n] for n in names]
     fig = _figure(8.0, 1.2 + 0.5 * max(1, len(names)), layout="constrained")
     ax = fig.add_subplot()
     if not names:
@@ -393,7 +395,7 @@ def ood_chart(scores: dict[str, np.ndarray], *, score: str = "ood_knn", title: s
         return _png(fig)
     ax.boxplot(
         data,
-        vert=False,
+        orientation="horizontal",
         showfliers=True,
         tick_labels=[f"{n} ({len(d)})" for n, d in zip(names, data, strict=True)],
     )
