@@ -13,10 +13,9 @@ PATCH, SIDE = 8, 32
 L = (SIDE // PATCH) ** 2
 
 
-@pytest.fixture(scope="module")
-def tiny_mae():
-    torch.manual_seed(0)
-    enc = timm.create_model(
+def tiny_encoder():
+    """timm's MAE encoder layout at toy size (random init)."""
+    return timm.create_model(
         "vit_base_patch16_224.mae",
         pretrained=False,
         img_size=SIDE,
@@ -25,6 +24,12 @@ def tiny_mae():
         depth=2,
         num_heads=2,
     ).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_mae():
+    torch.manual_seed(0)
+    enc = tiny_encoder()
     dec = MAEDecoder(L, PATCH, encoder_dim=32, decoder_dim=16, depth=2, num_heads=2).eval()
     with torch.no_grad():  # random everywhere, so a slot mixed up anywhere shows
         for p in (*enc.parameters(), *dec.parameters()):
@@ -93,15 +98,7 @@ def test_one_official_layout_checkpoint_loads_encoder_and_decoder(tiny_mae):
     state = {**enc.state_dict(), **dec.state_dict()}
     assert "decoder_blocks.1.attn.qkv.weight" in state and "mask_token" in state
     dec2 = MAEDecoder.from_state_dict(state, patch_size=PATCH, num_heads=2).eval()
-    enc2 = timm.create_model(
-        "vit_base_patch16_224.mae",
-        pretrained=False,
-        img_size=SIDE,
-        patch_size=PATCH,
-        embed_dim=32,
-        depth=2,
-        num_heads=2,
-    ).eval()
+    enc2 = tiny_encoder()
     enc2.load_state_dict(encoder_state(state), strict=True)
     images = torch.randn(2, 3, SIDE, SIDE, generator=torch.Generator().manual_seed(6))
     noise = mask_noise(["a", "b"], L, seed=0)
