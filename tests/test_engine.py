@@ -9,6 +9,7 @@ import os
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 import timm
 import torch
@@ -19,6 +20,7 @@ from vitflow import columns
 from vitflow.config import ComputeConfig, load_config
 from vitflow.embed import run_embed
 from vitflow.engine import ErrorBudget, ErrorBudgetExceeded
+from vitflow.loading import load_embeddings
 from vitflow.runtime import plan_actors
 from vitflow.synthetic import make_image_folder
 
@@ -59,6 +61,24 @@ def test_the_stream_reports_every_stage(corpus, ray_local, tmp_path):
     assert t["stream_seconds"] <= t["wall_seconds"]
     assert t["first_result_seconds"] <= t["stream_seconds"]
     assert t["steady_images_per_second"] > 0
+    # The decode stage's own span holds every decode actor's busy time, and its rate is the
+    # listed rows over it.
+    ex = res.manifest["execution"]
+    decode_actors = ex["actors"]["decode_tasks"]
+    assert 0 < t["decode_span_seconds"] <= t["stream_seconds"]
+    assert t["decode_seconds"] <= decode_actors * t["decode_span_seconds"] + 1e-3
+    assert t["decode_images_per_second"] * t["decode_span_seconds"] == pytest.approx(
+        res.listed, rel=1e-3
+    )
+    # The model actor was ready before its first result came back, and says where its
+    # start-up went, phase by phase, summing to no more than its constructor's time.
+    assert 0 < t["model_ready_seconds"] <= t["first_result_seconds"]
+    (actor,) = res.manifest["execution"]["model_actors"]
+    up = actor["startup"]
+    phases = ("imports_s", "weights_fetch_s", "build_s", "to_device_s")
+    assert all(up[k] >= 0 for k in phases) and up["build_s"] > 0
+    assert sum(up[k] for k in phases) <= up["init_s"] + 1e-3
+    assert up["process_to_init_s"] > 0
     ex = res.manifest["execution"]
     blocks = -(-res.listed // 8)  # decode blocks of min(batch, 64) rows
     assert ex["decode_blocks"] == blocks
@@ -164,3 +184,63 @@ def test_actor_side_decode_falls_back_to_the_exact_path_without_cuda(corpus, ray
         assert (a["width"], a["height"]) == (e["width"], e["height"])
         if e["status"] == "ok":
             np.testing.assert_allclose(a["emb"], e["emb"], atol=1e-6)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_actor_side_decode_through_ray_gives_the_cpu_decode_rows(corpus, ray_local, tmp_path):
+    """The whole stream with ``decode: gpu`` actors, through Ray Data (whose batches hold
+    read-only views of Arrow buffers, unlike a dict built by hand), forced here without CUDA:
+    the actors' exact fallback must give the CPU decode actors' rows, error rows included."""
+    import dataclasses
+
+    from vitflow import engine
+
+    real = engine.plan_pool
+
+    def gpu_decode_plan(*args, **kwargs):
+        return dataclasses.replace(real(*args, **kwargs), decode="gpu")
+
+    def rows(out):
+        df = load_embeddings(str(out), include_errors=True)
+        return df.sort_values("path").reset_index(drop=True)
+
+    run_embed(job(corpus, tmp_path / "cpu"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(engine, "plan_pool", gpu_decode_plan)
+        res = run_embed(job(corpus, tmp_path / "gpu"))
+    assert res.manifest["execution"]["actors"]["decode"] == "gpu"
+    cpu, gpu = rows(tmp_path / "cpu"), rows(tmp_path / "gpu")
+    same = ["path", "status", "error", "width", "height"]
+    pd.testing.assert_frame_equal(gpu[same], cpu[same])
+    assert (cpu["status"] == "error").any() and (cpu["status"] == "ok").any()
+    ok = (cpu["status"] == "ok").to_numpy()
+    np.testing.assert_allclose(np.stack(gpu["emb"][ok]), np.stack(cpu["emb"][ok]), atol=1e-5)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where CUDA is unusable")
+def test_a_model_actor_that_cannot_use_its_gpu_ends_the_job_with_the_fix(
+    corpus, ray_local, tmp_path
+):
+    """No probe task runs before the stream: each GPU model actor checks its own device as
+    it starts. Here (no usable CUDA) the actor planned for cuda refuses to start, and the job
+    ends with its one sentence, naming the fix, and no output part."""
+    import dataclasses
+
+    from vitflow import engine
+    from vitflow.errors import ConfigError
+
+    real = engine.plan_pool
+
+    def cuda_plan(*args, **kwargs):
+        return dataclasses.replace(real(*args, **kwargs), device="cuda")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(engine, "plan_pool", cuda_plan)
+        with pytest.raises(ConfigError) as e:
+            run_embed(job(corpus, tmp_path / "out"))
+    assert "compute.device is cuda" in str(e.value) and "cannot use the GPU" in str(e.value)
+    assert "compute.device: cpu" in str(e.value)
+    assert not list((tmp_path / "out").glob("part-*.parquet"))

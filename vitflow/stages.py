@@ -102,6 +102,18 @@ class EmbedWorker:
         writer: tuple[type, dict] | None = None,
         decode: str = "cpu",
     ):
+        init_started = time.time()
+        lap = time.perf_counter()
+        # Where this replica's start-up went, for the manifest: a model actor that is slow to
+        # come up holds the whole stream back (decode runs ahead into the object store).
+        startup: dict[str, float] = {}
+
+        def phase(name: str) -> None:
+            nonlocal lap
+            now = time.perf_counter()
+            startup[name] = round(now - lap, 3)
+            lap = now
+
         import ray
 
         from vitflow.backbone import backbone_from_bytes
@@ -117,23 +129,43 @@ class EmbedWorker:
 
             raise ConfigError(cuda_problem(cuda_report(), "this model actor's node"))
         self.device = torch.device(device)
-        bb = backbone_from_bytes(ray.get(weights[0]), cfg.model)
+        phase("imports_s")
+        raw = ray.get(weights[0])
+        phase("weights_fetch_s")
+        bb = backbone_from_bytes(raw, cfg.model)
+        del raw
         self.pre = Preprocessor(bb.data_config)
         self.extractor = FeatureExtractor(
             bb.model, cfg.features, self.pre.input_size, cfg.model.extractor, head=bb.head
         )
+        phase("build_s")
         self.extractor.to(self.device)
         self.channels_last = cfg.compute.channels_last
         if self.channels_last:
             self.extractor.to(memory_format=torch.channels_last)
+        phase("to_device_s")  # with CUDA: the context and the copy of the weights
         self.forward = torch.compile(self.extractor) if cfg.compute.compile else self.extractor
         self.dims = self.extractor.dims
         self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.compute.precision)
+        if self.device.type == "cuda" and not cfg.compute.compile:
+            # The first CUDA forward creates the cuBLAS/cuDNN handles and loads kernels (about
+            # a second): paid here, so the first batch's time is a batch's time. Not with
+            # torch.compile, which would compile for this shape and again for the batch's.
+            with torch.inference_mode():
+                self._forward(torch.zeros((2, *self.pre.input_size), device=self.device))
+            torch.cuda.synchronize(self.device)
+            phase("warmup_s")
         self.decode, self.max_pixels = decode, cfg.source.max_pixels
         self.writer = writer[0](**writer[1]) if writer is not None else None
         self.stats_name = stats_actor
         self.stats = ray.get_actor(stats_actor) if stats_actor else None
         self.node_id = ray.get_runtime_context().get_node_id()
+        self.startup = {
+            "process_to_init_s": _process_age(init_started),  # worker start, class import
+            **startup,
+            "init_s": round(time.time() - init_started, 3),
+            "ready_at": time.time(),
+        }
         if self.stats is not None:  # where each replica was placed, even if it gets no batch
             self.stats.add.remote(node=self.node_id, actor=self._describe())
         # Count real backbone passes at its stem (first child module), so the run's stats
@@ -146,7 +178,12 @@ class EmbedWorker:
         """What this replica really runs on, for the manifest."""
         import os
 
-        out = {"node": self.node_id, "pid": os.getpid(), "device": str(self.device)}
+        out = {
+            "node": self.node_id,
+            "pid": os.getpid(),
+            "device": str(self.device),
+            "startup": self.startup,
+        }
         if self.device.type == "cuda":
             out["device_name"] = torch.cuda.get_device_name(self.device)
             out["torch_cuda"] = torch.version.cuda
@@ -166,10 +203,7 @@ class EmbedWorker:
             x = self.pre.to_tensor(pixels[torch.from_numpy(ok).to(pixels.device)], self.device)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(
-                self.device.type, dtype=self.autocast, enabled=self.autocast is not None
-            ):
-                out = self.forward(x)
+            out = self._forward(x)
             vectors = {k: v.float().cpu().numpy() for k, v in out.items()}
         seconds = time.perf_counter() - t0
         table = rows_table(batch, vectors, self.dims)
@@ -189,6 +223,12 @@ class EmbedWorker:
             )
         return result
 
+    def _forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        with torch.autocast(
+            self.device.type, dtype=self.autocast, enabled=self.autocast is not None
+        ):
+            return self.forward(x)
+
     def _pixels(self, batch: dict[str, np.ndarray]) -> torch.Tensor | None:
         """The batch's ``uint8`` (B, H, W, 3) pixels on the device: copied from pinned memory
         when CPU tasks decoded them, or decoded here from the files' bytes (``decode: gpu``;
@@ -200,6 +240,13 @@ class EmbedWorker:
             return x
         from vitflow.gpu_decode import decode_resize_batch
 
+        # This batch's status, reason and size change row by row below. Ray Data hands over
+        # read-only views of the block's Arrow buffers: the columns are copied first (reasons
+        # as objects: a block without one comes as a float array of NaN).
+        for col in (columns.STATUS, columns.ERROR):
+            batch[col] = np.array(batch[col], dtype=object)
+        for col in (columns.WIDTH, columns.HEIGHT):
+            batch[col] = np.array(batch[col])
         ok = batch[columns.STATUS] == columns.STATUS_OK
         rows = np.flatnonzero(ok)
         _, h, w = self.pre.input_size
@@ -220,3 +267,19 @@ class EmbedWorker:
                 else:
                     batch[columns.WIDTH][i], batch[columns.HEIGHT][i] = wd, ht
         return full
+
+
+def _process_age(at: float) -> float | None:
+    """Seconds from this process's start to ``at`` (epoch seconds), from ``/proc`` (Linux, to
+    a clock tick); None elsewhere."""
+    import os
+
+    try:
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: ticks after boot
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return round(uptime - started - (time.time() - at), 3)
+    except (OSError, ValueError, IndexError):
+        return None
