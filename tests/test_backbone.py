@@ -156,3 +156,47 @@ def test_shipped_weights_never_refetch_hub_weights():
         backbone_bytes(src), ModelConfig(name=VIT_NAME, kwargs=VIT_KW, pretrained=True)
     )
     _same_weights(again.model, src.model)
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, without_init",
+    [
+        *[(n, kw, True) for n, kw in TINY.values()],
+        # Rotary tables are non-persistent buffers (computed at init, never saved): this
+        # one must take the ordinary way, random init and all.
+        ("eva02_tiny_patch14_224", dict(img_size=28), False),
+    ],
+)
+def test_model_actors_rebuild_the_drivers_backbone_exactly(name, kwargs, without_init):
+    """A model actor builds the backbone from the driver's bytes without random init where
+    that gives the same model, and the ordinary way where it would not: either way the
+    rebuilt model computes what the driver's does, bit for bit."""
+    from safetensors.torch import load
+
+    from vitflow import backbone
+    from vitflow.backbone import backbone_bytes, backbone_from_bytes
+
+    cfg = ModelConfig(name=name, kwargs=kwargs)
+    src = create_backbone(cfg)
+    raw = backbone_bytes(src)
+    fast = backbone._loaded_without_init(cfg, load(raw), "state dict")
+    assert (fast is not None) == without_init
+    again = backbone_from_bytes(raw, cfg)
+    x = torch.randn(2, *src.data_config["input_size"], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(again.model(x), src.model(x))
+    assert all(p.requires_grad and not p.is_meta for p in again.model.parameters())
+    assert not again.model.training
+
+
+def test_a_half_precision_state_dict_still_gives_a_float32_model_without_init():
+    """Assignment would keep a checkpoint's dtype; the model's own is kept, as a copy is."""
+    from vitflow import backbone
+
+    cfg = ModelConfig(name=VIT_NAME, kwargs=VIT_KW)
+    src = _vit()
+    half = {k: v.half() for k, v in src.state_dict().items()}
+    fast = backbone._loaded_without_init(cfg, half, "state dict")
+    assert {p.dtype for p in fast.parameters()} == {torch.float32}
+    for k, v in fast.state_dict().items():
+        assert torch.equal(v, half[k].float()), k

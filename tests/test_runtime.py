@@ -8,6 +8,8 @@ which jobs are refused. No sizing formula is recomputed here. Ray is not started
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from vitflow.config import ComputeConfig
@@ -226,3 +228,29 @@ def test_cpu_precisions_run_on_cpu(precision):
 def test_a_cluster_without_cpus_is_refused(cluster):
     with pytest.raises(ConfigError, match="no CPUs"):
         plan_actors(cluster, 0.0, ComputeConfig())
+
+
+def test_decode_actors_yield_the_cpu_to_the_model_side():
+    """A decode actor lowers its own priority (in its own process: here a child, so this test
+    process keeps its own), and a worker already at least that nice stays as it is."""
+    import subprocess
+    import sys
+
+    from vitflow.decode_task import DECODE_NICE
+
+    code = (
+        "import os\n"
+        "from vitflow.decode_task import DecodeWorker\n"
+        "os.nice({start})\n"
+        "DecodeWorker(mode='gpu')\n"
+        "print(os.nice(0))\n"
+    )
+    for start in (0, DECODE_NICE + 3):
+        out = subprocess.run(
+            [sys.executable, "-c", code.format(start=start)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+        assert int(out.stdout.split()[-1]) == max(DECODE_NICE, os.nice(0) + start)

@@ -1,10 +1,11 @@
-"""Is the GPU Ray handed us one that torch can use? Checked before any work starts.
+"""Is the GPU Ray handed us one that torch can use? Checked by each GPU model actor as it
+starts, before it embeds anything.
 
 Ray schedules GPU actors from the GPUs a node *advertises*; torch may still be unable to use
 them (a driver older than the CUDA build needs, a container without the driver mounted). A
 model actor that quietly fell back to the CPU would hold the GPU and run 50x slower while
-the manifest said ``cuda``. So a probe task with the actors' GPU share runs first, and an
-actor whose device is not usable refuses to start.
+the manifest said ``cuda``. So an actor whose device is not usable refuses to start, with
+:func:`cuda_problem`'s sentence, and the job ends with it.
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ import re
 import subprocess
 from pathlib import Path
 from typing import Any
-
-from vitflow.errors import ConfigError
 
 # Oldest Linux driver each CUDA major release runs on (minor-version compatibility), from
 # NVIDIA's CUDA release notes (table "CUDA Toolkit and Minimum Required Driver Version").
@@ -92,20 +91,3 @@ def cuda_problem(report: dict[str, Any], where: str = "this node") -> str | None
         "install a torch build for the CUDA version the driver supports, or set "
         "compute.device: cpu"
     )
-
-
-def check_cluster_cuda(ray, num_gpus: float) -> dict[str, Any]:
-    """Run :func:`cuda_report` as a task holding ``num_gpus`` (a model actor's share) and
-    raise :class:`ConfigError` when the GPU it gets is not usable. Returns the report."""
-
-    def probe():
-        import ray as _ray
-
-        return {**cuda_report(), "node": _ray.get_runtime_context().get_node_id()}
-
-    task = ray.remote(num_gpus=num_gpus, num_cpus=0, max_retries=0)(probe)
-    report = ray.get(task.remote())
-    problem = cuda_problem(report, where=f"Ray node {report['node'][:12]}")
-    if problem:
-        raise ConfigError(problem)
-    return report

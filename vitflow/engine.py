@@ -134,7 +134,7 @@ def stream(
     budget = ErrorBudget(cfg.compute.max_error_fraction, rows.num_rows)
     timings: dict[str, Any] = {}
     with ray_session(address, cfg.compute.local_num_cpus) as ray:
-        t0 = time.perf_counter()
+        t0, t0_wall = time.perf_counter(), time.time()
         actors = plan_pool(ray, cfg.compute, model_params)
         stats_name = f"vitflow-stats-{uuid.uuid4().hex[:12]}"
         # The counters live on the head node: a worker node that goes away must not take
@@ -193,7 +193,7 @@ def stream(
                 run_stats = {}
         finally:
             ray.kill(stats)
-        timings = _timings(t0, first, marks, rows.num_rows, run_stats, actors)
+        timings = _timings(t0, first, marks, rows.num_rows, run_stats, actors, t0_wall)
     return StreamResult(
         processed=budget.processed,
         ok=budget.processed - budget.errors,
@@ -315,9 +315,10 @@ def _progress_marks(total: int) -> dict[float, float | None]:
     return {0.1: None, 0.9: None} if total else {}
 
 
-def _timings(t0, first, marks, total, stats, actors) -> dict[str, Any]:
-    """Where the time went: the stream's wall time, when the first batch came back, the
-    steady-state rate (between 10% and 90% of the rows), and the stages' summed seconds."""
+def _timings(t0, first, marks, total, stats, actors, t0_wall=None) -> dict[str, Any]:
+    """Where the time went: the stream's wall time, when the first model actor was ready and
+    the first batch came back, the steady-state rate (between 10% and 90% of the rows), and
+    the stages' summed seconds."""
     wall = time.perf_counter() - t0
     out: dict[str, Any] = {
         "stream_seconds": round(wall, 3),
@@ -326,6 +327,11 @@ def _timings(t0, first, marks, total, stats, actors) -> dict[str, Any]:
         "model_seconds": round(stats.get("model_seconds", 0.0), 3),
         "write_seconds": round(stats.get("write_seconds", 0.0), 3),
     }
+    ready = [a["startup"]["ready_at"] for a in stats.get("model_actors", []) if "startup" in a]
+    if ready and t0_wall is not None:
+        # From the stream's start (Ray up, before the pool is planned) to the first replica
+        # ready to take a batch: its start-up phases are in execution.model_actors.
+        out["model_ready_seconds"] = round(min(ready) - t0_wall, 3)
     lo, hi = marks.get(0.1), marks.get(0.9)
     if lo is not None and hi is not None and hi > lo:
         out["steady_images_per_second"] = round(0.8 * total / (hi - lo), 2)
@@ -334,6 +340,15 @@ def _timings(t0, first, marks, total, stats, actors) -> dict[str, Any]:
         out["model_busy_share"] = round(
             stats.get("model_seconds", 0.0) / (actors.num_actors * wall), 3
         )
+    decode_from = stats.get("first_decode_start")
+    if decode_from is not None and stats.get("last_decode_end", 0) > decode_from:
+        # The decode stage's own rate, from its first block's start to its last block's end:
+        # what to set against the decode-bound ceiling. The steady-state rate above is the
+        # rate results came back; where decode ran ahead of a model actor still starting,
+        # that drains decoded blocks from the object store and overstates a long run's pace.
+        span = stats["last_decode_end"] - decode_from
+        out["decode_span_seconds"] = round(span, 3)
+        out["decode_images_per_second"] = round(total / span, 2)
     started, ended = stats.get("first_model_start"), stats.get("last_decode_end")
     if started is not None and ended is not None:
         # Positive: the model was already working while decode still had blocks to do.
@@ -360,6 +375,7 @@ class StreamStats:
         self.nodes: set[str] = set()
         self.actors: list[dict] = []
         self.first_model_start: float | None = None
+        self.first_decode_start: float | None = None
         self.last_decode_end: float | None = None
 
     def add(
@@ -367,6 +383,7 @@ class StreamStats:
         node: str | None = None,
         actor: dict | None = None,
         model_start: float | None = None,
+        decode_start: float | None = None,
         decode_end: float | None = None,
         **kw,
     ) -> None:
@@ -376,6 +393,8 @@ class StreamStats:
             self.actors.append(actor)
         if model_start is not None:
             self.first_model_start = min(self.first_model_start or model_start, model_start)
+        if decode_start is not None:
+            self.first_decode_start = min(self.first_decode_start or decode_start, decode_start)
         if decode_end is not None:
             self.last_decode_end = max(self.last_decode_end or decode_end, decode_end)
         for k, v in kw.items():
@@ -387,5 +406,6 @@ class StreamStats:
             "model_nodes": sorted(self.nodes),
             "model_actors": self.actors,
             "first_model_start": self.first_model_start,
+            "first_decode_start": self.first_decode_start,
             "last_decode_end": self.last_decode_end,
         }

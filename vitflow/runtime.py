@@ -160,15 +160,14 @@ def _plan_pool(cluster: dict[str, float], node_cpus: float, compute: ComputeConf
 
 
 def plan_pool(ray, compute: ComputeConfig, model_params: int | None = None) -> ActorPlan:
-    """Size the model actor pool on the connected cluster, and for GPU actors check first that
-    torch can use the GPU Ray hands out (see :mod:`vitflow.accelerator`)."""
+    """Size the model actor pool on the connected cluster.
+
+    Whether torch can use the GPU Ray hands out is checked by each GPU model actor as it
+    starts (:mod:`vitflow.accelerator`), not by a probe task first: a probe holds the GPU
+    the model actor then waits for, and on a GPU node it put its own worker start-up, torch
+    import and CUDA initialisation (several seconds) in front of the model actor's."""
     actors = plan_actors(ray.cluster_resources(), largest_node_cpus(), compute, model_params)
     log.info("actor plan: %s", actors)
-    if actors.device == "cuda" and actors.num_gpus > 0:
-        from vitflow.accelerator import check_cluster_cuda
-
-        report = check_cluster_cuda(ray, actors.num_gpus)
-        log.info("CUDA check: %s", report)
     return actors
 
 
