@@ -100,6 +100,7 @@ def main() -> None:
     ]
     case.ratio("vitflow end to end / decode ceiling", run.listed / run.seconds, ceiling, GOAL)
     case.ratio("vitflow steady state / decode ceiling", run.steady, ceiling, GOAL)
+    case.ratio("vitflow's decode stage / decode ceiling", run.decode_rate, ceiling)
     case.ratio("vitflow steady state / (decode + forward on the same cores)", run.steady, both)
     case.notes = [f"vitflow: {run.breakdown()}", f"kept in {run.folder}"]
     case.details = {

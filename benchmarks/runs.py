@@ -149,6 +149,18 @@ class VitflowRun:
         return 0.8 * self.listed / batch
 
     @property
+    def decode_rate(self) -> float | None:
+        """The decode stage's own rate (listed rows over its first-to-last block span)."""
+        return self.timing.get("decode_images_per_second")
+
+    @property
+    def startup(self) -> dict:
+        """The first model actor's start-up phases (seconds), from the manifest."""
+        replicas = self.manifest.get("execution", {}).get("model_actors") or []
+        ups = [r["startup"] for r in replicas if "startup" in r]
+        return min(ups, key=lambda u: u.get("ready_at", 0)) if ups else {}
+
+    @property
     def actors(self) -> dict:
         return self.manifest.get("execution", {}).get("actors") or {}
 
@@ -166,7 +178,8 @@ class VitflowRun:
             f"listing {s('listing_seconds')} s",
             f"first result {s('first_result_seconds')} s",
             f"stream {s('stream_seconds')} s",
-            f"decode {s('decode_seconds')} s (summed over tasks)",
+            f"decode {s('decode_seconds')} s (summed over actors)",
+            f"decode stage {s('decode_images_per_second')} img/s over {s('decode_span_seconds')} s",
             f"model {s('model_seconds')} s",
             f"write {s('write_seconds')} s",
             f"verify {s('verify_seconds')} s",
@@ -176,6 +189,15 @@ class VitflowRun:
         if overlap is not None:
             parts.append(f"model started {overlap:.1f} s before decode ended")
         if a:
+            parts.append(
+                f"model ready {s('model_ready_seconds')} s after the stream began ("
+                + ", ".join(
+                    f"{k} {v:.1f}"
+                    for k, v in self.startup.items()
+                    if k.endswith("_s") and isinstance(v, (int, float))
+                )
+                + ")"
+            )
             parts.append(
                 f"{a.get('num_actors')} actor(s) x {a.get('num_cpus')} CPU / "
                 f"{a.get('num_gpus')} GPU on {a.get('device')}, batch {a.get('batch_size')}, "
@@ -232,7 +254,17 @@ def run_vitflow(
         "HF_HUB_OFFLINE": "1",
         "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
     }
-    cmd = [sys.executable, str(DRIVER), str(peak_file), "embed", str(job_file), "--overwrite"]
+    # --verbose: a failure's log then holds its traceback (a borrowed GPU machine is seldom
+    # there for a second try).
+    cmd = [
+        sys.executable,
+        str(DRIVER),
+        str(peak_file),
+        "embed",
+        str(job_file),
+        "--overwrite",
+        "--verbose",
+    ]
     log = folder / "vitflow.log"
     print(f"  vitflow embed ({name}) ...", flush=True)
     load_before = load()
@@ -249,11 +281,12 @@ def run_vitflow(
         seconds = time.perf_counter() - t0
     try:
         _stop(proc, ray_tmp)  # Ray shuts down with its driver; this only catches leftovers
+        # Ray Data's logs are kept whatever happened: a failed run's are the ones wanted most.
+        for logs in glob.glob(str(ray_tmp / "ray" / "session_*" / "logs" / "ray-data")):
+            shutil.copytree(logs, folder / "ray-data", dirs_exist_ok=True)
         if rc != 0:
             tail = log.read_text(errors="replace")[-3000:]
             raise SystemExit(f"vitflow embed ({name}) failed with exit code {rc}:\n{tail}")
-        for logs in glob.glob(str(ray_tmp / "ray" / "session_*" / "logs" / "ray-data")):
-            shutil.copytree(logs, folder / "ray-data", dirs_exist_ok=True)
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     manifest = json.loads((folder / "embeddings" / "_manifest.json").read_text())
