@@ -4,7 +4,8 @@
 # under $OUT (at most 8 files come back: the logs and Ray Data's logs go as one archive).
 #
 #   device run: bash benchmarks/gpu_session.sh   (carry: [".devkit"], timeout_s ~540)
-#   GPU_BENCH_TIMEOUT=seconds for the benchmark (420); DEVIATION=0 skips the deviation check.
+#   GPU_BENCH_TIMEOUT=seconds for the benchmark (420); GPU_BENCH_ARGS=more of its arguments;
+#   DEVIATION=0 skips the deviation check.
 set -u -o pipefail
 OUT=${OUT:-/tmp/gpu-session-out}
 mkdir -p "$OUT"
@@ -15,7 +16,8 @@ export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0 PYTH
     > "$OUT/machine.txt" 2>&1
 WORK=/tmp/vfb
 timeout "${GPU_BENCH_TIMEOUT:-420}" python3 benchmarks/gpu_throughput.py \
-    --workdir "$WORK" --photos-dir /tmp/vfb-photos --vitflow-timeout 150 2>&1 | tee "$OUT/gpu.log"
+    --workdir "$WORK" --photos-dir /tmp/vfb-photos --vitflow-timeout 150 ${GPU_BENCH_ARGS:-} \
+    2>&1 | tee "$OUT/gpu.log"
 if [ "${DEVIATION:-1}" = 1 ]; then
     timeout 75 python3 benchmarks/decode_deviation.py --device cuda --sizes 800x600 4032x3024 \
         --count 8 2>&1 | tee "$OUT/deviation.log"

@@ -201,6 +201,7 @@ class VitflowRun:
             parts.append(
                 f"{a.get('num_actors')} actor(s) x {a.get('num_cpus')} CPU / "
                 f"{a.get('num_gpus')} GPU on {a.get('device')}, batch {a.get('batch_size')}, "
+                f"{a.get('batches_in_flight', 1)} batch(es) in flight per actor, "
                 f"{a.get('decode_tasks')} decode actor(s) x {a.get('decode_num_cpus')} CPU, "
                 f"decode on {a.get('decode')}"
             )

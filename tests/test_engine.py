@@ -190,8 +190,10 @@ def test_actor_side_decode_falls_back_to_the_exact_path_without_cuda(corpus, ray
 @pytest.mark.timeout(300)
 def test_actor_side_decode_through_ray_gives_the_cpu_decode_rows(corpus, ray_local, tmp_path):
     """The whole stream with ``decode: gpu`` actors, through Ray Data (whose batches hold
-    read-only views of Arrow buffers, unlike a dict built by hand), forced here without CUDA:
-    the actors' exact fallback must give the CPU decode actors' rows, error rows included."""
+    read-only views of Arrow buffers, unlike a dict built by hand), forced here without CUDA
+    and with two batches in flight per model actor, as on a GPU: the actors' exact fallback
+    must give the CPU decode actors' rows (one batch at a time), error rows included, and
+    one forward per batch."""
     import dataclasses
 
     from vitflow import engine
@@ -208,8 +210,11 @@ def test_actor_side_decode_through_ray_gives_the_cpu_decode_rows(corpus, ray_loc
     run_embed(job(corpus, tmp_path / "cpu"))
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(engine, "plan_pool", gpu_decode_plan)
-        res = run_embed(job(corpus, tmp_path / "gpu"))
-    assert res.manifest["execution"]["actors"]["decode"] == "gpu"
+        res = run_embed(job(corpus, tmp_path / "gpu", **{"compute.batches_in_flight": 2}))
+    ex = res.manifest["execution"]
+    assert ex["actors"]["decode"] == "gpu" and ex["actors"]["batches_in_flight"] == 2
+    assert ex["forwards"] == ex["batches_with_images"] > 1
+    assert 0 < res.manifest["timing"]["model_busy_share"] <= 1
     cpu, gpu = rows(tmp_path / "cpu"), rows(tmp_path / "gpu")
     same = ["path", "status", "error", "width", "height"]
     pd.testing.assert_frame_equal(gpu[same], cpu[same])

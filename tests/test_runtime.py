@@ -254,3 +254,10 @@ def test_decode_actors_yield_the_cpu_to_the_model_side():
             check=True,
         )
         assert int(out.stdout.split()[-1]) == max(DECODE_NICE, os.nice(0) + start)
+
+
+def test_gpu_actors_keep_two_batches_in_flight_and_cpu_actors_one():
+    assert plan({"CPU": 8.0, "GPU": 1.0}).batches_in_flight == 2
+    assert plan({"CPU": 8.0}).batches_in_flight == 1
+    assert plan({"CPU": 8.0, "GPU": 1.0}, batches_in_flight=1).batches_in_flight == 1
+    assert plan({"CPU": 8.0}, batches_in_flight=3).batches_in_flight == 3

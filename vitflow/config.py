@@ -299,6 +299,14 @@ class ComputeConfig(_Section):
         "model's resize reads: 2-8x faster for camera photos; pixels differ slightly from "
         "timm's exact transform (see README).",
     )
+    batches_in_flight: int | None = Field(
+        None,
+        ge=1,
+        le=4,
+        description="Batches a model actor works on at once: while one runs its forward, the "
+        "next one's pixels go to the device (or are decoded there with decode: gpu). null = 2 "
+        "on GPU actors, 1 on CPU. Each holds its batch in device memory.",
+    )
     channels_last: bool = Field(False, description="Run the model in channels_last memory format.")
     compile: bool = Field(False, description="torch.compile the model in each actor.")
     local_num_cpus: int | None = Field(

@@ -41,6 +41,7 @@ class ActorPlan:
     decode_tasks: int = 1  # decode actors (blocks decoded at once), cluster-wide
     decode_num_cpus: float = 1.0  # CPUs each decode actor reserves
     decode: str = "cpu"  # where images are decoded: "cpu" tasks | "gpu" in the actors
+    batches_in_flight: int = 1  # batches a model actor works on at once (see stages)
 
 
 # Images per forward pass when compute.batch_size is not set: what fits a 24 GB card with
@@ -94,8 +95,16 @@ def _with_decode(
         )
         decode = "cpu"
     batch = compute.batch_size or default_batch_size(plan.device, model_params)
+    # On a GPU the host's work for a batch (copy or decode) can run beside the device's
+    # forward of the one before; on the CPU the forward already uses every thread.
+    in_flight = compute.batches_in_flight or (2 if plan.device == "cuda" else 1)
     return replace(
-        plan, batch_size=batch, decode_tasks=tasks, decode_num_cpus=per_task, decode=decode
+        plan,
+        batch_size=batch,
+        decode_tasks=tasks,
+        decode_num_cpus=per_task,
+        decode=decode,
+        batches_in_flight=in_flight,
     )
 
 

@@ -7,6 +7,7 @@ Plain Python, importable and testable without Ray. The decode stage before it is
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -156,6 +157,7 @@ class EmbedWorker:
             torch.cuda.synchronize(self.device)
             phase("warmup_s")
         self.decode, self.max_pixels = decode, cfg.source.max_pixels
+        self._model_lock, self._write_lock = threading.Lock(), threading.Lock()
         self.writer = writer[0](**writer[1]) if writer is not None else None
         self.stats_name = stats_actor
         self.stats = ray.get_actor(stats_actor) if stats_actor else None
@@ -192,32 +194,46 @@ class EmbedWorker:
         return out
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        """One batch: its pixels onto the device (copied, or decoded there), the forward pass,
+        the rows written. Ray Data may run two calls of one actor at once (plan's
+        ``batches_in_flight``): then one batch's pixels are prepared while the other's
+        forward runs. The forward and the write each take a lock, so the device runs one
+        forward at a time and the writer sees one table at a time."""
         started = time.time()
-        t0 = time.perf_counter()
+        t_prep = time.perf_counter()
         pixels = self._pixels(batch)  # on the device; None when no row is ok
         ok = batch[columns.STATUS] == columns.STATUS_OK
         vectors: dict[str, np.ndarray] = {}
-        seconds = 0.0
-        calls_before = self.stem_calls
+        forwards = 0
+        x = None
         if ok.any():
             x = self.pre.to_tensor(pixels[torch.from_numpy(ok).to(pixels.device)], self.device)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            out = self._forward(x)
-            vectors = {k: v.float().cpu().numpy() for k, v in out.items()}
-        seconds = time.perf_counter() - t0
+        prepare_seconds = time.perf_counter() - t_prep
+        with self._model_lock:
+            t0 = time.perf_counter()
+            if x is not None:
+                calls_before = self.stem_calls
+                out = self._forward(x)
+                vectors = {k: v.float().cpu().numpy() for k, v in out.items()}
+                forwards = self.stem_calls - calls_before
+            seconds = time.perf_counter() - t0
+        del x, pixels
         table = rows_table(batch, vectors, self.dims)
-        t1 = time.perf_counter()
-        result = self.writer.write(table) if self.writer is not None else table
-        write_seconds = time.perf_counter() - t1
+        with self._write_lock:
+            t1 = time.perf_counter()
+            result = self.writer.write(table) if self.writer is not None else table
+            write_seconds = time.perf_counter() - t1
         if self.stats is not None:
             self.stats.add.remote(
                 node=self.node_id,
                 batches=1,
                 batches_with_images=int(ok.any()),
-                forwards=self.stem_calls - calls_before,
+                forwards=forwards,
                 images=int(ok.sum()),
                 model_seconds=seconds,
+                prepare_seconds=prepare_seconds,
                 write_seconds=write_seconds,
                 model_start=started,
             )
