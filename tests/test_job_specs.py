@@ -32,6 +32,7 @@ RUNS_AS = {
     "demo": "embed",
     "embed": "embed",
     "flowers-dinov2": "embed",
+    "matrix-demo": "matrix",
     "reindex-nightly": "reindex",
     "simclr-digits": "train",
     "simo2-cifar": "train",
@@ -92,8 +93,11 @@ def test_submit_refuses_a_command_that_contradicts_the_kind():
         job_for_submission(PACKAGED / "reindex-nightly.yaml", command="embed")
     with pytest.raises(ConfigError, match="contradicts"):
         job_for_submission(PACKAGED / "demo.yaml", overrides=["kind=reindex"])
-    with pytest.raises(ConfigError, match="--resume applies to embed jobs"):
+    with pytest.raises(ConfigError, match="--resume applies to embed and matrix jobs"):
         job_for_submission(PACKAGED / "reindex-nightly.yaml", extra_args=["--resume"])
+    # A matrix job resumes too: submit passes --resume on.
+    command, _ = job_for_submission(PACKAGED / "matrix-demo.yaml", extra_args=["--resume"])
+    assert command == "matrix"
 
 
 def test_an_unknown_kind_is_refused_everywhere(tmp_path):

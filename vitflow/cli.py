@@ -378,6 +378,69 @@ def reindex(
     typer.echo(result.summary_json())
 
 
+@app.command()
+def matrix(
+    config: Annotated[Path, typer.Argument(help="Job YAML with kind: matrix.")],
+    set_: SetOpt = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace the outputs of an earlier run.")
+    ] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume", help="Keep complete outputs, finish interrupted ones, run the rest."
+        ),
+    ] = False,
+    address: AddressOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Embed several datasets with several models in one job: OUT/<model>/<dataset>/<split>/,
+    with a manifest per model/dataset and, with ood:, each dataset's distance to a reference.
+
+    Example: vitflow matrix jobs/matrix-demo.yaml
+    """
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
+    with _job_errors(verbose, "rerun the same command with --resume to finish"):
+        cfg = _load_job(config, "matrix", set_ or [])
+        from vitflow.matrix import run_matrix
+
+        result = run_matrix(
+            cfg, overwrite=overwrite, resume=resume, address=address, echo=typer.echo
+        )
+    typer.echo(
+        f"vitflow matrix: done in {result.seconds:.1f} s: {len(result.runs)} outputs under "
+        f"{result.output_uri}"
+    )
+    _print_ls(result.output_uri, cfg.storage.options_for(result.output_uri))
+    for model, ood in result.ood.items():
+        typer.echo(f"  out of distribution ({model}, vs {ood['reference']['dataset']}):")
+        for row in ood["summary"]:
+            typer.echo(
+                f"    {row['dataset']:<20} n {row['n']:>6}  median {row['median']:.4f}  "
+                f"p10 {row['p10']:.4f}  p90 {row['p90']:.4f}"
+            )
+
+
+@app.command("ls")
+def ls_cmd(
+    output: Annotated[str, typer.Argument(help="A matrix output, or any embed output.")],
+) -> None:
+    """Print what an output holds: model, dataset, split, rows, ok, errors, features."""
+    with _job_errors():
+        _print_ls(output, None)
+
+
+def _print_ls(uri: str, storage_options) -> None:
+    from vitflow.matrix import matrix_rows
+
+    rows = matrix_rows(uri, storage_options)
+    heads = ("model", "dataset", "split", "rows", "ok", "errors", "features")
+    cells = [[("" if r[h] is None else str(r[h])) for h in heads] for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(heads)]
+    for line in [list(heads), *cells]:
+        typer.echo("  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip())
+
+
 JobsAddressOpt = Annotated[
     str,
     typer.Option(
@@ -527,7 +590,7 @@ def init(
 
 @app.command()
 def schema(
-    kind: Annotated[str, typer.Argument(help="embed (also reindex) | train.")] = "embed",
+    kind: Annotated[str, typer.Argument(help="embed (also reindex) | train | matrix.")] = "embed",
 ) -> None:
     """Print the JSON Schema of a job file, for editors (YAML language servers) and checks."""
     import json
@@ -540,8 +603,12 @@ def schema(
         from vitflow.training.config import TrainConfig
 
         model = TrainConfig
+    elif kind == "matrix":
+        from vitflow.matrix import MatrixConfig
+
+        model = MatrixConfig
     else:
-        _fail(f"unknown job kind {kind!r}; use embed, reindex or train")
+        _fail(f"unknown job kind {kind!r}; use embed, reindex, train or matrix")
         return
     typer.echo(json.dumps(model.model_json_schema(), indent=2))
 

@@ -22,7 +22,7 @@ from vitflow.errors import ConfigError
 from vitflow.jobfile import echo
 
 #: Every job kind, each run by ``vitflow KIND``.
-JOB_KINDS = ("embed", "reindex", "train")
+JOB_KINDS = ("embed", "reindex", "train", "matrix")
 
 _noted = False  # the missing-kind note is said once per process, not per file read
 
@@ -81,11 +81,16 @@ def note_missing_kind(path: object, kind: str) -> None:
 
 
 def schema_for(kind: str) -> type:
-    """The config class of a job kind: ``EmbedConfig`` (embed, reindex) or ``TrainConfig``."""
+    """The config class of a job kind: ``EmbedConfig`` (embed, reindex), ``TrainConfig`` or
+    ``MatrixConfig``."""
     if kind == "train":
         from vitflow.training.config import TrainConfig
 
         return TrainConfig
+    if kind == "matrix":
+        from vitflow.matrix import MatrixConfig
+
+        return MatrixConfig
     from vitflow.config import EmbedConfig
 
     return EmbedConfig

@@ -34,12 +34,15 @@ def load_embeddings(
     *,
     allow_incomplete: bool = False,
     transform: str | None = None,
+    model: str | None = None,
+    dataset: str | None = None,
 ):
     """Load an embeddings output written by ``vitflow embed`` (or an index kept by
-    ``vitflow reindex``).
+    ``vitflow reindex``), or a slice of a ``vitflow matrix`` output.
 
     Args:
-        uri: the output folder (local path or fsspec URL).
+        uri: the output folder (local path or fsspec URL); for a matrix output, its root
+            with ``model`` and ``dataset``, or one ``<model>/<dataset>`` folder of it.
         feature: keep only this vector column (default: all of them).
         split: keep only rows of this split (default: all).
         include_errors: keep ``status == 'error'`` rows too (default: ok rows only).
@@ -53,6 +56,8 @@ def load_embeddings(
             (:func:`vitflow.analysis.transforms.fit_transform`), to the ``feature`` column
             (which then holds the transformed vectors). One fitted on other data (the output
             was re-embedded, completed or reindexed since) is refused.
+        model, dataset: the slice of a matrix output (``uri/model/dataset``): its splits
+            together, or the one named by ``split``; the ``split`` column says which.
 
     Returns:
         A DataFrame, or ``(DataFrame, ndarray)`` when ``return_vectors``.
@@ -63,9 +68,28 @@ def load_embeddings(
     """
     from vitflow.storage import open_fs
 
+    if model is not None or dataset is not None:
+        if model is None or dataset is None:
+            raise VitflowError("a matrix output is sliced by model= and dataset= together")
+        uri = f"{uri.rstrip('/')}/{model}/{dataset}"
     fs, path = open_fs(uri, storage_options)
     if not fs.exists(path):
         raise VitflowError(f"no embeddings at {uri!r}")
+    pair = _pair_manifest(fs, path)
+    if pair is not None:
+        return _load_pair(
+            uri,
+            pair,
+            split,
+            dict(
+                feature=feature,
+                include_errors=include_errors,
+                return_vectors=return_vectors,
+                storage_options=storage_options,
+                allow_incomplete=allow_incomplete,
+                transform=transform,
+            ),
+        )
     if fs.exists(path.rstrip("/") + "/_delta_log"):
         # An index kept by `vitflow reindex`: read one committed snapshot, never raw files.
         from vitflow.index_table import read_index
@@ -87,6 +111,42 @@ def load_embeddings(
             f"return_vectors needs feature=...; {uri!r} has {', '.join(vector_cols)}"
         )
     return df, vectors_of(table.column(name))
+
+
+def _pair_manifest(fs, path: str) -> dict | None:
+    """The manifest of one model/dataset folder of a matrix output, or None."""
+    from vitflow.matrix import PAIR_LAYOUT
+
+    f = posixpath.join(path.rstrip("/"), columns.MANIFEST_NAME)
+    if not fs.exists(f):
+        return None
+    with fs.open(f, "rb") as fh:
+        m = json.loads(fh.read())
+    return m if m.get("layout") == PAIR_LAYOUT else None
+
+
+def _load_pair(uri: str, pair: dict, split: str | None, kw: dict):
+    """A model/dataset folder: each split's output loaded as itself, tagged and stacked."""
+    import pandas as pd
+
+    splits = list(pair.get("splits", {}))
+    if split is not None:
+        if split not in splits:
+            raise VitflowError(
+                f"{uri!r} has no split {split!r}; its splits: {', '.join(splits) or 'none'}"
+            )
+        splits = [split]
+    frames, vectors = [], []
+    for s in splits:
+        got = load_embeddings(f"{uri.rstrip('/')}/{s}", **kw)
+        df, x = got if kw["return_vectors"] else (got, None)
+        df[columns.SPLIT] = s
+        frames.append(df)
+        vectors.append(x)
+    df = pd.concat(frames, ignore_index=True)
+    if not kw["return_vectors"]:
+        return df
+    return df, np.concatenate(vectors) if vectors else np.zeros((0, 0), np.float32)
 
 
 def _transformed(table, uri, name, feature, vector_cols, storage_options) -> pa.Table:

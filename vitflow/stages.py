@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 
 import numpy as np
 import pyarrow as pa
@@ -250,7 +251,11 @@ class EmbedWorker:
         when CPU tasks decoded them, or decoded here from the files' bytes (``decode: gpu``;
         error rows get their reasons in ``batch``)."""
         if self.decode != "gpu":
-            x = torch.from_numpy(np.ascontiguousarray(batch[columns.PIXELS]))
+            with warnings.catch_warnings():
+                # Ray Data's arrays are read-only views; this tensor is only read (copied to
+                # pinned memory, or indexed into a new one), never written.
+                warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+                x = torch.from_numpy(np.ascontiguousarray(batch[columns.PIXELS]))
             if self.device.type == "cuda":
                 return x.pin_memory().to(self.device, non_blocking=True)
             return x

@@ -97,9 +97,11 @@ def job_for_submission(
     schema = schema_for(command)
     for o in overrides:
         apply_override(data, o, schema)
-    for flag, fits in (("--resume", "embed"), ("--rebuild", "reindex")):
-        if flag in extra_args and command != fits:
-            raise ConfigError(f"{flag} applies to {fits} jobs, but this is a {command} job")
+    for flag, fits in (("--resume", ("embed", "matrix")), ("--rebuild", ("reindex",))):
+        if flag in extra_args and command not in fits:
+            raise ConfigError(
+                f"{flag} applies to {' and '.join(fits)} jobs, but this is a {command} job"
+            )
     cfg = load_config(base=data, schema=schema)
     if cfg.kind != command:  # a --set kind=... that contradicts the file
         raise ConfigError(

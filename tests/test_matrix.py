@@ -1,0 +1,202 @@
+"""Many models x many datasets in one job (vitflow.matrix): the MODEL/DATASET/SPLIT tree,
+its manifests, loading a slice, `vitflow ls`, resume, and the out-of-distribution summary."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from tests.conftest import TINY
+from vitflow.config import load_config
+from vitflow.errors import ConfigError, VitflowError
+from vitflow.loading import load_embeddings
+from vitflow.matrix import MatrixConfig, dataset_splits, matrix_rows, run_matrix
+from vitflow.synthetic import make_image_folder
+
+VIT, VIT_KW = TINY["vit"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("matrix")
+    # Photo-like pictures in train/val split folders (one bad file among train's), and a
+    # collection of noise with no split folders: one split named "all".
+    make_image_folder(root / "photos", per_class=4, size=(64, 48), with_bad_files=False)
+    (root / "photos" / "train" / "cat" / "broken.jpg").write_bytes(b"not a jpeg")
+    rng = np.random.default_rng(1)
+    (root / "noise" / "blob").mkdir(parents=True)
+    for i in range(8):
+        arr = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(root / "noise" / "blob" / f"{i:03d}.png")
+    return root
+
+
+def job(root, out, **over) -> MatrixConfig:
+    base = {
+        "kind": "matrix",
+        "models": [
+            {
+                "name": "vit-tiny",
+                "model": {"name": VIT, "kwargs": VIT_KW, "weights": "random"},
+                "features": [{"name": "emb", "layers": 1, "pool": "mean"}],
+            },
+            {"name": "resnet", "model": {"name": "resnet18", "weights": "random"}},
+        ],
+        "datasets": [
+            {"name": "photos", "source": {"uri": str(root / "photos")}},
+            {"name": "noise", "source": {"uri": str(root / "noise")}},
+        ],
+        "output": {"uri": str(out), "rows_per_file": 8},
+        "compute": {"batch_size": 8},
+        "ood": {"reference": "photos", "k": 3},
+    }
+    return load_config(
+        base=base, overrides=[f"{k}={v}" for k, v in over.items()], schema=MatrixConfig
+    )
+
+
+@pytest.fixture(scope="module")
+def matrix_out(data, ray_local, tmp_path_factory):
+    out = tmp_path_factory.mktemp("matrix-out") / "emb"
+    result = run_matrix(job(data, out))
+    return out, result
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_one_job_writes_the_model_dataset_split_tree(matrix_out):
+    out, result = matrix_out
+    expected = {
+        (m, d, s)
+        for m in ("vit-tiny", "resnet")
+        for d, s in (("photos", "train"), ("photos", "val"), ("noise", "all"))
+    }
+    assert {(r["model"], r["dataset"], r["split"]) for r in result.runs} == expected
+    for m, d, s in expected:
+        split_manifest = json.loads((out / m / d / s / "_manifest.json").read_text())
+        assert list((out / m / d / s).glob("part-*.parquet"))
+        pair = json.loads((out / m / d / "_manifest.json").read_text())
+        assert pair["splits"][s] == split_manifest["counts"]
+    index = json.loads((out / "_matrix.json").read_text())
+    assert index["models"] == ["vit-tiny", "resnet"]
+    assert index["datasets"] == {"photos": ["train", "val"], "noise": ["all"]}
+    # Every file of each split is accounted for, the bad one as an error row.
+    counts = {(r["model"], r["dataset"], r["split"]): r["counts"] for r in result.runs}
+    assert counts["resnet", "photos", "train"] == {"listed": 13, "ok": 12, "error": 1}
+    assert counts["vit-tiny", "noise", "all"] == {"listed": 8, "ok": 8, "error": 0}
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_load_embeddings_slices_the_tree_by_model_dataset_and_split(matrix_out):
+    out, _ = matrix_out
+    val = load_embeddings(str(out), model="vit-tiny", dataset="photos", split="val")
+    plain = load_embeddings(str(out / "vit-tiny" / "photos" / "val"))
+    assert (val["split"] == "val").all() and len(val) == len(plain) == 12
+    np.testing.assert_array_equal(np.stack(val["emb"]), np.stack(plain["emb"]))
+    both, x = load_embeddings(
+        str(out), model="resnet", dataset="photos", feature="emb", return_vectors=True
+    )
+    assert sorted(both["split"].unique()) == ["train", "val"] and len(both) == 24
+    assert x.shape == (24, 512)  # resnet18's pooled width, not the ViT's
+    assert load_embeddings(str(out), model="vit-tiny", dataset="noise")["emb"].iloc[0].shape == (
+        32,
+    )
+    with pytest.raises(VitflowError, match="no split 'test'"):
+        load_embeddings(str(out), model="resnet", dataset="photos", split="test")
+    with pytest.raises(VitflowError, match="model= and dataset= together"):
+        load_embeddings(str(out), model="resnet")
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_vitflow_ls_prints_every_split_with_its_counts(matrix_out):
+    from typer.testing import CliRunner
+
+    from vitflow.cli import app
+
+    out, result = matrix_out
+    rows = matrix_rows(str(out))
+    assert len(rows) == 6
+    got = {(r["model"], r["dataset"], r["split"]): (r["rows"], r["ok"], r["errors"]) for r in rows}
+    for r in result.runs:
+        c = r["counts"]
+        assert got[r["model"], r["dataset"], r["split"]] == (c["listed"], c["ok"], c["error"])
+    printed = CliRunner().invoke(app, ["ls", str(out)])
+    assert printed.exit_code == 0, printed.output
+    lines = printed.output.strip().splitlines()
+    assert lines[0].split() == ["model", "dataset", "split", "rows", "ok", "errors", "features"]
+    assert len(lines) == 7
+    assert any(line.split()[:6] == ["resnet", "photos", "train", "13", "12", "1"] for line in lines)
+    # One pair, and one plain embed output, list themselves too.
+    assert len(matrix_rows(str(out / "resnet" / "photos"))) == 2
+    assert matrix_rows(str(out / "resnet" / "photos" / "val"))[0]["rows"] == 12
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_ood_summary_and_plot_for_every_dataset_order_the_collections(matrix_out):
+    out, result = matrix_out
+    for model in ("vit-tiny", "resnet"):
+        folder = out / model / "_ood"
+        summary = pd.read_csv(folder / "summary.csv").set_index("dataset")
+        assert set(summary.index) == {"photos", "noise"}
+        scores = pd.read_parquet(folder / "scores.parquet")
+        ok_rows = sum(r["counts"]["ok"] for r in result.runs if r["model"] == model)
+        assert len(scores) == ok_rows
+        assert summary.loc["photos", "n"] == 24 and summary.loc["noise", "n"] == 8
+        # Photo-like images sit nearer the photo reference than noise does.
+        assert summary.loc["photos", "median"] < summary.loc["noise", "median"], model
+        # The reference split is scored against itself without a row meeting itself.
+        own = scores[(scores["dataset"] == "photos") & (scores["split"] == "train")]
+        assert (own["ood_knn"] > 1e-6).all()
+        assert (folder / "ood.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        meta = json.loads((folder / "summary.json").read_text())
+        assert meta["reference"] == {"dataset": "photos", "split": "train"} and meta["k"] == 3
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_a_second_run_refuses_then_resume_keeps_what_is_complete(data, matrix_out):
+    out, _ = matrix_out
+    with pytest.raises(ConfigError, match="--resume"):
+        run_matrix(job(data, out))
+    part = sorted((out / "resnet" / "photos" / "train").glob("part-*.parquet"))[0]
+    before = part.stat().st_mtime_ns
+    shutil.rmtree(out / "vit-tiny" / "noise" / "all")  # as if the job stopped before it
+    lines = []
+    again = run_matrix(job(data, out), resume=True, echo=lines.append)
+    assert part.stat().st_mtime_ns == before  # complete: kept, not re-embedded
+    assert sum("complete, kept" in line for line in lines) == 5
+    assert (out / "vit-tiny" / "noise" / "all" / "_manifest.json").exists()
+    assert len(again.runs) == 6
+
+
+def test_split_folders_are_found_and_anything_beside_them_is_refused(tmp_path):
+    make_image_folder(tmp_path / "a", per_class=1, size=(16, 16))
+    cfg = job(tmp_path, tmp_path / "out")
+    ds = cfg.datasets[0].model_copy(
+        update={"source": cfg.datasets[0].source.model_copy(update={"uri": str(tmp_path / "a")})}
+    )
+    assert list(dataset_splits(ds, cfg.storage)) == ["train", "val"]
+    (tmp_path / "a" / "extra").mkdir()
+    with pytest.raises(ConfigError, match="other entries beside them"):
+        dataset_splits(ds, cfg.storage)
+    named = ds.model_copy(update={"splits": {"train": str(tmp_path / "a" / "train")}})
+    assert dataset_splits(named, cfg.storage) == {"train": str(tmp_path / "a" / "train")}
+
+
+def test_the_job_file_is_checked_before_anything_runs(tmp_path):
+    with pytest.raises(ConfigError, match="model names must be unique"):
+        job(tmp_path, tmp_path / "o", **{"models.1.name": "vit-tiny"})
+    with pytest.raises(ConfigError, match="ood.reference 'elsewhere' is not a dataset"):
+        job(tmp_path, tmp_path / "o", **{"ood.reference": "elsewhere"})
+    with pytest.raises(ConfigError, match="ood.feature 'emb2' is not a feature set"):
+        job(tmp_path, tmp_path / "o", **{"ood.feature": "emb2"})
+    with pytest.raises(ConfigError, match="pattern"):
+        job(tmp_path, tmp_path / "o", **{"datasets.0.name": "../up"})

@@ -1,0 +1,479 @@
+"""Many models x many datasets in one job (``kind: matrix``, ``vitflow matrix JOB.yaml``).
+
+Teams keep embeddings as ``MODEL/DATASET/SPLIT`` folders and load a slice with one call. A
+matrix job names several models (each with its own folder name, weights and feature sets)
+and several datasets (each with its own source), and writes::
+
+    OUT/_matrix.json                       what the job holds: models, datasets, splits
+    OUT/<model>/<dataset>/_manifest.json   one per model/dataset: its splits, rows, features
+    OUT/<model>/<dataset>/<split>/         a standard embed output (parts + _manifest.json)
+    OUT/<model>/_ood/                      with ``ood:``, each image's kNN distance to the
+                                           reference dataset, per-dataset summary, box plot
+
+Each ``<split>`` folder is an ordinary ``vitflow embed`` output of that split's images, so
+everything that reads one (``load_embeddings``, ``vitflow eval``, duckdb) reads it, and
+``--resume`` finishes each one with embed's own guarantees: a split already complete is
+kept, one interrupted is finished, one not started is run. :func:`vitflow.load_embeddings`
+takes ``model=`` and ``dataset=`` (and ``split=``) to load a slice; ``vitflow ls OUT``
+prints the table of what is there.
+
+A dataset's splits are the ``splits:`` it names (split -> folder or URL), else the
+sub-folders of its source named train, validation, val or test, else the whole source as
+one split named ``all``. A source with split folders and anything else beside them is
+refused rather than half embedded.
+
+Runs go one (model, dataset, split) at a time through one Ray session. Each file is read
+and decoded once per model for now, not once per distinct preprocessing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import posixpath
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from vitflow import columns
+from vitflow.config import (
+    ComputeConfig,
+    EmbedConfig,
+    FeatureConfig,
+    ModelConfig,
+    OutputConfig,
+    SourceConfig,
+    StorageConfig,
+    _Section,
+)
+from vitflow.errors import ConfigError, VitflowError
+
+log = logging.getLogger(__name__)
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+SPLIT_FOLDERS = ("train", "validation", "val", "test")
+WHOLE_SOURCE = "all"  # the split name of a dataset without split folders
+PAIR_LAYOUT = "vitflow-matrix-pair/1"
+MATRIX_INDEX = "_matrix.json"
+OOD_FOLDER = "_ood"
+
+
+class MatrixModel(_Section):
+    """One model of a matrix job: its folder name, the model, and its feature sets."""
+
+    name: str = Field(pattern=NAME_PATTERN, description="Folder name under the output.")
+    model: ModelConfig
+    features: list[FeatureConfig] = Field(
+        default_factory=lambda: [FeatureConfig()],
+        description="Named feature sets of this model, all from one forward pass.",
+    )
+
+
+class MatrixDataset(_Section):
+    """One dataset of a matrix job: its folder name, its source, and optionally its splits."""
+
+    name: str = Field(pattern=NAME_PATTERN, description="Folder name under each model.")
+    source: SourceConfig
+    splits: dict[str, str] | None = Field(
+        None,
+        description="split name -> folder or URL of its images; null: the source's train/"
+        "validation/val/test sub-folders, else the whole source as one split named all.",
+    )
+
+    @model_validator(mode="after")
+    def _split_names(self) -> MatrixDataset:
+        import re
+
+        for name in self.splits or {}:
+            if not re.match(NAME_PATTERN, name):
+                raise ValueError(f"split name {name!r} must match {NAME_PATTERN}")
+        return self
+
+
+class OodConfig(_Section):
+    """How far out of distribution each dataset is, for every model: each image's mean cosine
+    distance to its k nearest images of a reference dataset."""
+
+    reference: str = Field(description="The in-distribution dataset (one of datasets' names).")
+    reference_split: str | None = Field(
+        None, description="Its split to compare with; null: train if it has one, else its first."
+    )
+    k: int = Field(10, ge=1, description="Neighbours per image.")
+    feature: str | None = Field(None, description="Vector column; null: each model's first.")
+
+
+class MatrixConfig(_Section):
+    """A job of several models over several datasets. Load it with
+    ``load_config(path, schema=MatrixConfig)``."""
+
+    kind: Literal["matrix"] = "matrix"
+    models: list[MatrixModel] = Field(min_length=1)
+    datasets: list[MatrixDataset] = Field(min_length=1)
+    output: OutputConfig
+    compute: ComputeConfig = Field(default_factory=ComputeConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    ood: OodConfig | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MatrixConfig:
+        for what, names in (
+            ("model", [m.name for m in self.models]),
+            ("dataset", [d.name for d in self.datasets]),
+        ):
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            if dupes:
+                raise ValueError(f"{what} names must be unique; repeated: {', '.join(dupes)}")
+        for m in self.models:
+            EmbedConfig.model_validate(  # each model's feature sets, checked as embed does
+                {
+                    "source": {"uri": "."},
+                    "model": m.model,
+                    "features": m.features,
+                    "output": {"uri": "."},
+                }
+            )
+        if self.ood is not None:
+            names = [d.name for d in self.datasets]
+            if self.ood.reference not in names:
+                raise ValueError(
+                    f"ood.reference {self.ood.reference!r} is not a dataset of this job; "
+                    f"use one of {', '.join(names)}"
+                )
+            if self.ood.feature is not None:
+                missing = [
+                    m.name
+                    for m in self.models
+                    if self.ood.feature not in {f.name for f in m.features}
+                ]
+                if missing:
+                    raise ValueError(
+                        f"ood.feature {self.ood.feature!r} is not a feature set of model(s) "
+                        f"{', '.join(missing)}"
+                    )
+        return self
+
+
+@dataclass
+class MatrixResult:
+    """What a matrix run wrote: one entry per (model, dataset, split)."""
+
+    output_uri: str
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    ood: dict[str, dict[str, Any]] = field(default_factory=dict)  # model -> files written
+    seconds: float = 0.0
+
+
+def dataset_splits(ds: MatrixDataset, storage: StorageConfig) -> dict[str, str]:
+    """``{split: uri}`` of a dataset (see the module docstring for the rule)."""
+    if ds.splits:
+        return dict(ds.splits)
+    from vitflow.storage import open_fs
+
+    uri = ds.source.uri
+    fs, path = open_fs(uri, storage.options_for(uri))
+    if not fs.isdir(path):
+        raise ConfigError(f"dataset {ds.name!r}: source {uri!r} is not a folder")
+    entries = [
+        e
+        for e in fs.ls(path, detail=True)
+        if not posixpath.basename(e["name"].rstrip("/")).startswith(".")
+    ]
+    found, other = {}, []
+    for e in entries:
+        base = posixpath.basename(e["name"].rstrip("/"))
+        if e.get("type") == "directory" and base.lower() in SPLIT_FOLDERS:
+            found[base.lower()] = uri.rstrip("/") + "/" + base
+        else:
+            other.append(base + ("/" if e.get("type") == "directory" else ""))
+    if not found:
+        return {WHOLE_SOURCE: uri}
+    if other:
+        shown = ", ".join(sorted(other)[:5]) + (", ..." if len(other) > 5 else "")
+        raise ConfigError(
+            f"dataset {ds.name!r}: {uri} has split folders ({', '.join(sorted(found))}) and "
+            f"other entries beside them ({shown}), which no split would embed; name its splits "
+            "under datasets[].splits, or move those entries into a split folder"
+        )
+    order = {s: i for i, s in enumerate(SPLIT_FOLDERS)}
+    return dict(sorted(found.items(), key=lambda kv: order[kv[0]]))
+
+
+def split_job(
+    cfg: MatrixConfig, m: MatrixModel, ds: MatrixDataset, split: str, uri: str
+) -> EmbedConfig:
+    """The ordinary embed job of one (model, dataset, split)."""
+    return EmbedConfig(
+        kind="embed",
+        source=ds.source.model_copy(update={"uri": uri, "split": None}),
+        model=m.model,
+        features=m.features,
+        output=cfg.output.model_copy(
+            update={"uri": split_uri(cfg.output.uri, m.name, ds.name, split)}
+        ),
+        compute=cfg.compute,
+        storage=cfg.storage,
+    )
+
+
+def split_uri(out: str, model: str, dataset: str, split: str | None = None) -> str:
+    parts = [out.rstrip("/"), model, dataset] + ([split] if split else [])
+    return "/".join(parts)
+
+
+def run_matrix(
+    cfg: MatrixConfig,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    address: str | None = None,
+    echo=None,
+) -> MatrixResult:
+    """Run every (model, dataset, split) of ``cfg`` in one Ray session, write each pair's
+    manifest and the job's index, then the out-of-distribution scores if ``cfg.ood``.
+
+    Args:
+        overwrite: replace existing outputs.
+        resume: keep complete split outputs, finish interrupted ones, run the rest.
+        address: Ray cluster to attach to; default: a local one.
+        echo: called with a line of progress per split (the CLI prints them).
+    """
+    from vitflow.embed import run_embed
+    from vitflow.runtime import ray_session
+    from vitflow.storage import open_fs
+
+    started = time.time()
+    say = echo or (lambda line: log.info("%s", line))
+    plan = [(m, ds, dataset_splits(ds, cfg.storage)) for m in cfg.models for ds in cfg.datasets]
+    jobs = [
+        (m, ds, s, split_job(cfg, m, ds, s, u)) for m, ds, splits in plan for s, u in splits.items()
+    ]
+    if not overwrite:
+        taken = [j.output.uri for *_, j in jobs if _state(j) != "absent"]
+        if taken and not resume:
+            raise ConfigError(
+                f"{len(taken)} output(s) of this job exist already (first: {taken[0]}); pass "
+                "--resume to finish the job, or --overwrite to replace them"
+            )
+    result = MatrixResult(cfg.output.uri)
+    with ray_session(address, cfg.compute.local_num_cpus):
+        for m, ds, split, job in jobs:
+            state = _state(job)
+            if resume and not overwrite and state == "complete":
+                manifest = _read_json(job.output.uri, columns.MANIFEST_NAME, cfg.storage)
+                say(f"{m.name}/{ds.name}/{split}: complete, kept")
+            else:
+                res = run_embed(job, overwrite=overwrite, resume=resume and state == "interrupted")
+                manifest = res.manifest
+                say(
+                    f"{m.name}/{ds.name}/{split}: {res.listed} images, {res.ok} ok, "
+                    f"{res.error} errors ({res.seconds:.1f} s)"
+                )
+            result.runs.append(
+                {
+                    "model": m.name,
+                    "dataset": ds.name,
+                    "split": split,
+                    "uri": job.output.uri,
+                    "counts": manifest["counts"],
+                    "features": {k: v["dim"] for k, v in manifest["features"].items()},
+                }
+            )
+        for m, ds, _ in plan:
+            _write_pair_manifest(
+                cfg,
+                m,
+                ds,
+                [r for r in result.runs if (r["model"], r["dataset"]) == (m.name, ds.name)],
+            )
+        fs, out = open_fs(cfg.output.uri, cfg.storage.options_for(cfg.output.uri))
+        index = {
+            "kind": "matrix",
+            "models": [m.name for m in cfg.models],
+            "datasets": {ds.name: list(splits) for _, ds, splits in plan[: len(cfg.datasets)]},
+            "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        _write_json(fs, posixpath.join(out, MATRIX_INDEX), index)
+        if cfg.ood is not None:
+            for m in cfg.models:
+                result.ood[m.name] = write_ood(cfg, m, result.runs)
+                say(f"{m.name}: out-of-distribution scores in {result.ood[m.name]['folder']}")
+    result.seconds = time.time() - started
+    return result
+
+
+def _state(job: EmbedConfig) -> str:
+    """``absent``, ``complete`` (a manifest and no run in progress) or ``interrupted``."""
+    from vitflow.sinks import RUN_STATE
+    from vitflow.storage import open_fs
+
+    fs, path = open_fs(job.output.uri, job.storage.options_for(job.output.uri))
+    if not fs.exists(path):
+        return "absent"
+    if fs.exists(posixpath.join(path, RUN_STATE)):
+        return "interrupted"
+    if fs.exists(posixpath.join(path, columns.MANIFEST_NAME)):
+        return "complete"
+    return "interrupted" if fs.ls(path) else "absent"
+
+
+def _read_json(uri: str, name: str, storage: StorageConfig | None = None) -> dict:
+    from vitflow.storage import open_fs
+
+    fs, path = open_fs(uri, storage.options_for(uri) if storage else None)
+    with fs.open(posixpath.join(path, name), "rb") as f:
+        return json.loads(f.read())
+
+
+def _write_json(fs, path: str, data: dict) -> None:
+    with fs.open(path, "wb") as f:
+        f.write((json.dumps(data, indent=1) + "\n").encode())
+
+
+def _write_pair_manifest(
+    cfg: MatrixConfig, m: MatrixModel, ds: MatrixDataset, runs: list[dict]
+) -> None:
+    from vitflow.storage import open_fs
+
+    uri = split_uri(cfg.output.uri, m.name, ds.name)
+    fs, path = open_fs(uri, cfg.storage.options_for(uri))
+    manifest = {
+        "layout": PAIR_LAYOUT,
+        "model": m.name,
+        "dataset": ds.name,
+        "model_config": m.model.model_dump(mode="json"),
+        "source": ds.source.uri,
+        "features": runs[0]["features"] if runs else {},
+        "splits": {r["split"]: r["counts"] for r in runs},
+        "counts": {k: sum(r["counts"].get(k, 0) for r in runs) for k in ("listed", "ok", "error")},
+    }
+    _write_json(fs, posixpath.join(path, columns.MANIFEST_NAME), manifest)
+
+
+def write_ood(cfg: MatrixConfig, m: MatrixModel, runs: list[dict]) -> dict[str, Any]:
+    """Score every split of every dataset against the reference split for model ``m``, and
+    write ``OUT/<model>/_ood/``: ``scores.parquet`` (dataset, split, id, ood_knn),
+    ``summary.csv`` and ``summary.json`` (per dataset: n, mean, median, std, p10, p90) and
+    ``ood.png`` (the distribution per dataset, ordered by median)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    from vitflow.analysis.ood import knn_distance, summarize
+    from vitflow.analysis.plots import ood_chart
+    from vitflow.analysis.source import open_source
+    from vitflow.storage import open_fs
+
+    ood = cfg.ood
+    feature = ood.feature or m.features[0].name
+    mine = [r for r in runs if r["model"] == m.name]
+    ref_splits = [r["split"] for r in mine if r["dataset"] == ood.reference]
+    ref_split = ood.reference_split or ("train" if "train" in ref_splits else ref_splits[0])
+    if ref_split not in ref_splits:
+        raise ConfigError(
+            f"ood.reference_split {ref_split!r} is not a split of dataset {ood.reference!r} "
+            f"({', '.join(ref_splits)})"
+        )
+    opts = cfg.storage.options_for(cfg.output.uri)
+    reference = open_source(split_uri(cfg.output.uri, m.name, ood.reference, ref_split), opts)
+    tables, by_dataset = [], {}
+    for r in mine:
+        query = open_source(r["uri"], opts)
+        same = (r["dataset"], r["split"]) == (ood.reference, ref_split)
+        t = knn_distance(reference, query, feature, ood.k, same=same)
+        n = t.num_rows
+        tables.append(
+            pa.table(
+                {
+                    "dataset": pa.array([r["dataset"]] * n, pa.string()),
+                    "split": pa.array([r["split"]] * n, pa.string()),
+                    columns.ID: t.column(columns.ID),
+                    "ood_knn": t.column("ood_knn"),
+                }
+            )
+        )
+        scores = t.column("ood_knn").to_numpy(zero_copy_only=False)
+        by_dataset.setdefault(r["dataset"], []).append(scores)
+    scores = {d: np.concatenate(v) for d, v in by_dataset.items()}
+    summary = summarize(scores)
+    uri = split_uri(cfg.output.uri, m.name, OOD_FOLDER)
+    fs, path = open_fs(uri, opts)
+    fs.makedirs(path, exist_ok=True)
+    with fs.open(posixpath.join(path, "scores.parquet"), "wb") as f:
+        pq.write_table(pa.concat_tables(tables), f)
+    with fs.open(posixpath.join(path, "summary.csv"), "wb") as f:
+        pacsv.write_csv(summary, f)
+    meta = {
+        "model": m.name,
+        "feature": feature,
+        "k": ood.k,
+        "reference": {"dataset": ood.reference, "split": ref_split},
+        "summary": summary.to_pylist(),
+    }
+    _write_json(fs, posixpath.join(path, "summary.json"), meta)
+    title = (
+        f"{m.name}: mean cosine distance to the {ood.k} nearest {ood.reference}/{ref_split} images"
+    )
+    with fs.open(posixpath.join(path, "ood.png"), "wb") as f:
+        f.write(ood_chart(scores, title=title))
+    return {"folder": uri, **meta}
+
+
+def matrix_rows(uri: str, storage_options: dict | None = None) -> list[dict[str, Any]]:
+    """What ``vitflow ls`` prints: one row per split output under ``uri`` (a matrix output, a
+    model/dataset pair, or a single embed output): model, dataset, split, rows, ok, errors,
+    features with their widths."""
+    from vitflow.storage import open_fs
+
+    fs, path = open_fs(uri, storage_options)
+    if not fs.exists(path):
+        raise VitflowError(f"nothing at {uri!r}")
+
+    def manifest(p: str) -> dict | None:
+        f = posixpath.join(p, columns.MANIFEST_NAME)
+        if not fs.exists(f):
+            return None
+        with fs.open(f, "rb") as fh:
+            return json.loads(fh.read())
+
+    def row(model, dataset, split, m) -> dict[str, Any]:
+        counts = m.get("counts", {})
+        dims = {
+            k: (v["dim"] if isinstance(v, dict) else v) for k, v in m.get("features", {}).items()
+        }
+        return {
+            "model": model,
+            "dataset": dataset,
+            "split": split,
+            "rows": counts.get("listed"),
+            "ok": counts.get("ok"),
+            "errors": counts.get("error"),
+            "features": ", ".join(f"{k}[{d}]" for k, d in dims.items()),
+        }
+
+    def pair_rows(p: str, model: str, dataset: str, m: dict) -> list[dict[str, Any]]:
+        out = []
+        for split in m.get("splits", {}):
+            sm = manifest(posixpath.join(p, split))
+            out.append(row(model, dataset, split, sm or {"counts": m["splits"][split]}))
+        return out
+
+    top = manifest(path)
+    if top is not None and top.get("layout") == PAIR_LAYOUT:
+        return pair_rows(path, top["model"], top["dataset"], top)
+    if top is not None:
+        return [row(None, None, None, top)]
+    out = []
+    for mdir in sorted(fs.ls(path, detail=False)):
+        if not fs.isdir(mdir) or posixpath.basename(mdir.rstrip("/")).startswith(("_", ".")):
+            continue
+        for ddir in sorted(fs.ls(mdir, detail=False)):
+            name = posixpath.basename(ddir.rstrip("/"))
+            m = manifest(ddir) if fs.isdir(ddir) and not name.startswith(("_", ".")) else None
+            if m is not None and m.get("layout") == PAIR_LAYOUT:
+                out += pair_rows(ddir, m["model"], m["dataset"], m)
+    if not out:
+        raise VitflowError(f"{uri!r} holds no embed output or matrix output")
+    return out
