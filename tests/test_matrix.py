@@ -111,6 +111,9 @@ def test_load_embeddings_slices_the_tree_by_model_dataset_and_split(matrix_out):
         load_embeddings(str(out), model="resnet", dataset="photos", split="test")
     with pytest.raises(VitflowError, match="model= and dataset= together"):
         load_embeddings(str(out), model="resnet")
+    # A transform is fitted beside one split: over a pair it needs that split named.
+    with pytest.raises(VitflowError, match="transform= applies to one split output"):
+        load_embeddings(str(out), model="resnet", dataset="photos", transform="pca8")
 
 
 @pytest.mark.ray
@@ -162,10 +165,16 @@ def test_ood_summary_and_plot_for_every_dataset_order_the_collections(matrix_out
 
 @pytest.mark.ray
 @pytest.mark.timeout(600)
-def test_a_second_run_refuses_then_resume_keeps_what_is_complete(data, matrix_out):
-    out, _ = matrix_out
+def test_a_second_run_refuses_then_resume_keeps_what_this_job_made(data, matrix_out, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(matrix_out[0], out)  # the shared tree stays as the other tests read it
     with pytest.raises(ConfigError, match="--resume"):
         run_matrix(job(data, out))
+    with pytest.raises(ConfigError, match="contradict"):
+        run_matrix(job(data, out), overwrite=True, resume=True)
+    # Settings that change the vectors: the kept outputs would not be this job's.
+    with pytest.raises(ConfigError, match="other settings than this job's"):
+        run_matrix(job(data, out, **{"models.0.features.0.pool": "cls"}), resume=True)
     part = sorted((out / "resnet" / "photos" / "train").glob("part-*.parquet"))[0]
     before = part.stat().st_mtime_ns
     shutil.rmtree(out / "vit-tiny" / "noise" / "all")  # as if the job stopped before it
@@ -177,6 +186,15 @@ def test_a_second_run_refuses_then_resume_keeps_what_is_complete(data, matrix_ou
     assert len(again.runs) == 6
 
 
+def test_mistakes_are_refused_before_anything_is_embedded(data, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match="reference_split 'test' is not a split"):
+        run_matrix(job(data, out, **{"ood.reference_split": "test"}))
+    with pytest.raises(ConfigError, match="inside one another"):
+        run_matrix(job(data, data / "photos" / "emb"))
+    assert not out.exists() and not (data / "photos" / "emb").exists()
+
+
 def test_split_folders_are_found_and_anything_beside_them_is_refused(tmp_path):
     make_image_folder(tmp_path / "a", per_class=1, size=(16, 16))
     cfg = job(tmp_path, tmp_path / "out")
@@ -184,8 +202,10 @@ def test_split_folders_are_found_and_anything_beside_them_is_refused(tmp_path):
         update={"source": cfg.datasets[0].source.model_copy(update={"uri": str(tmp_path / "a")})}
     )
     assert list(dataset_splits(ds, cfg.storage)) == ["train", "val"]
+    (tmp_path / "a" / "README.md").write_text("not an image: never listed, so no matter")
+    assert list(dataset_splits(ds, cfg.storage)) == ["train", "val"]
     (tmp_path / "a" / "extra").mkdir()
-    with pytest.raises(ConfigError, match="other entries beside them"):
+    with pytest.raises(ConfigError, match="other folders or images beside them"):
         dataset_splits(ds, cfg.storage)
     named = ds.model_copy(update={"splits": {"train": str(tmp_path / "a" / "train")}})
     assert dataset_splits(named, cfg.storage) == {"train": str(tmp_path / "a" / "train")}
@@ -200,3 +220,37 @@ def test_the_job_file_is_checked_before_anything_runs(tmp_path):
         job(tmp_path, tmp_path / "o", **{"ood.feature": "emb2"})
     with pytest.raises(ConfigError, match="pattern"):
         job(tmp_path, tmp_path / "o", **{"datasets.0.name": "../up"})
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_a_model_dataset_pair_holds_what_a_plain_embed_of_the_dataset_does(
+    data, matrix_out, tmp_path
+):
+    """The reference: `vitflow embed` of the whole dataset folder with the same model. The
+    pair's splits stacked give the same rows: ids (unique across splits), paths, labels,
+    splits, error rows and vectors."""
+    from vitflow.config import EmbedConfig
+    from vitflow.embed import run_embed
+
+    out, _ = matrix_out
+    cfg = job(data, out)
+    m, ds = cfg.models[0], cfg.datasets[0]
+    plain = EmbedConfig(
+        source=ds.source,
+        model=m.model,
+        features=m.features,
+        output={"uri": str(tmp_path / "plain")},
+        compute=cfg.compute,
+    )
+    run_embed(plain)
+    cols = ["id", "path", "label", "split", "status", "error"]
+    got = load_embeddings(str(out), model=m.name, dataset=ds.name, include_errors=True)
+    want = load_embeddings(str(tmp_path / "plain"), include_errors=True)
+    assert got["id"].is_unique
+    got, want = (d.sort_values("id").reset_index(drop=True) for d in (got, want))
+    pd.testing.assert_frame_equal(got[cols], want[cols])
+    ok = (want["status"] == "ok").to_numpy()
+    np.testing.assert_allclose(
+        np.stack(got["emb"][ok]), np.stack(want["emb"][ok]), rtol=1e-5, atol=1e-6
+    )

@@ -11,6 +11,7 @@ from pathlib import Path
 import fsspec
 import numpy as np
 import pillow_heif
+import pyarrow.compute as pc
 import pytest
 from PIL import Image
 
@@ -493,3 +494,31 @@ def test_nothing_skipped(tmp_path):
     assert listing.skipped == SkippedFiles()
     assert listing.skipped.total == 0
     assert listing.skipped.describe() == "0, hidden: 0"
+
+
+def test_a_split_folder_read_within_its_collection_lists_as_the_collection_does(tmp_path):
+    """`source.within` (set by `vitflow matrix` for each split folder): the folder's rows get
+    the ids, labels and split a listing of the whole collection gives them, and the files
+    are still read where they are."""
+    from vitflow.errors import ConfigError
+    from vitflow.synthetic import make_image_folder
+
+    make_image_folder(tmp_path / "data", per_class=2, size=(16, 12))
+    whole = list_images(SourceConfig(uri=str(tmp_path / "data"))).table
+    cols = ["id", "path", "label", "split"]
+    for split in ("train", "val"):
+        part = list_images(SourceConfig(uri=str(tmp_path / "data" / split), within=split)).table
+        want = whole.filter(pc.equal(whole["split"], split)).select(cols).to_pylist()
+        assert part.select(cols).to_pylist() == want
+    # Without it, the two folders' ids collide (the same relative names in each).
+    ids = {
+        split: set(
+            list_images(SourceConfig(uri=str(tmp_path / "data" / split))).table["id"].to_pylist()
+        )
+        for split in ("train", "val")
+    }
+    assert ids["train"] & ids["val"]
+    listed = tmp_path / "list.txt"
+    listed.write_text(str(next((tmp_path / "data" / "val").rglob("*.jpg"))) + "\n")
+    with pytest.raises(ConfigError, match="source.within applies to a folder"):
+        list_images(SourceConfig(uri=str(listed), within="val"))

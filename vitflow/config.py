@@ -105,6 +105,13 @@ class SourceConfig(_Section):
         "auto",
         description="auto: a path part named train/validation/val/test is the split; null: none.",
     )
+    within: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+        description="Read this folder as the folder of this name inside a larger collection: "
+        "ids and labels come from <within>/<path>, and the split is <within> (`vitflow matrix` "
+        "sets it for each split folder, so a split's rows are the whole dataset's). A folder only.",
+    )
     extensions: tuple[str, ...] = Field(
         IMAGE_EXTENSIONS, description="File name endings (case-insensitive) that are listed."
     )

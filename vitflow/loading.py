@@ -130,6 +130,14 @@ def _load_pair(uri: str, pair: dict, split: str | None, kw: dict):
     import pandas as pd
 
     splits = list(pair.get("splits", {}))
+    if kw["transform"] is not None and split is None and len(splits) > 1:
+        # A transform is fitted beside one split output, on its rows: applied to the others
+        # it would be refused, and transforms fitted on each split apart would stack vectors
+        # in different bases.
+        raise VitflowError(
+            f"transform= applies to one split output of {uri!r}: pass split= (one of "
+            f"{', '.join(splits)})"
+        )
     if split is not None:
         if split not in splits:
             raise VitflowError(

@@ -183,21 +183,28 @@ def dataset_splits(ds: MatrixDataset, storage: StorageConfig) -> dict[str, str]:
     found, other = {}, []
     for e in entries:
         base = posixpath.basename(e["name"].rstrip("/"))
-        if e.get("type") == "directory" and base.lower() in SPLIT_FOLDERS:
-            found[base.lower()] = uri.rstrip("/") + "/" + base
-        else:
-            other.append(base + ("/" if e.get("type") == "directory" else ""))
+        is_dir = e.get("type") == "directory"
+        if is_dir and base.lower() in SPLIT_FOLDERS:
+            if any(k.lower() == base.lower() for k in found):
+                raise ConfigError(
+                    f"dataset {ds.name!r}: {uri} has two folders for one split "
+                    f"({', '.join(sorted(k for k in found if k.lower() == base.lower()))}, {base}); "
+                    "name its splits under datasets[].splits"
+                )
+            found[base] = uri.rstrip("/") + "/" + base
+        elif is_dir or base.lower().endswith(ds.source.extensions):
+            other.append(base + ("/" if is_dir else ""))  # images no split would embed
     if not found:
         return {WHOLE_SOURCE: uri}
     if other:
         shown = ", ".join(sorted(other)[:5]) + (", ..." if len(other) > 5 else "")
         raise ConfigError(
             f"dataset {ds.name!r}: {uri} has split folders ({', '.join(sorted(found))}) and "
-            f"other entries beside them ({shown}), which no split would embed; name its splits "
-            "under datasets[].splits, or move those entries into a split folder"
+            f"other folders or images beside them ({shown}), which no split would embed; name "
+            "its splits under datasets[].splits, or move those into a split folder"
         )
     order = {s: i for i, s in enumerate(SPLIT_FOLDERS)}
-    return dict(sorted(found.items(), key=lambda kv: order[kv[0]]))
+    return dict(sorted(found.items(), key=lambda kv: order[kv[0].lower()]))
 
 
 def split_job(
@@ -206,7 +213,9 @@ def split_job(
     """The ordinary embed job of one (model, dataset, split)."""
     return EmbedConfig(
         kind="embed",
-        source=ds.source.model_copy(update={"uri": uri, "split": None}),
+        # A split's rows get the ids, labels and split a listing of the whole dataset gives
+        # them (so ids stay unique across a pair's splits, and match a plain embed's).
+        source=ds.source.model_copy(update={"uri": uri, "within": split}),
         model=m.model,
         features=m.features,
         output=cfg.output.model_copy(
@@ -230,12 +239,15 @@ def run_matrix(
     address: str | None = None,
     echo=None,
 ) -> MatrixResult:
-    """Run every (model, dataset, split) of ``cfg`` in one Ray session, write each pair's
-    manifest and the job's index, then the out-of-distribution scores if ``cfg.ood``.
+    """Run every (model, dataset, split) of ``cfg`` in one Ray session, writing each
+    model/dataset manifest as soon as its splits are done, then the out-of-distribution
+    scores if ``cfg.ood``.
 
     Args:
         overwrite: replace existing outputs.
-        resume: keep complete split outputs, finish interrupted ones, run the rest.
+        resume: keep split outputs made by this same job (same model, weights, features and
+            source settings) and complete, finish interrupted ones, run the rest; an output
+            the job's settings no longer match is refused.
         address: Ray cluster to attach to; default: a local one.
         echo: called with a line of progress per split (the CLI prints them).
     """
@@ -245,62 +257,149 @@ def run_matrix(
 
     started = time.time()
     say = echo or (lambda line: log.info("%s", line))
+    if overwrite and resume:
+        raise ConfigError("--overwrite and --resume contradict each other; pick one")
+    _check_output_outside_sources(cfg)
     plan = [(m, ds, dataset_splits(ds, cfg.storage)) for m in cfg.models for ds in cfg.datasets]
+    _check_ood_reference(cfg, plan)
     jobs = [
         (m, ds, s, split_job(cfg, m, ds, s, u)) for m, ds, splits in plan for s, u in splits.items()
     ]
+    states = {j.output.uri: _state(j) for *_, j in jobs}
     if not overwrite:
-        taken = [j.output.uri for *_, j in jobs if _state(j) != "absent"]
+        taken = [uri for uri, state in states.items() if state != "absent"]
         if taken and not resume:
             raise ConfigError(
                 f"{len(taken)} output(s) of this job exist already (first: {taken[0]}); pass "
                 "--resume to finish the job, or --overwrite to replace them"
             )
-    result = MatrixResult(cfg.output.uri)
-    with ray_session(address, cfg.compute.local_num_cpus):
-        for m, ds, split, job in jobs:
-            state = _state(job)
-            if resume and not overwrite and state == "complete":
-                manifest = _read_json(job.output.uri, columns.MANIFEST_NAME, cfg.storage)
-                say(f"{m.name}/{ds.name}/{split}: complete, kept")
-            else:
-                res = run_embed(job, overwrite=overwrite, resume=resume and state == "interrupted")
-                manifest = res.manifest
-                say(
-                    f"{m.name}/{ds.name}/{split}: {res.listed} images, {res.ok} ok, "
-                    f"{res.error} errors ({res.seconds:.1f} s)"
+        for _, _, _, job in jobs:
+            if states[job.output.uri] == "complete" and _job_key(job) != _stored_key(job):
+                raise ConfigError(
+                    f"{job.output.uri} was embedded with other settings than this job's (model, "
+                    "weights, features or source): --resume keeps only what this job would "
+                    "write; pass --overwrite to embed everything again"
                 )
-            result.runs.append(
-                {
-                    "model": m.name,
-                    "dataset": ds.name,
-                    "split": split,
-                    "uri": job.output.uri,
-                    "counts": manifest["counts"],
-                    "features": {k: v["dim"] for k, v in manifest["features"].items()},
-                }
-            )
-        for m, ds, _ in plan:
-            _write_pair_manifest(
-                cfg,
-                m,
-                ds,
-                [r for r in result.runs if (r["model"], r["dataset"]) == (m.name, ds.name)],
-            )
-        fs, out = open_fs(cfg.output.uri, cfg.storage.options_for(cfg.output.uri))
-        index = {
-            "kind": "matrix",
-            "models": [m.name for m in cfg.models],
-            "datasets": {ds.name: list(splits) for _, ds, splits in plan[: len(cfg.datasets)]},
-            "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-        _write_json(fs, posixpath.join(out, MATRIX_INDEX), index)
+    result = MatrixResult(cfg.output.uri)
+    fs, out = open_fs(cfg.output.uri, cfg.storage.options_for(cfg.output.uri))
+    fs.makedirs(out, exist_ok=True)
+    index = {
+        "kind": "matrix",
+        "models": [m.name for m in cfg.models],
+        "datasets": {ds.name: list(splits) for _, ds, splits in plan[: len(cfg.datasets)]},
+        "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    _write_json(fs, posixpath.join(out, MATRIX_INDEX), index)
+    with ray_session(address, cfg.compute.local_num_cpus):
+        for m, ds, splits in plan:
+            runs = []
+            for split in splits:
+                job = split_job(cfg, m, ds, split, splits[split])
+                state = states[job.output.uri]
+                if resume and state == "complete":
+                    manifest = _read_json(job.output.uri, columns.MANIFEST_NAME, cfg.storage)
+                    say(f"{m.name}/{ds.name}/{split}: complete, kept")
+                else:
+                    res = run_embed(
+                        job, overwrite=overwrite, resume=resume and state == "interrupted"
+                    )
+                    manifest = res.manifest
+                    _write_key(job)
+                    say(
+                        f"{m.name}/{ds.name}/{split}: {res.listed} images, {res.ok} ok, "
+                        f"{res.error} errors ({res.seconds:.1f} s)"
+                    )
+                runs.append(
+                    {
+                        "model": m.name,
+                        "dataset": ds.name,
+                        "split": split,
+                        "uri": job.output.uri,
+                        "counts": manifest["counts"],
+                        "features": {k: v["dim"] for k, v in manifest["features"].items()},
+                    }
+                )
+            # Loadable (and listed by `vitflow ls`) as soon as its splits are done.
+            _write_pair_manifest(cfg, m, ds, runs)
+            result.runs += runs
         if cfg.ood is not None:
             for m in cfg.models:
                 result.ood[m.name] = write_ood(cfg, m, result.runs)
                 say(f"{m.name}: out-of-distribution scores in {result.ood[m.name]['folder']}")
     result.seconds = time.time() - started
     return result
+
+
+KEY_FILE = "_matrix_split.json"  # in each split output: the settings it was embedded with
+
+
+def _job_key(job: EmbedConfig) -> str:
+    """A digest of what decides a split's rows and vectors: the source, model and feature
+    settings, precision, and the checkpoint file's size and modification time (a file
+    replaced in place changes them)."""
+    import hashlib
+
+    from vitflow.storage import open_fs
+
+    data = job.model_dump(mode="json", include={"source", "model", "features"})
+    data["precision"] = job.compute.precision
+    data["decode"] = [job.compute.decode, job.compute.jpeg_draft]
+    if job.model.checkpoint:
+        try:
+            fs, path = open_fs(job.model.checkpoint, job.storage.options_for(job.model.checkpoint))
+            info = fs.info(path)
+            data["checkpoint_file"] = [
+                info.get("size"),
+                str(info.get("mtime") or info.get("LastModified")),
+            ]
+        except Exception:
+            data["checkpoint_file"] = None
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def _stored_key(job: EmbedConfig) -> str | None:
+    try:
+        return _read_json(job.output.uri, KEY_FILE, job.storage).get("key")
+    except (OSError, ValueError):
+        return None
+
+
+def _write_key(job: EmbedConfig) -> None:
+    from vitflow.storage import open_fs
+
+    fs, path = open_fs(job.output.uri, job.storage.options_for(job.output.uri))
+    _write_json(fs, posixpath.join(path, KEY_FILE), {"key": _job_key(job)})
+
+
+def _check_output_outside_sources(cfg: MatrixConfig) -> None:
+    """An output inside a dataset's folder would be listed as part of it on the next run."""
+    import os
+
+    def norm(uri: str) -> str:
+        local = "://" not in uri or uri.startswith("file://")
+        path = os.path.abspath(uri.removeprefix("file://")) if local else uri
+        return path.rstrip("/") + "/"
+
+    out = norm(cfg.output.uri)
+    for ds in cfg.datasets:
+        for uri in [ds.source.uri, *(ds.splits or {}).values()]:
+            root = norm(uri)
+            if out.startswith(root) or root.startswith(out):
+                raise ConfigError(
+                    f"output.uri {cfg.output.uri!r} and dataset {ds.name!r}'s images ({uri}) "
+                    "are inside one another; write the output elsewhere"
+                )
+
+
+def _check_ood_reference(cfg: MatrixConfig, plan) -> None:
+    if cfg.ood is None or cfg.ood.reference_split is None:
+        return
+    splits = next(list(s) for _, ds, s in plan if ds.name == cfg.ood.reference)
+    if cfg.ood.reference_split not in splits:
+        raise ConfigError(
+            f"ood.reference_split {cfg.ood.reference_split!r} is not a split of dataset "
+            f"{cfg.ood.reference!r} ({', '.join(splits)})"
+        )
 
 
 def _state(job: EmbedConfig) -> str:
@@ -382,7 +481,13 @@ def write_ood(cfg: MatrixConfig, m: MatrixModel, runs: list[dict]) -> dict[str, 
     for r in mine:
         query = open_source(r["uri"], opts)
         same = (r["dataset"], r["split"]) == (ood.reference, ref_split)
-        t = knn_distance(reference, query, feature, ood.k, same=same)
+        try:
+            t = knn_distance(reference, query, feature, ood.k, same=same)
+        except ValueError as e:  # e.g. the reference split has no ok image
+            raise VitflowError(
+                f"out-of-distribution scores for model {m.name!r}, {r['dataset']}/{r['split']} "
+                f"against {ood.reference}/{ref_split}: {e}"
+            ) from e
         n = t.num_rows
         tables.append(
             pa.table(

@@ -52,16 +52,21 @@ def image_id(relpath: str | bytes) -> str:
     return hashlib.blake2b(raw, digest_size=8).hexdigest()
 
 
-def label_and_split(relpath: str, labels: str, split: str | None) -> tuple[str | None, str | None]:
+def label_and_split(
+    relpath: str, labels: str, split: str | None, within: str | None = None
+) -> tuple[str | None, str | None]:
     """Derive ``(label, split)`` from a path relative to the source root.
 
-    The split is the first folder named train/validation/val/test (when ``split='auto'``);
-    the label is the nearest parent folder that is not that split folder (when
-    ``labels='folder'``). A file directly in the root has no label.
+    The split is the first folder named train/validation/val/test (when ``split='auto'``),
+    or ``within`` when the source is read as that folder of a larger collection (then
+    ``relpath`` starts with it); the label is the nearest parent folder that is not that split
+    folder (when ``labels='folder'``). A file directly in the root has no label.
     """
     folders = relpath.split("/")[:-1]
     found_split = None
-    if split == "auto":
+    if within is not None:
+        found_split = within
+    elif split == "auto":
         found_split = next((p for p in folders if p.lower() in SPLIT_NAMES), None)
     label = None
     if labels == "folder":
@@ -252,6 +257,11 @@ class _Rows:
 
 def _list(fs, root: str, cfg: SourceConfig) -> Listing:
     if fs.isfile(root) and root.lower().endswith(MANIFEST_SUFFIXES):
+        if cfg.within is not None:
+            raise ConfigError(
+                f"source.within applies to a folder, and {cfg.uri!r} is a list of files; name "
+                "the folder instead"
+            )
         return _list_manifest(fs, root, cfg)
     if not fs.exists(root):
         raise ConfigError(f"source {cfg.uri!r} does not exist; fix source.uri")
@@ -284,12 +294,17 @@ def _list(fs, root: str, cfg: SourceConfig) -> Listing:
             unlisted[file_extension(rel)] += 1
             continue
         rows.listed[file_extension(rel)] += 1
-        label, split = label_and_split(rel, cfg.labels, cfg.split)
+        # Read as the folder `within` of a larger collection: ids, labels and the split are
+        # those a listing of that collection gives (the file is still read where it is).
+        key, raw = (
+            (f"{cfg.within}/{rel}", _within(cfg.within, f.rel)) if cfg.within else (rel, f.rel)
+        )
+        label, split = label_and_split(key, cfg.labels, cfg.split, cfg.within)
         rows.add(
             **{
-                columns.ID: image_id(f.rel),
+                columns.ID: image_id(raw),
                 columns.PATH: f.path or f"{root}/{rel}",
-                "relpath": rel,
+                "relpath": key,
                 columns.LABEL: label,
                 columns.SPLIT: split,
                 "size": f.size,
@@ -303,6 +318,11 @@ def _list(fs, root: str, cfg: SourceConfig) -> Listing:
     del found
     skipped = SkippedFiles(by_extension=_by_count(unlisted), hidden=hidden, **folders)
     return _finish(rows, root, protocol, skipped, cfg)
+
+
+def _within(prefix: str, rel: str | bytes) -> str | bytes:
+    """``prefix/rel`` in ``rel``'s own type (a local name that is not UTF-8 stays bytes)."""
+    return prefix.encode() + b"/" + rel if isinstance(rel, bytes) else f"{prefix}/{rel}"
 
 
 def _finish(rows: _Rows, root: str, protocol: str, skipped, cfg: SourceConfig) -> Listing:
