@@ -249,3 +249,57 @@ def test_a_model_actor_that_cannot_use_its_gpu_ends_the_job_with_the_fix(
     assert "compute.device is cuda" in str(e.value) and "cannot use the GPU" in str(e.value)
     assert "compute.device: cpu" in str(e.value)
     assert not list((tmp_path / "out").glob("part-*.parquet"))
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_two_batches_at_once_in_one_model_actor_give_the_rows_of_one_at_a_time(corpus, ray_local):
+    """Two threads calling one model actor at once, as Ray Data does with two batches in
+    flight: every batch gets the rows it gets alone, and each call reports its own single
+    forward pass (the forward runs under the actor's lock)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from vitflow.backbone import backbone_bytes, create_backbone
+    from vitflow.decode_task import decode_batch
+    from vitflow.preprocess import Preprocessor
+    from vitflow.stages import EmbedWorker
+
+    cfg = job(corpus, corpus / "unused")
+    bb = create_backbone(cfg.model)
+    ref = ray_local.put(backbone_bytes(bb))
+    paths = sorted(str(p) for p in (corpus / "images" / "train").rglob("*.jpg"))[:24]
+    spec = Preprocessor(bb.data_config).resize_spec()
+    batches = []
+    for i in range(0, len(paths), 6):
+        chunk = paths[i : i + 6]
+        raw = {
+            columns.ID: np.array([str(j) for j in range(len(chunk))], dtype=object),
+            columns.PATH: np.array(chunk, dtype=object),
+            columns.LABEL: np.array([None] * len(chunk), dtype=object),
+            columns.SPLIT: np.array([None] * len(chunk), dtype=object),
+        }
+        batches.append(decode_batch(raw, resize=spec, max_pixels=cfg.source.max_pixels))
+
+    class Counters:  # the run's stats actor, as far as the actor talks to it
+        def __init__(self):
+            self.calls = []
+            self.add = self
+
+        def remote(self, **kw):
+            self.calls.append(kw)
+
+    threads = torch.get_num_threads()
+    actor = EmbedWorker(cfg.model_dump(mode="json"), [ref], "cpu", threads, None)
+    alone = [actor(dict(b)).to_pylist() for b in batches]
+    actor.stats = Counters()
+    with ThreadPoolExecutor(2) as ex:
+        together = list(ex.map(lambda b: actor(dict(b)).to_pylist(), batches * 2))
+    for got, want in zip(together, alone * 2, strict=True):
+        assert [r["id"] for r in got] == [r["id"] for r in want]
+        for a, e in zip(got, want, strict=True):
+            assert a["status"] == e["status"]
+            if e["status"] == "ok":
+                np.testing.assert_allclose(a["emb"], e["emb"], atol=1e-6)
+    assert sum(r["status"] == "ok" for rows in alone for r in rows) > len(alone)
+    assert all(c["forwards"] == int(c["images"] > 0) for c in actor.stats.calls)
+    assert len(actor.stats.calls) == len(together)

@@ -169,10 +169,8 @@ def _loaded_without_init(
         model.load_state_dict(
             {k: v.to(dtypes[k]) for k, v in matched.items()}, strict=True, assign=True
         )
-    except ModelError:
-        raise  # the checkpoint does not fit: the ordinary way would say the same
-    except Exception:
-        return None
+    except Exception:  # a mismatch is reported by the ordinary way, which runs next; a
+        return None  # filter that cannot run on meta tensors falls back there too
     if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
         return None
     return model.eval()

@@ -7,6 +7,7 @@ Plain Python, importable and testable without Ray. The decode stage before it is
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import warnings
@@ -159,6 +160,11 @@ class EmbedWorker:
             phase("warmup_s")
         self.decode, self.max_pixels = decode, cfg.source.max_pixels
         self._model_lock, self._write_lock = threading.Lock(), threading.Lock()
+        self._streams = threading.local()  # a CUDA stream per calling thread (see __call__)
+        # Ray Data's arrays are read-only views; the pixel tensor made from one is only read
+        # (copied to pinned memory, or indexed into a new tensor), never written. Set once
+        # here: catch_warnings around each use is not thread-safe.
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
         self.writer = writer[0](**writer[1]) if writer is not None else None
         self.stats_name = stats_actor
         self.stats = ray.get_actor(stats_actor) if stats_actor else None
@@ -202,19 +208,28 @@ class EmbedWorker:
         forward at a time and the writer sees one table at a time."""
         started = time.time()
         t_prep = time.perf_counter()
-        pixels = self._pixels(batch)  # on the device; None when no row is ok
-        ok = batch[columns.STATUS] == columns.STATUS_OK
+        # On a GPU this batch's copy (or decode) runs on a stream of its own, so it overlaps
+        # the forward of the batch before it, which runs on the default stream.
+        side = self._side_stream()
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            pixels = self._pixels(batch)  # on the device; None when no row is ok
+            ok = batch[columns.STATUS] == columns.STATUS_OK
+            x = None
+            if ok.any():
+                x = self.pre.to_tensor(pixels[torch.from_numpy(ok).to(pixels.device)], self.device)
+                if self.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+        if side is not None:
+            side.synchronize()  # this thread waits; the other one's forward goes on
+        prepare_seconds = time.perf_counter() - t_prep
         vectors: dict[str, np.ndarray] = {}
         forwards = 0
-        x = None
-        if ok.any():
-            x = self.pre.to_tensor(pixels[torch.from_numpy(ok).to(pixels.device)], self.device)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-        prepare_seconds = time.perf_counter() - t_prep
         with self._model_lock:
             t0 = time.perf_counter()
             if x is not None:
+                if side is not None:
+                    torch.cuda.current_stream(self.device).wait_stream(side)
+                    x.record_stream(torch.cuda.current_stream(self.device))
                 calls_before = self.stem_calls
                 out = self._forward(x)
                 vectors = {k: v.float().cpu().numpy() for k, v in out.items()}
@@ -240,6 +255,15 @@ class EmbedWorker:
             )
         return result
 
+    def _side_stream(self):
+        """This thread's CUDA stream for preparing batches, or None off the GPU."""
+        if self.device.type != "cuda":
+            return None
+        stream = getattr(self._streams, "stream", None)
+        if stream is None:
+            stream = self._streams.stream = torch.cuda.Stream(self.device)
+        return stream
+
     def _forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         with torch.autocast(
             self.device.type, dtype=self.autocast, enabled=self.autocast is not None
@@ -251,11 +275,7 @@ class EmbedWorker:
         when CPU tasks decoded them, or decoded here from the files' bytes (``decode: gpu``;
         error rows get their reasons in ``batch``)."""
         if self.decode != "gpu":
-            with warnings.catch_warnings():
-                # Ray Data's arrays are read-only views; this tensor is only read (copied to
-                # pinned memory, or indexed into a new one), never written.
-                warnings.filterwarnings("ignore", "The given NumPy array is not writable")
-                x = torch.from_numpy(np.ascontiguousarray(batch[columns.PIXELS]))
+            x = torch.from_numpy(np.ascontiguousarray(batch[columns.PIXELS]))
             if self.device.type == "cuda":
                 return x.pin_memory().to(self.device, non_blocking=True)
             return x
