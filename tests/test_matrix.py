@@ -254,3 +254,17 @@ def test_a_model_dataset_pair_holds_what_a_plain_embed_of_the_dataset_does(
     np.testing.assert_allclose(
         np.stack(got["emb"][ok]), np.stack(want["emb"][ok]), rtol=1e-5, atol=1e-6
     )
+    # A dataset without split folders is one split, listed as it is: a plain embed's ids,
+    # labels and (no) split.
+    from vitflow.config import SourceConfig
+    from vitflow.sources import list_images
+
+    listed = list_images(SourceConfig(uri=str(data / "noise"))).table
+    whole = load_embeddings(str(out / m.name / "noise" / "all"), include_errors=True)
+    assert sorted(whole["id"]) == sorted(listed["id"].to_pylist())
+    assert whole["split"].isna().all() and set(whole["label"]) == {"blob"}
+    # Every split output holds only what vitflow writes: --overwrite may replace it.
+    from vitflow.embed import prepare_embed
+    from vitflow.matrix import split_job
+
+    prepare_embed(split_job(cfg, m, ds, "train", str(data / "photos" / "train")), overwrite=True)

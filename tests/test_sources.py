@@ -522,3 +522,24 @@ def test_a_split_folder_read_within_its_collection_lists_as_the_collection_does(
     listed.write_text(str(next((tmp_path / "data" / "val").rglob("*.jpg"))) + "\n")
     with pytest.raises(ConfigError, match="source.within applies to a folder"):
         list_images(SourceConfig(uri=str(listed), within="val"))
+
+
+def test_within_is_part_of_the_vector_identity_only_where_it_is_set():
+    """Jobs that never set it keep the identity (and so the resume fingerprint and index
+    compatibility) they had; a split read within its dataset says so."""
+    from vitflow.backbone import backbone_bytes, create_backbone
+    from vitflow.config import load_config
+    from vitflow.identity import vector_identity
+
+    base = {
+        "source": {"uri": "x"},
+        "model": {"name": "resnet18", "weights": "random"},
+        "output": {"uri": "o"},
+    }
+    weights = backbone_bytes(create_backbone(load_config(base=base).model))
+    plain = vector_identity(load_config(base=base), weights)
+    within = vector_identity(load_config(base=base, overrides=["source.within=train"]), weights)
+    assert "within" not in plain["labels"] and within["labels"]["within"] == "train"
+    assert {k: v for k, v in within.items() if k != "labels"} == {
+        k: v for k, v in plain.items() if k != "labels"
+    }

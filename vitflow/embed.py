@@ -111,7 +111,10 @@ def job_fingerprint(cfg: EmbedConfig, weights: bytes, listing: Listing) -> str:
     listed, the part layout, and the listed files themselves."""
     h = hashlib.sha256(fingerprint(vector_identity(cfg, weights)).encode())
     stable = {
-        "source": cfg.source.model_dump(mode="json"),
+        # `within` only where set: outputs begun before it existed resume as they were.
+        "source": cfg.source.model_dump(
+            mode="json", exclude=set() if cfg.source.within else {"within"}
+        ),
         "rows_per_file": cfg.output.rows_per_file,
     }
     h.update(json.dumps(stable, sort_keys=True).encode())

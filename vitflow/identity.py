@@ -23,7 +23,7 @@ PARTS = {
     "features": "the feature spec",
     "preprocessing": "the preprocessing (source.max_pixels, compute.precision, compute.decode, "
     "compute.jpeg_draft)",
-    "labels": "the label/split rules (source.labels, source.split)",
+    "labels": "the label/split rules (source.labels, source.split, source.within)",
     "format": "the index format",
 }
 
@@ -46,7 +46,12 @@ def vector_identity(cfg: EmbedConfig, weights: bytes) -> dict[str, Any]:
         "model": cfg.model.model_dump(mode="json", include={"name", "kwargs", "extractor"}),
         "features": [f.model_dump(mode="json") for f in cfg.features],
         "preprocessing": pre,
-        "labels": cfg.source.model_dump(mode="json", include={"labels", "split"}),
+        # `within` (a split folder read as part of its dataset) changes ids, labels and the
+        # split; it appears only where set, so other jobs keep the identity they had.
+        "labels": cfg.source.model_dump(
+            mode="json",
+            include={"labels", "split", "within"} if cfg.source.within else {"labels", "split"},
+        ),
     }
 
 

@@ -12,15 +12,17 @@ and several datasets (each with its own source), and writes::
 
 Each ``<split>`` folder is an ordinary ``vitflow embed`` output of that split's images, so
 everything that reads one (``load_embeddings``, ``vitflow eval``, duckdb) reads it, and
-``--resume`` finishes each one with embed's own guarantees: a split already complete is
-kept, one interrupted is finished, one not started is run. :func:`vitflow.load_embeddings`
+``--resume`` finishes the job: a split already complete is kept if its manifest's vector
+identity is this job's (weights by content, model, features, preprocessing, label rules;
+else it is refused), one interrupted is finished by embed's own resume, one not started is
+run. :func:`vitflow.load_embeddings`
 takes ``model=`` and ``dataset=`` (and ``split=``) to load a slice; ``vitflow ls OUT``
 prints the table of what is there.
 
 A dataset's splits are the ``splits:`` it names (split -> folder or URL), else the
 sub-folders of its source named train, validation, val or test, else the whole source as
-one split named ``all``. A source with split folders and anything else beside them is
-refused rather than half embedded.
+one split named ``all``. A source with split folders and other folders or images beside
+them is refused rather than half embedded. How each split is listed: :func:`_within`.
 
 Runs go one (model, dataset, split) at a time through one Ray session. Each file is read
 and decoded once per model for now, not once per distinct preprocessing.
@@ -213,9 +215,7 @@ def split_job(
     """The ordinary embed job of one (model, dataset, split)."""
     return EmbedConfig(
         kind="embed",
-        # A split's rows get the ids, labels and split a listing of the whole dataset gives
-        # them (so ids stay unique across a pair's splits, and match a plain embed's).
-        source=ds.source.model_copy(update={"uri": uri, "within": split}),
+        source=ds.source.model_copy(update={"uri": uri, "within": _within(ds, split, uri)}),
         model=m.model,
         features=m.features,
         output=cfg.output.model_copy(
@@ -224,6 +224,22 @@ def split_job(
         compute=cfg.compute,
         storage=cfg.storage,
     )
+
+
+def _within(ds: MatrixDataset, split: str, uri: str) -> str | None:
+    """How a split's folder is listed. A split folder found under the source is read as
+    that folder of it (``source.within``): its rows get the ids, labels and split a plain
+    embed of the whole source gives them, so ids stay unique across the pair's splits. A
+    split named in ``splits:`` is read as a folder of that name (split = its name, ids
+    ``<split>/<path>``), unless it is a list of files, which is listed as it is. The whole
+    source as one split is listed as it is."""
+    from vitflow.sources import MANIFEST_SUFFIXES
+
+    if split == WHOLE_SOURCE and not ds.splits:
+        return None
+    if ds.splits and uri.lower().endswith(MANIFEST_SUFFIXES):
+        return None
+    return split
 
 
 def split_uri(out: str, model: str, dataset: str, split: str | None = None) -> str:
@@ -273,12 +289,17 @@ def run_matrix(
                 f"{len(taken)} output(s) of this job exist already (first: {taken[0]}); pass "
                 "--resume to finish the job, or --overwrite to replace them"
             )
-        for _, _, _, job in jobs:
-            if states[job.output.uri] == "complete" and _job_key(job) != _stored_key(job):
+        weights: dict[str, bytes] = {}
+        for m, _, _, job in jobs:
+            if states[job.output.uri] != "complete":
+                continue
+            if m.name not in weights:
+                weights[m.name] = _model_weights(m, cfg.storage)
+            if not _made_by(job, weights[m.name]):
                 raise ConfigError(
-                    f"{job.output.uri} was embedded with other settings than this job's (model, "
-                    "weights, features or source): --resume keeps only what this job would "
-                    "write; pass --overwrite to embed everything again"
+                    f"{job.output.uri} was embedded with other settings than this job's "
+                    "(weights, model, features, preprocessing or label rules): --resume keeps "
+                    "only what this job would write; pass --overwrite to embed it again"
                 )
     result = MatrixResult(cfg.output.uri)
     fs, out = open_fs(cfg.output.uri, cfg.storage.options_for(cfg.output.uri))
@@ -304,7 +325,6 @@ def run_matrix(
                         job, overwrite=overwrite, resume=resume and state == "interrupted"
                     )
                     manifest = res.manifest
-                    _write_key(job)
                     say(
                         f"{m.name}/{ds.name}/{split}: {res.listed} images, {res.ok} ok, "
                         f"{res.error} errors ({res.seconds:.1f} s)"
@@ -330,61 +350,34 @@ def run_matrix(
     return result
 
 
-KEY_FILE = "_matrix_split.json"  # in each split output: the settings it was embedded with
+def _made_by(job: EmbedConfig, weights: bytes) -> bool:
+    """Whether the complete output at ``job.output.uri`` holds the vectors ``job`` would
+    write: its manifest's identity (weights by content, model, features, preprocessing,
+    label rules; :mod:`vitflow.identity`) equals the job's."""
+    from vitflow.identity import fingerprint, vector_identity
 
-
-def _job_key(job: EmbedConfig) -> str:
-    """A digest of what decides a split's rows and vectors: the source, model and feature
-    settings, precision, and the checkpoint file's size and modification time (a file
-    replaced in place changes them)."""
-    import hashlib
-
-    from vitflow.storage import open_fs
-
-    data = job.model_dump(mode="json", include={"source", "model", "features"})
-    data["precision"] = job.compute.precision
-    data["decode"] = [job.compute.decode, job.compute.jpeg_draft]
-    if job.model.checkpoint:
-        try:
-            fs, path = open_fs(job.model.checkpoint, job.storage.options_for(job.model.checkpoint))
-            info = fs.info(path)
-            data["checkpoint_file"] = [
-                info.get("size"),
-                str(info.get("mtime") or info.get("LastModified")),
-            ]
-        except Exception:
-            data["checkpoint_file"] = None
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
-
-
-def _stored_key(job: EmbedConfig) -> str | None:
     try:
-        return _read_json(job.output.uri, KEY_FILE, job.storage).get("key")
-    except (OSError, ValueError):
-        return None
+        stored = _read_json(job.output.uri, columns.MANIFEST_NAME, job.storage)["identity"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return (stored or {}).get("fingerprint") == fingerprint(vector_identity(job, weights))
 
 
-def _write_key(job: EmbedConfig) -> None:
-    from vitflow.storage import open_fs
+def _model_weights(m: MatrixModel, storage: StorageConfig) -> bytes:
+    """The model's weights as an embed run ships them (what its identity hashes)."""
+    from vitflow.backbone import backbone_bytes, create_backbone
 
-    fs, path = open_fs(job.output.uri, job.storage.options_for(job.output.uri))
-    _write_json(fs, posixpath.join(path, KEY_FILE), {"key": _job_key(job)})
+    bb = create_backbone(m.model, storage_options=storage.options_for(m.model.checkpoint or ""))
+    return backbone_bytes(bb)
 
 
 def _check_output_outside_sources(cfg: MatrixConfig) -> None:
     """An output inside a dataset's folder would be listed as part of it on the next run."""
-    import os
+    from vitflow.storage import overlap
 
-    def norm(uri: str) -> str:
-        local = "://" not in uri or uri.startswith("file://")
-        path = os.path.abspath(uri.removeprefix("file://")) if local else uri
-        return path.rstrip("/") + "/"
-
-    out = norm(cfg.output.uri)
     for ds in cfg.datasets:
         for uri in [ds.source.uri, *(ds.splits or {}).values()]:
-            root = norm(uri)
-            if out.startswith(root) or root.startswith(out):
+            if overlap(cfg.output.uri, uri, cfg.storage.options_for(uri)):
                 raise ConfigError(
                     f"output.uri {cfg.output.uri!r} and dataset {ds.name!r}'s images ({uri}) "
                     "are inside one another; write the output elsewhere"
