@@ -311,7 +311,9 @@ def compact_part(fs, out_path: str, part: int, retry_s: float | None = None) -> 
     )
     budget = DEFAULT_RETRY_SECONDS if retry_s is None else retry_s
     final = posixpath.join(out, part_file(part))
-    if pieces and fs.exists(final):
+    # Every call to the store rides out an outage within the budget, this check too (an
+    # S3 outage test caught a bare exists() failing a compaction with ConnectionClosedError).
+    if pieces and retrying(lambda: fs.exists(final), what=f"check {final}", budget_s=budget):
         # A compaction of this part already finished its (atomic) write and died while
         # deleting pieces, and Ray retried it: the part is whole; rewriting it from the
         # pieces left would drop the rows of the pieces already deleted.
@@ -319,8 +321,11 @@ def compact_part(fs, out_path: str, part: int, retry_s: float | None = None) -> 
             remove_file(fs, p, retry_s=retry_s)
         import pyarrow.parquet as pq
 
-        with fs.open(final, "rb") as f:
-            return pq.ParquetFile(f).metadata.num_rows
+        def rows() -> int:
+            with fs.open(final, "rb") as f:
+                return pq.ParquetFile(f).metadata.num_rows
+
+        return retrying(rows, what=f"read {final}", budget_s=budget)
     tables = []
     for p in pieces:
         try:
