@@ -118,11 +118,15 @@ def _pair_manifest(fs, path: str) -> dict | None:
     from vitflow.matrix import PAIR_LAYOUT
 
     f = posixpath.join(path.rstrip("/"), columns.MANIFEST_NAME)
-    if not fs.exists(f):
-        return None
-    with fs.open(f, "rb") as fh:
-        m = json.loads(fh.read())
-    return m if m.get("layout") == PAIR_LAYOUT else None
+    # A listing cached by this process while a run was writing the folder may hold an old
+    # size for the manifest (s3fs reads that many bytes): look again.
+    fs.invalidate_cache(path)
+    try:
+        with fs.open(f, "rb") as fh:
+            m = json.loads(fh.read())
+    except (FileNotFoundError, ValueError):
+        return None  # not a pair; the ordinary reader names what is wrong with the folder
+    return m if isinstance(m, dict) and m.get("layout") == PAIR_LAYOUT else None
 
 
 def _load_pair(uri: str, pair: dict, split: str | None, kw: dict):
