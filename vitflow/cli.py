@@ -231,7 +231,10 @@ def embed(
 
         # The output is ours before anything is checked against it (and before torch is
         # imported): a second run is told at once that another one is writing there.
-        with output_lock(cfg):
+        from vitflow.runtime import ray_starting
+
+        # Ray starts on a thread while torch and timm are imported and the job is checked.
+        with output_lock(cfg), ray_starting(address, cfg.compute.local_num_cpus):
             from vitflow.embed import prepare_embed, run_embed
 
             plan = prepare_embed(cfg, overwrite=overwrite, resume=resume)
@@ -367,9 +370,12 @@ def reindex(
                 + (" (--rebuild: every file re-embedded)" if rebuild else "")
             )
             return
-        from vitflow.reindex import run_reindex
+        from vitflow.runtime import ray_starting
 
-        result = run_reindex(cfg, rebuild=rebuild, address=address)
+        with ray_starting(address, cfg.compute.local_num_cpus):  # beside the imports and checks
+            from vitflow.reindex import run_reindex
+
+            result = run_reindex(cfg, rebuild=rebuild, address=address)
     if not (result.added or result.updated or result.deleted):
         typer.echo(
             f"vitflow reindex: {cfg.output.uri} is up to date; nothing embedded or committed",
@@ -402,11 +408,14 @@ def matrix(
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
     with _job_errors(verbose, "rerun the same command with --resume to finish"):
         cfg = _load_job(config, "matrix", set_ or [])
-        from vitflow.matrix import run_matrix
+        from vitflow.runtime import ray_starting
 
-        result = run_matrix(
-            cfg, overwrite=overwrite, resume=resume, address=address, echo=typer.echo
-        )
+        with ray_starting(address, cfg.compute.local_num_cpus):  # beside the imports and checks
+            from vitflow.matrix import run_matrix
+
+            result = run_matrix(
+                cfg, overwrite=overwrite, resume=resume, address=address, echo=typer.echo
+            )
     typer.echo(
         f"vitflow matrix: done in {result.seconds:.1f} s: {len(result.runs)} outputs under "
         f"{result.output_uri}"

@@ -38,6 +38,7 @@ from vitflow.manifest import build_manifest, write_manifest
 from vitflow.outputs import check_output_location, output_lock
 from vitflow.preprocess import Preprocessor
 from vitflow.retry import retrying
+from vitflow.runtime import ray_starting
 from vitflow.sinks import (
     PART_COLUMN,
     RUN_STATE,
@@ -266,7 +267,8 @@ def run_embed(
         True
     """
     started = time.time()
-    with output_lock(cfg) as lock:
+    # Ray starts while the job is checked (a no-op where it runs or is starting already).
+    with output_lock(cfg) as lock, ray_starting(address, cfg.compute.local_num_cpus):
         plan = plan or prepare_embed(cfg, overwrite=overwrite, resume=resume)
         return _run_locked(plan, overwrite, resume, address, started, lock)
 

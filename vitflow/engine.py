@@ -41,7 +41,7 @@ import pyarrow.compute as pc
 from vitflow import columns
 from vitflow.config import EmbedConfig
 from vitflow.errors import VitflowError, job_error_in
-from vitflow.runtime import ActorPlan, plan_pool, ray_session
+from vitflow.runtime import ActorPlan, plan_pool, ray_session, take_start_timing
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +135,7 @@ def stream(
     timings: dict[str, Any] = {}
     with ray_session(address, cfg.compute.local_num_cpus) as ray:
         t0, t0_wall = time.perf_counter(), time.time()
+        ray_start = take_start_timing()
         actors = plan_pool(ray, cfg.compute, model_params)
         stats_name = f"vitflow-stats-{uuid.uuid4().hex[:12]}"
         # The counters live on the head node: a worker node that goes away must not take
@@ -193,7 +194,10 @@ def stream(
                 run_stats = {}
         finally:
             ray.kill(stats)
-        timings = _timings(t0, first, marks, rows.num_rows, run_stats, actors, t0_wall)
+        timings = {
+            **ray_start,
+            **_timings(t0, first, marks, rows.num_rows, run_stats, actors, t0_wall),
+        }
     return StreamResult(
         processed=budget.processed,
         ok=budget.processed - budget.errors,
@@ -301,8 +305,8 @@ def build_dataset(
         num_cpus=actors.num_cpus,
         num_gpus=actors.num_gpus,
         # Model replicas go to different nodes where they can (each brings its own
-        # accelerator / cores); Ray's default would pack them onto the driver's node.
-        scheduling_strategy="SPREAD",
+        # accelerator / cores): Ray Data places its actors with SPREAD (DataContext's
+        # default), so no argument is passed (ray_remote_args are deprecated from Ray 2.64).
         fn_constructor_kwargs={
             "job": cfg.model_dump(mode="json"),
             "weights": [weights_ref],

@@ -45,6 +45,7 @@ from vitflow.index_table import (
 from vitflow.ledger import Ledger
 from vitflow.locking import LOCK_NAME
 from vitflow.outputs import output_lock
+from vitflow.runtime import ray_starting
 from vitflow.sinks.delta import DeltaSink
 from vitflow.stages import output_schema
 
@@ -258,7 +259,7 @@ def run_reindex(
     """
     started = time.time()
     # One run at a time: a second one is refused before it plans, not at its commit.
-    with output_lock(cfg, "reindex"):
+    with output_lock(cfg, "reindex"), ray_starting(address, cfg.compute.local_num_cpus):
         return _reindex_locked(cfg, rebuild, address, started)
 
 

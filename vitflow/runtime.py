@@ -16,6 +16,10 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
+import sys
+import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
@@ -195,12 +199,37 @@ def ray_session(address: str | None = None, num_cpus: float | None = None):
 
     A Ray started here is sized by Ray's own (container-aware) detection unless ``num_cpus``
     says otherwise, and is shut down on exit; one that was running already is left alone.
+    A start begun by :func:`ray_starting` is taken over: waited for, and shut down on exit.
     """
+    global _starting, _start_timing
     import ray
 
-    if ray.is_initialized():
+    start, _starting = _starting, None
+    t = time.perf_counter()
+    if start is not None:
+        start.wait()
+        took = start.ended - start.began
+    elif ray.is_initialized():
         yield ray
         return
+    else:
+        _init(ray, address, num_cpus)
+        took = time.perf_counter() - t
+    # ray_wait_seconds < ray_start_seconds: the start overlapped the driver's checks.
+    _start_timing = {
+        "ray_start_seconds": round(took, 3),
+        "ray_wait_seconds": round(time.perf_counter() - t, 3),
+    }
+    try:
+        yield ray
+    finally:
+        if start is not None:
+            start.close()
+        else:
+            ray.shutdown()
+
+
+def _init(ray, address: str | None, num_cpus: float | None) -> None:
     address = address or os.environ.get("RAY_ADDRESS")  # set for drivers of Ray Jobs
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
@@ -212,10 +241,136 @@ def ray_session(address: str | None = None, num_cpus: float | None = None):
             object_store_memory=_object_store_bytes(),
             logging_level=logging.WARNING,
         )
+
+
+class _RayStart:
+    """``ray.init`` on a thread of its own (see :func:`ray_starting`).
+
+    What Ray logs while it starts is held back: shown when a stream takes the started Ray
+    over, dropped when the job is refused before it (its one-sentence error is then all
+    the user sees)."""
+
+    def __init__(self, address: str | None, num_cpus: float | None):
+        import ray  # here, not on the thread: see ray_starting
+
+        self.ray, self.error = ray, None
+        self.ready, self.released = threading.Event(), threading.Event()
+        self.thread = threading.Thread(
+            target=self._run, args=(address, num_cpus), name="vitflow-ray-start", daemon=True
+        )
+        self.held = _HoldRecords()
+        self.handlers = list(logging.getLogger("ray").handlers)
+        for h in self.handlers:
+            h.addFilter(self.held)
+        self.thread.start()
+
+    def _run(self, address, num_cpus) -> None:
+        self.held.thread_id = threading.get_ident()
+        self.began = time.perf_counter()
+        try:
+            _init(self.ray, address, num_cpus)
+        except BaseException as e:  # handed to the main thread by wait()
+            self.error = e
+        finally:
+            self.ended = time.perf_counter()
+            self.ready.set()
+        # Ray starts its node's processes with PR_SET_PDEATHSIG, which fires when the
+        # *thread* that started them ends: this thread lives as long as the Ray it started.
+        self.released.wait()
+
+    def _stop_holding(self, show: bool) -> None:
+        for h in self.handlers:
+            h.removeFilter(self.held)
+        held, self.held.records = self.held.records, []
+        for record in held if show else ():
+            for h in self.handlers:
+                if record.levelno >= h.level:
+                    h.handle(record)
+
+    def wait(self) -> None:
+        """Wait until Ray is up (raising its start's error) and take it over."""
+        self.ready.wait()
+        self._stop_holding(show=True)
+        if self.error is not None:
+            self.released.set()
+            raise self.error
+
+    def close(self) -> None:
+        """Shut the started Ray down (the job stopped before its stream, or its session
+        ended), then let the thread go."""
+        self.ready.wait()
+        self._stop_holding(show=False)
+        try:
+            if self.error is None:
+                self.ray.shutdown()
+        finally:
+            self.released.set()
+            self.thread.join()
+
+
+class _HoldRecords(logging.Filter):
+    """Keeps the start thread's records back from Ray's handlers (see :class:`_RayStart`);
+    the warning that no SIGTERM handler is set is dropped (ray_starting sets one)."""
+
+    def __init__(self):
+        super().__init__()
+        self.thread_id: int | None = None
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.thread != self.thread_id:
+            return True
+        if "SIGTERM handler is not set" not in record.getMessage() and record not in self.records:
+            self.records.append(record)
+        return False
+
+
+_starting: _RayStart | None = None
+_start_timing: dict[str, float] = {}
+
+
+def take_start_timing() -> dict[str, float]:
+    """How long the latest Ray start took and how long the driver then waited for it, once
+    (the stream that follows the start reports it; later streams of the session do not)."""
+    global _start_timing
+    timing, _start_timing = _start_timing, {}
+    return timing
+
+
+@contextmanager
+def ray_starting(address: str | None = None, num_cpus: float | None = None):
+    """Start Ray on a thread while the driver checks the job, so that the two overlap.
+
+    Before its stream the driver imports torch and timm, builds the model and lists the
+    source (about 8 s on a 2-core machine), and a local Ray takes about 6 s to start: one
+    after the other they were the largest fixed cost of a short run. Inside this block Ray
+    starts beside that work; the first :func:`ray_session` takes the started Ray over
+    (and shuts it down at its end). If the block ends without one (the job was refused
+    before its stream), the start is waited for and Ray shut down again.
+
+    Nothing is started where Ray is initialised already (a notebook's, the test suite's)
+    or where ``VITFLOW_EARLY_RAY=0``. ``ray`` itself is imported on the calling thread:
+    imports on two threads at once can deadlock on a package both of them import.
+    """
+    global _starting
+    if (
+        os.environ.get("VITFLOW_EARLY_RAY", "1") == "0"
+        or _starting is not None
+        or ("ray" in sys.modules and sys.modules["ray"].is_initialized())
+    ):
+        yield
+        return
+    if threading.current_thread() is threading.main_thread():
+        # What ray.init does on the main thread, which it cannot do from another one: a
+        # SIGTERM ends the driver through sys.exit, so Ray's atexit shutdown runs.
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
+    start = _starting = _RayStart(address, num_cpus)
     try:
-        yield ray
+        yield
     finally:
-        ray.shutdown()
+        if _starting is start:  # no stream claimed it
+            _starting = None
+            start.close()
 
 
 def local_resources(num_cpus: float | None = None) -> dict[str, float]:
