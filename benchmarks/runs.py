@@ -176,6 +176,7 @@ class VitflowRun:
         overlap = t.get("model_started_before_decode_ended_s")
         parts = [
             f"listing {s('listing_seconds')} s",
+            f"Ray start {s('ray_start_seconds')} s, of it waited for {s('ray_wait_seconds')} s",
             f"first result {s('first_result_seconds')} s",
             f"stream {s('stream_seconds')} s",
             f"decode {s('decode_seconds')} s (summed over actors)",

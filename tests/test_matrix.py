@@ -254,6 +254,16 @@ def test_a_model_dataset_pair_holds_what_a_plain_embed_of_the_dataset_does(
     np.testing.assert_allclose(
         np.stack(got["emb"][ok]), np.stack(want["emb"][ok]), rtol=1e-5, atol=1e-6
     )
+    # Scored as one output (train rows against val rows), the pair is that embed too.
+    from vitflow.analysis.evaluate import evaluate
+
+    pair_eval = evaluate(str(out / m.name / ds.name), write=False, k=3)
+    plain_eval = evaluate(str(tmp_path / "plain"), write=False, k=3)
+    assert pair_eval.split == plain_eval.split and pair_eval.mode == "split"
+    for a, b in zip(pair_eval.scores, plain_eval.scores, strict=True):
+        assert (a.name, a.n_train, a.n_test) == (b.name, b.n_train, b.n_test)
+        assert a.knn_top1 == pytest.approx(b.knn_top1) and a.knn_top5 == pytest.approx(b.knn_top5)
+        assert a.linear_top1 == pytest.approx(b.linear_top1)
     # A dataset without split folders is one split, listed as it is: a plain embed's ids,
     # labels and (no) split.
     from vitflow.config import SourceConfig
@@ -268,3 +278,37 @@ def test_a_model_dataset_pair_holds_what_a_plain_embed_of_the_dataset_does(
     from vitflow.matrix import split_job
 
     prepare_embed(split_job(cfg, m, ds, "train", str(data / "photos" / "train")), overwrite=True)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_eval_of_a_matrix_output_is_one_leaderboard_with_model_and_dataset(matrix_out):
+    """Every pair scored as `vitflow eval` scores it alone; a dataset that cannot be scored
+    (one class, no labelled test split) is named with its reason, not a failure."""
+    from vitflow.analysis.evaluate import evaluate_matrix
+    from vitflow.matrix import is_matrix_output
+
+    out, _ = matrix_out
+    assert is_matrix_output(str(out)) and not is_matrix_output(str(out / "resnet" / "photos"))
+    board = evaluate_matrix(str(out), k=3)
+    assert {(r["model"], r["dataset"]) for r in board.rows} == {
+        ("vit-tiny", "photos"),
+        ("resnet", "photos"),
+    }
+    assert {(s["model"], s["dataset"]) for s in board.skipped} == {
+        ("vit-tiny", "noise"),
+        ("resnet", "noise"),
+    }
+    assert all(s["reason"] for s in board.skipped)
+    for r in board.rows:  # each row is that pair's own eval, written beside it
+        alone = json.loads((out / r["model"] / r["dataset"] / "_eval" / "eval.json").read_text())
+        assert alone["features"][r["feature"]]["knn_top1"] == r["knn_top1"]
+        assert alone["features"][r["feature"]]["linear_top1"] == r["linear_top1"]
+    saved = json.loads((out / "_eval" / "leaderboard.json").read_text())
+    assert saved["rows"] == board.rows
+    csv = pd.read_csv(out / "_eval" / "leaderboard.csv")
+    assert list(csv["model"]) == [r["model"] for r in board.rows]
+    text = board.leaderboard()
+    assert "vit-tiny" in text and "resnet" in text and "not scored: resnet/noise" in text
+    # vitflow ls still lists the splits only.
+    assert {r["dataset"] for r in matrix_rows(str(out))} == {"photos", "noise"}

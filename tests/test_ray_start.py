@@ -93,7 +93,7 @@ def test_what_ray_logs_while_starting_shows_when_a_stream_takes_it_over(monkeypa
     keep = Keep(level=logging.INFO)
     logging.getLogger("ray").addHandler(keep)
 
-    def logging_start(ray, address, num_cpus, fail=False):
+    def logging_start(ray_module, address, num_cpus, fail=False):
         logging.getLogger("ray.fake").warning("ray is starting")
         logging.getLogger("ray._private.worker").warning("SIGTERM handler is not set because")
         if fail:

@@ -2,7 +2,7 @@
 
 Public entry points::
 
-    from vitflow import load_config, run_embed, load_embeddings
+    from vitflow import load_config, run_embed, load_embeddings, load_dense
     from vitflow import evaluate, fit_transform, export_embeddings, sample_embeddings
 """
 
@@ -21,6 +21,7 @@ __all__ = [
     "export_embeddings",
     "fit_transform",
     "load_config",
+    "load_dense",
     "load_embeddings",
     "load_index",
     "prepare_embed",
@@ -56,10 +57,10 @@ def __getattr__(name: str):
         from vitflow.index_table import load_index
 
         return load_index
-    if name == "load_embeddings":
-        from vitflow.loading import load_embeddings
+    if name in ("load_embeddings", "load_dense"):
+        from vitflow import loading
 
-        return load_embeddings
+        return getattr(loading, name)
     if name in _ANALYSIS:
         from importlib import import_module
 

@@ -101,6 +101,8 @@ META_ARCH = "vitflow.architecture"
 META_KWARGS = "vitflow.model_kwargs"
 META_DATA_CONFIG = "vitflow.data_config"
 META_HEAD = "vitflow.projection_head"
+META_MAE = "vitflow.mae_decoder"  # the decoder's head count; its tensors under MAE_PREFIX
+MAE_PREFIX = "mae_decoder."
 
 
 @dataclass
@@ -114,6 +116,7 @@ class Backbone:
     head: torch.nn.Module | None = None
     name: str | None = None
     kwargs: dict[str, Any] | None = None
+    mae_decoder: torch.nn.Module | None = None  # with model.mae_loss (vitflow.mae.MAEDecoder)
 
 
 def _resolve_architecture(cfg: ModelConfig, metadata: dict[str, str]) -> ModelConfig:
@@ -211,11 +214,25 @@ def create_backbone(
         cfg = _resolve_architecture(cfg, metadata)
     head = None
     model = None
+    mae_state: dict[str, torch.Tensor] = {}
     if state_dict is not None:
         head_state = {
             k[len(HEAD_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(HEAD_PREFIX)
         }
-        body = {k: v for k, v in state_dict.items() if not k.startswith(HEAD_PREFIX)}
+        # The decoder as backbone_bytes ships it; an official MAE checkpoint's decoder_* keys
+        # stay in the body, where match_state_dict skips them as not the encoder's.
+        mae_state = {
+            k[len(MAE_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(MAE_PREFIX)
+        }
+        body = {
+            k: v
+            for k, v in state_dict.items()
+            if not k.startswith(HEAD_PREFIX) and not k.startswith(MAE_PREFIX)
+        }
+        if cfg.mae_loss is not None and not mae_state:
+            from vitflow.mae import decoder_state
+
+            mae_state = decoder_state(body)
         source = cfg.checkpoint or "state dict"
         if skip_init:
             model = _loaded_without_init(cfg, body, source)
@@ -238,6 +255,9 @@ def create_backbone(
             head.eval()
     else:
         model = create_model(cfg)
+    mae_decoder = None
+    if cfg.mae_loss is not None:
+        mae_decoder = _mae_decoder(cfg, model, mae_state, metadata)
     dc = data_config(model)
     if META_DATA_CONFIG in metadata:
         # Preprocess exactly as the backbone was trained/evaluated.
@@ -251,7 +271,41 @@ def create_backbone(
         head=head,
         name=cfg.name,
         kwargs=dict(cfg.kwargs),
+        mae_decoder=mae_decoder,
     )
+
+
+def _mae_decoder(
+    cfg: ModelConfig,
+    model: torch.nn.Module,
+    state: dict[str, torch.Tensor],
+    metadata: dict[str, str],
+) -> torch.nn.Module:
+    """The MAE decoder of ``model.mae_loss``, from the checkpoint's decoder keys, checked
+    against the encoder it decodes for."""
+    from vitflow.mae import MAEDecoder, check_encoder
+
+    where = f"model.checkpoint {cfg.checkpoint!r}" if cfg.checkpoint else "the weights"
+    try:
+        check_encoder(model)
+        patch = model.patch_embed.patch_size[0]
+        heads = int(metadata.get(META_MAE) or cfg.mae_loss.decoder_heads)
+        decoder = MAEDecoder.from_state_dict(state, patch_size=patch, num_heads=heads)
+    except (ValueError, RuntimeError, AttributeError, AssertionError) as e:
+        raise ModelError(f"model.mae_loss: {where}: {e}") from None
+    dim = model.embed_dim
+    if decoder.decoder_embed.in_features != dim:
+        raise ModelError(
+            f"model.mae_loss: {where} holds a decoder for a {decoder.decoder_embed.in_features}-"
+            f"wide encoder, but {cfg.name!r} is {dim} wide"
+        )
+    if decoder.decoder_pos_embed.shape[1] - 1 != model.patch_embed.num_patches:
+        raise ModelError(
+            f"model.mae_loss: {where} holds a decoder for "
+            f"{decoder.decoder_pos_embed.shape[1] - 1} patches, but the model sees "
+            f"{model.patch_embed.num_patches} at its input size"
+        )
+    return decoder.eval()
 
 
 def backbone_bytes(bb: Backbone, extra_metadata: dict[str, str] | None = None) -> bytes:
@@ -275,6 +329,14 @@ def backbone_bytes(bb: Backbone, extra_metadata: dict[str, str] | None = None) -
             }
         )
         metadata[META_HEAD] = json.dumps(bb.head.spec())
+    if bb.mae_decoder is not None:
+        tensors.update(
+            {
+                MAE_PREFIX + k: v.detach().clone().contiguous()
+                for k, v in bb.mae_decoder.state_dict().items()
+            }
+        )
+        metadata[META_MAE] = str(bb.mae_decoder.decoder_blocks[0].attn.num_heads)
     return save(tensors, metadata=metadata)
 
 

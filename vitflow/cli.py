@@ -225,7 +225,7 @@ def embed(
             from vitflow.embed import prepare_embed
 
             plan = prepare_embed(cfg, overwrite=overwrite, resume=resume)
-            typer.echo(describe_plan(plan, *plan_here(cfg.compute, address, plan.num_params)))
+            typer.echo(describe_plan(plan, *plan_here(plan.cfg.compute, address, plan.num_params)))
             return
         from vitflow.outputs import output_lock
 
@@ -370,12 +370,9 @@ def reindex(
                 + (" (--rebuild: every file re-embedded)" if rebuild else "")
             )
             return
-        from vitflow.runtime import ray_starting
+        from vitflow.reindex import run_reindex
 
-        with ray_starting(address, cfg.compute.local_num_cpus):  # beside the imports and checks
-            from vitflow.reindex import run_reindex
-
-            result = run_reindex(cfg, rebuild=rebuild, address=address)
+        result = run_reindex(cfg, rebuild=rebuild, address=address)
     if not (result.added or result.updated or result.deleted):
         typer.echo(
             f"vitflow reindex: {cfg.output.uri} is up to date; nothing embedded or committed",

@@ -64,7 +64,9 @@ def eval_command(
     """Score every feature set (kNN and linear probe) and print the leaderboard.
 
     kNN: k=20, T=0.07, cosine (DINO); linear: logistic regression on standardised features.
-    Writes OUTPUT/_eval/eval.json and OUTPUT/_eval/leaderboard.png.
+    Writes OUTPUT/_eval/eval.json and OUTPUT/_eval/leaderboard.png. On a matrix output
+    (vitflow matrix): every model/dataset pair, and one leaderboard with model and dataset
+    columns in OUTPUT/_eval/leaderboard.json and .csv.
 
     Example: vitflow eval ./embeddings --feature emb --feature cls_last
     """
@@ -72,11 +74,11 @@ def eval_command(
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
     with _job_errors(verbose):
-        from vitflow.analysis.evaluate import evaluate
+        from vitflow.analysis.evaluate import evaluate, evaluate_matrix
+        from vitflow.errors import VitflowError
+        from vitflow.matrix import is_matrix_output
 
-        report = evaluate(
-            output,
-            feature=feature or None,
+        protocol = dict(
             train_split=train_split,
             test_split=test_split,
             k=k,
@@ -85,6 +87,16 @@ def eval_command(
             seed=seed,
             max_probe_rows=max_probe_rows,
         )
+        if is_matrix_output(output):
+            if feature:
+                raise VitflowError(
+                    "--feature picks vector columns of one output; a matrix output is scored "
+                    "with every feature of every model (eval one pair, OUT/MODEL/DATASET, for "
+                    "a feature of one model)"
+                )
+            report = evaluate_matrix(output, **protocol)
+        else:
+            report = evaluate(output, feature=feature or None, **protocol)
     typer.echo(report.leaderboard())
 
 

@@ -183,9 +183,32 @@ def report_command(
     typer.echo(f"vitflow report: {report.path} ({', '.join(report.sections)}; {report.feature})")
 
 
+def dense_command(
+    output: OutputArg,
+    feature: Annotated[str, typer.Option("--feature", "-f", help="The dense feature set.")],
+    images: Annotated[int, typer.Option("--images", min=1, help="Images pictured.")] = 6,
+    seed: SeedOpt = 0,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Picture a dense feature: sampled images beside their maps' first three principal
+    components as RGB, in OUTPUT/_dense/FEATURE.png.
+
+    Example: vitflow dense ./embeddings --feature patches
+    """
+    from vitflow.cli import _job_errors
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
+    with _job_errors(verbose):
+        from vitflow.analysis.dense_view import dense_preview
+
+        where = dense_preview(output, feature, images=images, seed=seed)
+    typer.echo(where)
+
+
 def register(app: typer.Typer) -> None:
-    """Add ``index``, ``search``, ``dedup`` and ``report`` to the ``vitflow`` app."""
+    """Add ``index``, ``search``, ``dedup``, ``report`` and ``dense`` to the ``vitflow`` app."""
     app.command("index")(index_command)
     app.command("search")(search_command)
     app.command("dedup")(dedup_command)
     app.command("report")(report_command)
+    app.command("dense")(dense_command)

@@ -16,6 +16,8 @@ STATUS_ERROR = "error"
 
 # Columns every row carries, in output order; one vector column per feature set follows.
 META_COLUMNS = (ID, PATH, LABEL, SPLIT, STATUS, ERROR, WIDTH, HEIGHT)
+# Per-image scores a job may add after the vectors (model.mae_loss).
+MAE_LOSS = "mae_loss"
 
 # Internal column carrying preprocessed pixels from decode actors to the model actors;
 # never written to the output.

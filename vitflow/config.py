@@ -144,6 +144,26 @@ class SourceConfig(_Section):
         return tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in v)
 
 
+class MaeLossConfig(_Section):
+    """Each image's masked-autoencoder reconstruction loss, as a ``mae_loss`` column: how well
+    an MAE "understands" the image (higher: further from what it was trained on)."""
+
+    mask_ratio: float = Field(
+        0.75, gt=0.0, lt=1.0, description="Share of patches hidden from the encoder."
+    )
+    seed: int = Field(
+        0, description="Seeds each image's mask (a pure function of seed and image id)."
+    )
+    norm_pix_loss: bool = Field(
+        True,
+        description="Targets are each patch normalised by its own mean and variance, as the "
+        "paper's checkpoints were trained; false for the official 'visualize' checkpoints.",
+    )
+    decoder_heads: int = Field(
+        16, ge=1, description="Attention heads of the decoder (16 in every official checkpoint)."
+    )
+
+
 class ModelConfig(_Section):
     name: str | None = Field(
         None,
@@ -169,6 +189,12 @@ class ModelConfig(_Section):
     extractor: Literal["auto", "intermediates", "hooks"] = Field(
         "auto",
         description="auto: timm forward_intermediates when the model has it, else forward hooks.",
+    )
+    mae_loss: MaeLossConfig | None = Field(
+        None,
+        description="Also write each image's MAE reconstruction loss (column mae_loss). Needs "
+        "model.checkpoint with the MAE decoder's weights beside the encoder's (the official MAE "
+        "checkpoints' decoder_* keys); timm's MAE weights are encoder-only.",
     )
 
     @model_validator(mode="before")
@@ -198,12 +224,44 @@ class ModelConfig(_Section):
                 f"model.weights: {self.weights} and model.checkpoint both say where the weights "
                 "come from; keep one of them"
             )
+        if self.mae_loss is not None and not self.checkpoint:
+            raise ValueError(
+                "model.mae_loss needs model.checkpoint: a file with the MAE decoder's weights "
+                "beside the encoder's (an official MAE checkpoint); timm's hub weights for MAE "
+                "models are encoder-only"
+            )
         return self
 
     @property
     def weights_source(self) -> str | None:
         """``checkpoint`` | ``hub`` | ``random``, or None when the job has not said."""
         return "checkpoint" if self.checkpoint else self.weights
+
+
+class ShiftConfig(_Section):
+    """Pixel-shift upscaling of a dense map (vitflow.dense): the image shifted by each offset
+    in each direction (wrap-around), each shifted copy's map placed back at pixel resolution
+    with its shift undone, all averaged with the unshifted map's."""
+
+    pixels: list[int] = Field(
+        min_length=1, description="Shift offsets in pixels, e.g. [7, 4, 2] for DINOv2's 14 px."
+    )
+    neighbourhood: Literal["von_neumann", "moore"] = Field(
+        "von_neumann", description="von_neumann: 4 directions per offset; moore: 8."
+    )
+    stride: int | None = Field(
+        None,
+        ge=1,
+        description="Output stride in pixels; null: the greatest common divisor of the patch "
+        "size and the offsets. It must divide both.",
+    )
+
+    @field_validator("pixels")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if any(p < 1 for p in v):
+            raise ValueError(f"shift pixels must be positive, got {v}")
+        return v
 
 
 class FeatureConfig(_Section):
@@ -220,7 +278,27 @@ class FeatureConfig(_Section):
     pool: PoolName = Field("mean", description=describe_pools())
     aggregate: Literal["concat", "mean"] = Field("concat", description="Across the layers.")
     norm: bool = Field(False, description="Apply the model's final norm to each intermediate.")
-    normalize: Literal["l2", "none"] = Field("l2", description="Applied last.")
+    normalize: Literal["l2", "none"] = Field(
+        "l2", description="Applied last (for a dense map: to each cell's vector)."
+    )
+    dense: bool = Field(
+        False,
+        description="The layers' patch-token map, (H/p, W/p, D) per image, stored float16, "
+        "instead of a pooled vector (pool is not used).",
+    )
+    shift: ShiftConfig | None = Field(
+        None, description="Pixel-shift upscaling of the dense map to a finer stride."
+    )
+
+    @model_validator(mode="after")
+    def _dense_rules(self) -> FeatureConfig:
+        if self.shift is not None and not self.dense:
+            raise ValueError(f"feature {self.name!r}: shift upscales a dense map; set dense: true")
+        if self.dense and self.source == "head":
+            raise ValueError(
+                f"feature {self.name!r}: a projection head gives no map; dense needs source: backbone"
+            )
+        return self
 
     @field_validator("name")
     @classmethod
@@ -229,7 +307,7 @@ class FeatureConfig(_Section):
             raise ValueError(
                 f"feature name must be a plain identifier (letters, digits, _), got {v!r}"
             )
-        if v in columns.META_COLUMNS:
+        if v in (*columns.META_COLUMNS, columns.MAE_LOSS):
             raise ValueError(f"feature name {v!r} clashes with the built-in column of that name")
         return v
 

@@ -36,6 +36,19 @@ def weights_line(model_cfg, checkpoint_sha256: str | None) -> str:
     return "random (seeded random init: the vectors carry no meaning)"
 
 
+def _describe_feature(p) -> str:
+    if p.source == "head":
+        return f"{p.name} [{p.dim}] = projection head {p.normalize}"
+    if p.dense:
+        h, w, d = p.shape
+        shift = f", pixel shift {p.shift['pixels']} {p.shift['neighbourhood']}" if p.shift else ""
+        return (
+            f"{p.name} = dense map {h}x{w}x{d} float16 (stride {p.stride}{shift}) of layers "
+            f"{list(p.indices)} {p.aggregate} {p.normalize}"
+        )
+    return f"{p.name} [{p.dim}] = layers {list(p.indices)} {p.pool} {p.aggregate} {p.normalize}"
+
+
 def describe_plan(plan, actors: ActorPlan, where: str) -> str:
     """The dry run's report for an :class:`~vitflow.embed.EmbedPlan`."""
     cfg, listing = plan.cfg, plan.listing
@@ -59,13 +72,7 @@ def describe_plan(plan, actors: ActorPlan, where: str) -> str:
         f"{'x'.join(map(str, dc['input_size']))}, {dc.get('interpolation')}, crop_pct "
         f"{dc.get('crop_pct')}",
         f"  weights   : {weights_line(cfg.model, plan.backbone.checkpoint_sha256)}",
-        "  features  : "
-        + "; ".join(
-            f"{p.name} [{p.dim}] = layers {list(p.indices)} {p.pool} {p.aggregate} {p.normalize}"
-            if p.source != "head"
-            else f"{p.name} [{p.dim}] = projection head {p.normalize}"
-            for p in plan.features
-        ),
+        "  features  : " + "; ".join(_describe_feature(p) for p in plan.features),
         f"  actors    : {actors.num_actors} x {actors.device} (num_cpus {actors.num_cpus:g}, "
         f"num_gpus {actors.num_gpus:g}, torch threads {actors.torch_threads}), "
         f"batch {actors.batch_size}, {cfg.compute.precision}; {actors.decode_tasks} decode "

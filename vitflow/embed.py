@@ -80,6 +80,11 @@ class EmbedPlan:
         return {p.name: p.dim for p in self.features}
 
     @property
+    def dense(self) -> tuple[str, ...]:
+        """The dense feature sets (float16 maps)."""
+        return tuple(p.name for p in self.features if p.dense)
+
+    @property
     def num_params(self) -> int:
         return sum(p.numel() for p in self.backbone.model.parameters())
 
@@ -167,6 +172,7 @@ def prepare_embed(
     extractor = FeatureExtractor(
         backbone.model, cfg.features, pre.input_size, cfg.model.extractor, head=backbone.head
     )
+    cfg = _parts_for_dense(cfg, extractor.plans)
     out_fs, out_path = check_output_location(cfg, bucket=check_output)
     t_list = time.perf_counter()
     listing = list_images(cfg.source, so.options_for(cfg.source.uri))
@@ -196,6 +202,42 @@ def prepare_embed(
                 "vitflow output, so nothing was deleted. Choose a new or empty output.uri"
             )
     return plan
+
+
+# A part is compacted in memory (its staged pieces read, sorted, written): dense maps are
+# large (a ViT-S/16 map at 224 px is 150 KB in float16), so parts of them are kept this small.
+MAX_DENSE_PART_BYTES = 512 * 2**20
+# A batch's dense maps on the device, float32, with pixel shift's running sum and the copy
+# being placed beside the map (x 3): the default batch of a dense job keeps within this.
+MAX_DENSE_BATCH_BYTES = 2 * 2**30
+MAX_DENSE_BATCH = 32  # the CPU default; GPU defaults (up to 256) are for vectors
+
+
+def _parts_for_dense(cfg: EmbedConfig, plans: list[FeaturePlan]) -> EmbedConfig:
+    """``cfg`` fitted to its dense maps: ``output.rows_per_file`` such that a part's maps
+    stay within :data:`MAX_DENSE_PART_BYTES` (lowered when the job left it at its default,
+    refused with the value that fits when the job set it higher), and a batch size, where
+    the job set none, that keeps a batch's maps within :data:`MAX_DENSE_BATCH_BYTES`."""
+    dense = [p for p in plans if p.dense]
+    if not dense:
+        return cfg
+    row_bytes = sum(2 * p.dim for p in dense)
+    fits = max(1, MAX_DENSE_PART_BYTES // row_bytes)
+    output, compute = cfg.output, cfg.compute
+    if output.rows_per_file > fits:
+        if "rows_per_file" in output.model_fields_set:
+            raise ConfigError(
+                f"output.rows_per_file is {output.rows_per_file}, but each row's dense maps "
+                f"take {row_bytes / 2**20:.2f} MiB and a part is compacted in memory: set "
+                f"output.rows_per_file to {fits} or less"
+            )
+        log.info("dense maps: %d rows per part (%.2f MiB per row)", fits, row_bytes / 2**20)
+        output = output.model_copy(update={"rows_per_file": fits})
+    if compute.batch_size is None:
+        per_image = sum(4 * p.dim * (3 if p.shift else 1) for p in dense)
+        batch = max(1, min(MAX_DENSE_BATCH, MAX_DENSE_BATCH_BYTES // per_image))
+        compute = compute.model_copy(update={"batch_size": batch})
+    return cfg.model_copy(update={"output": output, "compute": compute})
 
 
 def require_weights(cfg: EmbedConfig) -> None:
@@ -297,7 +339,8 @@ def _run_locked(
     staged_all = set().union(*staged.values()) if staged else set()
     todo = PartRows(plan.listing.ledger, per_part, done, staged_all)
     write_atomic(fs, posixpath.join(out, RUN_STATE), run_state(plan), retry_s=retry_s)
-    sink = PartsSink(fs, out, output_schema(plan.dims), part_sizes, staged, retry_s)
+    schema = output_schema(plan.dims, mae_loss=cfg.model.mae_loss is not None, dense=plan.dense)
+    sink = PartsSink(fs, out, schema, part_sizes, staged, retry_s)
     result = None
     if todo.num_rows:
         result = stream(

@@ -7,6 +7,11 @@ time for the union of requested layers and pools, aggregates and normalises per 
 Block outputs come from timm's ``forward_intermediates`` (un-normed; ``norm: true`` applies
 the model's final norm afterwards, per token, which is what timm's ``norm=True`` does); a
 model without that API falls back to forward hooks on the modules its ``feature_info`` names.
+
+A ``dense`` feature set keeps the spatial layout instead of pooling: the layers' patch tokens
+(or a CNN stage's map) as ``(h, w, D)`` per image, each cell normalised as ``normalize``
+says, and with ``shift`` upscaled by pixel shifts (:func:`vitflow.dense.pixel_shift`: one
+more backbone pass per shifted copy, for that feature set only).
 """
 
 from __future__ import annotations
@@ -91,6 +96,10 @@ class FeaturePlan:
     norm: bool
     normalize: str
     dim: int = 0
+    dense: bool = False
+    shift: dict | None = None  # ShiftConfig as a dict (pixels, neighbourhood, stride)
+    shape: tuple[int, ...] = ()  # dense: (h, w, D) of the stored map
+    stride: int | list[int] = 0  # dense: pixels per map cell ([rows, cols] if not square)
 
 
 def _has_cls(model: torch.nn.Module) -> bool:
@@ -153,10 +162,12 @@ class FeatureExtractor(torch.nn.Module):
                 f.name,
                 "backbone",
                 resolve_layers(f.layers, self.n_layers, f.name),
-                f.pool,
+                None if f.dense else f.pool,
                 f.aggregate,
                 f.norm,
                 f.normalize,
+                dense=f.dense,
+                shift=f.shift.model_dump() if f.shift is not None else None,
             )
             for f in features
         ]
@@ -165,6 +176,7 @@ class FeatureExtractor(torch.nn.Module):
         self._final_norm = getattr(model, "norm", None)
         if self.mode == "hooks":
             self._hook_modules = self._feature_modules()
+        self.input_size = tuple(input_size)
         with torch.inference_mode():
             probe = self._intermediates(torch.zeros(1, *input_size))
             self.kind: PoolKind = "map" if probe[self.take[0]][0].ndim == 4 else "token"
@@ -173,6 +185,8 @@ class FeatureExtractor(torch.nn.Module):
     # -- planning -------------------------------------------------------------------------
 
     def _check(self, plan: FeaturePlan, probe) -> FeaturePlan:
+        if plan.dense:
+            return self._check_dense(plan, probe)
         if plan.source == "backbone":
             plan = replace(plan, pool=self._resolve_pool(plan).name)
             if plan.norm and self.kind == "map":
@@ -197,6 +211,110 @@ class FeatureExtractor(torch.nn.Module):
                 "vitflow reads them"
             )
         return replace(plan, dim=dim)
+
+    def _check_dense(self, plan: FeaturePlan, probe) -> FeaturePlan:
+        """The map's shape and stride, and one run of the whole dense path on the probe, so
+        a map that cannot be laid out or upscaled is refused here, not in the actors."""
+        from vitflow.dense import output_stride
+
+        if plan.norm and self.kind == "map":
+            raise ModelError(
+                f"feature {plan.name!r}: norm: true applies a ViT's final norm to tokens; "
+                f"{self._arch()} gives feature maps, so set norm: false"
+            )
+        _, height, width = self.input_size
+        try:
+            _, d, h, w = self._dense_map(plan, probe).shape
+            if height % h or width % w:
+                raise ValueError(
+                    f"its map is {h}x{w} for a {height}x{width} input, a size the map's "
+                    "stride does not divide"
+                )
+            ph, pw = height // h, width // w
+            shape: tuple[int, ...] = (h, w, int(d))
+            stride: int | list[int] = ph if ph == pw else [ph, pw]
+            if plan.shift is not None:
+                if ph != pw:
+                    raise ValueError(f"pixel shifts need square cells; this map's are {ph}x{pw} px")
+                try:
+                    stride = output_stride(ph, plan.shift["pixels"], plan.shift["stride"])
+                except ValueError as e:
+                    raise ValueError(f"shift: {e}") from None
+                shape = (height // stride, width // stride, int(d))
+            plan = replace(plan, dim=shape[0] * shape[1] * shape[2], shape=shape, stride=stride)
+            got = self._dense(plan, torch.zeros(1, *self.input_size), probe)
+            if got.shape[1] != plan.dim:
+                raise ValueError(f"the map came out with {got.shape[1]} values, not {plan.dim}")
+        except (ValueError, RuntimeError) as e:  # e.g. layers whose maps differ in size
+            raise ModelError(f"feature {plan.name!r}: {e}") from e
+        return plan
+
+    def _dense_map(self, plan: FeaturePlan, inter) -> torch.Tensor:
+        """``(B, D, h, w)`` float32: the plan's layers as maps at the patch stride,
+        aggregated (not yet normalised)."""
+        maps = []
+        for i in plan.indices:
+            main, _ = inter[i]
+            if self.kind == "map":
+                maps.append(main.float())
+                continue
+            if plan.norm:
+                main = self._final_norm(main)
+            b, n, d = main.shape
+            h, w = self._grid(n)
+            maps.append(main.float().transpose(1, 2).reshape(b, d, h, w))
+        sizes = {tuple(m.shape[-2:]) for m in maps}
+        if len(sizes) > 1:
+            raise ValueError(
+                f"layers {list(plan.indices)} give maps of different sizes "
+                f"({', '.join(f'{a}x{b}' for a, b in sorted(sizes))}); a dense feature set "
+                "takes layers of one stride"
+            )
+        if plan.aggregate == "concat":
+            return torch.cat(maps, dim=1)
+        return torch.stack(maps).mean(dim=0)
+
+    def _grid(self, tokens: int) -> tuple[int, int]:
+        """The patch grid of ``tokens`` patch tokens at this extractor's input size."""
+        _, height, width = self.input_size
+        pe = getattr(self.model, "patch_embed", None)
+        size = getattr(pe, "patch_size", None)
+        if size is not None:
+            ph, pw = (size, size) if isinstance(size, int) else tuple(size)
+            if (height // ph) * (width // pw) == tokens and height % ph == 0 and width % pw == 0:
+                return height // ph, width // pw
+        raise ValueError(
+            f"{self._arch()}'s {tokens} patch tokens do not form the patch grid of a "
+            f"{height}x{width} input, so they cannot be laid out as a map"
+        )
+
+    def _dense(self, plan: FeaturePlan, x: torch.Tensor, inter) -> torch.Tensor:
+        """``(B, h * w * D)``: the plan's map (pixel-shift upscaled where it asks, then each
+        cell normalised), cells row by row, each cell's D values together."""
+        fmap = self._dense_map(plan, inter)
+        if plan.shift is not None:
+            from vitflow.dense import pixel_shift
+
+            # pixel_shift takes the unshifted copy first (shift_offsets): that is the pass
+            # already made for every feature set; each shifted copy costs one more.
+            unshifted = [fmap]
+
+            def patch_map(im: torch.Tensor) -> torch.Tensor:
+                return (
+                    unshifted.pop() if unshifted else self._dense_map(plan, self._intermediates(im))
+                )
+
+            fmap = pixel_shift(
+                patch_map,
+                x,
+                self.input_size[1] // fmap.shape[-2],  # square cells (checked at planning)
+                plan.shift["pixels"],
+                plan.shift["neighbourhood"],
+                plan.stride,
+            )
+        if plan.normalize == "l2":
+            fmap = torch.nn.functional.normalize(fmap, dim=1)
+        return fmap.permute(0, 2, 3, 1).reshape(fmap.shape[0], -1)
 
     def _width(self, plan: FeaturePlan, probe) -> int:
         """The feature's width by the registry's rule: each layer's pooled width (from the
@@ -314,8 +432,16 @@ class FeatureExtractor(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """``(B, C, H, W)`` input -> ``{feature name: (B, dim) float32}``."""
         inter = self._intermediates(x)
-        return {p.name: self._pool_one(p, inter).float() for p in self.plans}
+        return {
+            p.name: self._dense(p, x, inter) if p.dense else self._pool_one(p, inter).float()
+            for p in self.plans
+        }
 
     @property
     def dims(self) -> dict[str, int]:
         return {p.name: p.dim for p in self.plans}
+
+    @property
+    def dense(self) -> tuple[str, ...]:
+        """The dense feature sets (their columns are float16 maps, not vectors)."""
+        return tuple(p.name for p in self.plans if p.dense)

@@ -19,7 +19,7 @@ from vitflow.config import EmbedConfig
 # Each part of the identity, as a sentence names it when it changes.
 PARTS = {
     "weights_sha256": "the model weights",
-    "model": "the model settings (name, kwargs, extractor)",
+    "model": "the model settings (name, kwargs, extractor, mae_loss)",
     "features": "the feature spec",
     "preprocessing": "the preprocessing (source.max_pixels, compute.precision, compute.decode, "
     "compute.jpeg_draft)",
@@ -43,8 +43,17 @@ def vector_identity(cfg: EmbedConfig, weights: bytes) -> dict[str, Any]:
         pre["jpeg_draft"] = True
     return {
         "weights_sha256": weights_fingerprint(weights),
-        "model": cfg.model.model_dump(mode="json", include={"name", "kwargs", "extractor"}),
-        "features": [f.model_dump(mode="json") for f in cfg.features],
+        # mae_loss only where set: outputs made before it existed compare as they did.
+        "model": cfg.model.model_dump(
+            mode="json",
+            include={"name", "kwargs", "extractor"}
+            | ({"mae_loss"} if cfg.model.mae_loss is not None else set()),
+        ),
+        # dense and shift only where set: vectors made before they existed compare as they did.
+        "features": [
+            f.model_dump(mode="json", exclude=set() if f.dense else {"dense", "shift"})
+            for f in cfg.features
+        ],
         "preprocessing": pre,
         # `within` (a split folder read as part of its dataset) changes ids, labels and the
         # split; it appears only where set, so other jobs keep the identity they had.

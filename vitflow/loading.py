@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import posixpath
+from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -266,14 +267,15 @@ def _read_parts(fs, paths, uri, feature, split, include_errors):
     if not paths:
         raise VitflowError(f"no parquet parts under {uri!r}")
     dataset = pads.dataset(paths, format="parquet", filesystem=arrow_fs(fs))
-    vector_cols = [f.name for f in dataset.schema if pat.is_fixed_size_list(f.type)]
-    if feature is not None and feature not in vector_cols:
-        raise VitflowError(
-            f"feature {feature!r} is not in {uri!r}; it has {', '.join(vector_cols)}"
-        )
-    keep = [
-        f.name for f in dataset.schema if f.name not in vector_cols or feature in (None, f.name)
+    lists = [f.name for f in dataset.schema if pat.is_fixed_size_list(f.type)]
+    if feature is not None and feature not in lists:
+        raise VitflowError(f"feature {feature!r} is not in {uri!r}; it has {', '.join(lists)}")
+    # Dense maps (float16, large) are read only when named; the vectors by default.
+    dense = [
+        f.name for f in dataset.schema if f.name in lists and pat.is_float16(f.type.value_type)
     ]
+    vector_cols = [n for n in lists if n not in dense] if feature is None else [feature]
+    keep = [f.name for f in dataset.schema if f.name not in lists or f.name in vector_cols]
     flt = None
     if not include_errors:
         flt = pads.field(columns.STATUS) == columns.STATUS_OK
@@ -281,6 +283,57 @@ def _read_parts(fs, paths, uri, feature, split, include_errors):
         cond = pads.field(columns.SPLIT) == split
         flt = cond if flt is None else flt & cond
     return dataset.to_table(columns=keep, filter=flt), vector_cols
+
+
+def load_dense(
+    uri: str,
+    feature: str,
+    split: str | None = None,
+    storage_options: dict | None = None,
+    *,
+    model: str | None = None,
+    dataset: str | None = None,
+    ids: Sequence[str] | None = None,
+):
+    """A dense feature's maps (``features: [{dense: true}]``) as one ``float16`` array
+    ``(rows, h, w, D)``, with the ok rows' other columns as a DataFrame in the same order.
+    ``ids`` reads only those rows (a map is large: read what you need).
+
+    Example:
+        >>> df, maps = load_dense("embeddings", "patches")  # doctest: +SKIP
+        >>> maps.shape  # doctest: +SKIP
+        (1000, 16, 16, 384)
+    """
+    from vitflow.analysis.source import open_source
+
+    if model is not None or dataset is not None:
+        if model is None or dataset is None:
+            raise VitflowError("a matrix output is sliced by model= and dataset= together")
+        uri = f"{uri.rstrip('/')}/{model}/{dataset}"
+    src = open_source(uri, storage_options)
+    path = src.path
+    pair = _pair_manifest(src.fs, path)
+    if pair is not None:
+        path = posixpath.join(path.rstrip("/"), next(iter(pair["splits"])))
+    entry = ((_manifest(src.fs, path.rstrip("/")) or {}).get("features") or {}).get(feature) or {}
+    if not entry.get("dense"):
+        raise VitflowError(
+            f"feature {feature!r} of {uri!r} is not a dense map (its manifest says "
+            f"{entry or 'nothing about it'}); read vectors with load_embeddings"
+        )
+    flt = pads.field(columns.STATUS) == columns.STATUS_OK
+    if split is not None:
+        flt = flt & (pads.field(columns.SPLIT) == split)
+    if ids is not None:
+        flt = flt & pads.field(columns.ID).isin(list(ids))
+    table = src.dataset.to_table(
+        columns=[*(c for c in columns.META_COLUMNS if c in src.dataset.schema.names), feature],
+        filter=flt,
+    )
+    shape = tuple(entry["shape"])
+    flat = table.column(feature).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    maps = flat.astype(np.float16, copy=False).reshape(table.num_rows, *shape)
+    return table.drop_columns([feature]).to_pandas(), maps
 
 
 def vectors_of(col: pa.ChunkedArray) -> np.ndarray:

@@ -167,7 +167,7 @@ def mae_loss(
         mask_ratio: the share of patches hidden from the encoder.
         norm_pix_loss: targets are each patch normalised by its own mean and variance.
     """
-    _check_encoder(encoder)
+    check_encoder(encoder)
     x = encoder.patch_embed(images)
     b, length, dim = x.shape
     x = x + encoder.pos_embed[:, 1:, :]
@@ -192,7 +192,7 @@ def mae_loss(
     return (per_patch * mask).sum(dim=1) / mask.sum(dim=1)
 
 
-def _check_encoder(encoder: nn.Module) -> None:
+def check_encoder(encoder: nn.Module) -> None:
     cls = getattr(encoder, "cls_token", None)
     pos = getattr(encoder, "pos_embed", None)
     prefix = getattr(encoder, "num_prefix_tokens", None)

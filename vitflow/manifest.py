@@ -27,6 +27,20 @@ def _feature_entry(p) -> dict[str, Any]:
     """How one feature set was made: blocks and pooling, or the projection head."""
     if p.source == "head":
         return {"dim": p.dim, "source": "head", "normalize": p.normalize}
+    if p.dense:
+        # A map per image: `dim` values, cells row by row (shape h, w, D), float16.
+        return {
+            "dim": p.dim,
+            "dense": True,
+            "shape": list(p.shape),
+            "stride": p.stride,
+            "dtype": "float16",
+            "layers": list(p.indices),
+            "aggregate": p.aggregate,
+            "norm": p.norm,
+            "normalize": p.normalize,
+            "shift": p.shift,
+        }
     return {
         "dim": p.dim,
         "layers": list(p.indices),
@@ -70,7 +84,11 @@ def build_manifest(
             },
         },
         "features": {p.name: _feature_entry(p) for p in features},
-        "columns": [*columns.META_COLUMNS, *(p.name for p in features)],
+        "columns": [
+            *columns.META_COLUMNS,
+            *(p.name for p in features),
+            *([columns.MAE_LOSS] if cfg.model.mae_loss is not None else []),
+        ],
         # What the vectors depend on (vitflow.identity): equal fingerprints, comparable vectors.
         "identity": None
         if identity is None

@@ -51,6 +51,7 @@ from vitflow.config import (
     _Section,
 )
 from vitflow.errors import ConfigError, VitflowError
+from vitflow.storage import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -147,12 +148,18 @@ class MatrixConfig(_Section):
                 missing = [
                     m.name
                     for m in self.models
-                    if self.ood.feature not in {f.name for f in m.features}
+                    if self.ood.feature not in {f.name for f in m.features if not f.dense}
                 ]
                 if missing:
                     raise ValueError(
                         f"ood.feature {self.ood.feature!r} is not a feature set of model(s) "
-                        f"{', '.join(missing)}"
+                        f"{', '.join(missing)} with vectors (dense maps are not scored)"
+                    )
+            for m in self.models:
+                if all(f.dense for f in m.features):
+                    raise ValueError(
+                        f"ood scores vectors, and model {m.name!r} has only dense feature "
+                        "sets; give it a vector one too"
                     )
         return self
 
@@ -164,6 +171,7 @@ class MatrixResult:
     output_uri: str
     runs: list[dict[str, Any]] = field(default_factory=list)
     ood: dict[str, dict[str, Any]] = field(default_factory=dict)  # model -> files written
+    mae: dict[str, dict[str, Any]] = field(default_factory=dict)  # model -> MAE loss summary
     seconds: float = 0.0
 
 
@@ -278,10 +286,12 @@ def run_matrix(
     _check_output_outside_sources(cfg)
     plan = [(m, ds, dataset_splits(ds, cfg.storage)) for m in cfg.models for ds in cfg.datasets]
     _check_ood_reference(cfg, plan)
-    jobs = [
-        (m, ds, s, split_job(cfg, m, ds, s, u)) for m, ds, splits in plan for s, u in splits.items()
-    ]
-    states = {j.output.uri: _state(j) for *_, j in jobs}
+    jobs = {
+        (m.name, ds.name, s): split_job(cfg, m, ds, s, u)
+        for m, ds, splits in plan
+        for s, u in splits.items()
+    }
+    states = {j.output.uri: _state(j) for j in jobs.values()}
     if not overwrite:
         taken = [uri for uri, state in states.items() if state != "absent"]
         if taken and not resume:
@@ -290,7 +300,9 @@ def run_matrix(
                 "--resume to finish the job, or --overwrite to replace them"
             )
         weights: dict[str, bytes] = {}
-        for m, _, _, job in jobs:
+        models = {m.name: m for m in cfg.models}
+        for (model_name, _, _), job in jobs.items():
+            m = models[model_name]
             if states[job.output.uri] != "complete":
                 continue
             if m.name not in weights:
@@ -315,7 +327,7 @@ def run_matrix(
         for m, ds, splits in plan:
             runs = []
             for split in splits:
-                job = split_job(cfg, m, ds, split, splits[split])
+                job = jobs[(m.name, ds.name, split)]
                 state = states[job.output.uri]
                 if resume and state == "complete":
                     manifest = _read_json(job.output.uri, columns.MANIFEST_NAME, cfg.storage)
@@ -346,6 +358,12 @@ def run_matrix(
             for m in cfg.models:
                 result.ood[m.name] = write_ood(cfg, m, result.runs)
                 say(f"{m.name}: out-of-distribution scores in {result.ood[m.name]['folder']}")
+        for m in cfg.models:
+            if m.model.mae_loss is not None:
+                result.mae[m.name] = write_mae_summary(cfg, m, result.runs)
+                say(
+                    f"{m.name}: MAE reconstruction loss per dataset in {result.mae[m.name]['folder']}"
+                )
     result.seconds = time.time() - started
     return result
 
@@ -419,8 +437,7 @@ def _read_json(uri: str, name: str, storage: StorageConfig | None = None) -> dic
 
 
 def _write_json(fs, path: str, data: dict) -> None:
-    with fs.open(path, "wb") as f:
-        f.write((json.dumps(data, indent=1) + "\n").encode())
+    write_atomic(fs, path, (json.dumps(data, indent=1) + "\n").encode())
 
 
 def _write_pair_manifest(
@@ -450,7 +467,6 @@ def write_ood(cfg: MatrixConfig, m: MatrixModel, runs: list[dict]) -> dict[str, 
     ``ood.png`` (the distribution per dataset, ordered by median)."""
     import numpy as np
     import pyarrow as pa
-    import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
     from vitflow.analysis.ood import knn_distance, summarize
@@ -459,7 +475,7 @@ def write_ood(cfg: MatrixConfig, m: MatrixModel, runs: list[dict]) -> dict[str, 
     from vitflow.storage import open_fs
 
     ood = cfg.ood
-    feature = ood.feature or m.features[0].name
+    feature = ood.feature or next(f.name for f in m.features if not f.dense)
     mine = [r for r in runs if r["model"] == m.name]
     ref_splits = [r["split"] for r in mine if r["dataset"] == ood.reference]
     ref_split = ood.reference_split or ("train" if "train" in ref_splits else ref_splits[0])
@@ -501,8 +517,6 @@ def write_ood(cfg: MatrixConfig, m: MatrixModel, runs: list[dict]) -> dict[str, 
     fs.makedirs(path, exist_ok=True)
     with fs.open(posixpath.join(path, "scores.parquet"), "wb") as f:
         pq.write_table(pa.concat_tables(tables), f)
-    with fs.open(posixpath.join(path, "summary.csv"), "wb") as f:
-        pacsv.write_csv(summary, f)
     meta = {
         "model": m.name,
         "feature": feature,
@@ -510,13 +524,75 @@ def write_ood(cfg: MatrixConfig, m: MatrixModel, runs: list[dict]) -> dict[str, 
         "reference": {"dataset": ood.reference, "split": ref_split},
         "summary": summary.to_pylist(),
     }
-    _write_json(fs, posixpath.join(path, "summary.json"), meta)
     title = (
         f"{m.name}: mean cosine distance to the {ood.k} nearest {ood.reference}/{ref_split} images"
     )
-    with fs.open(posixpath.join(path, "ood.png"), "wb") as f:
-        f.write(ood_chart(scores, title=title))
+    _write_summary(fs, path, "summary", "ood.png", meta, ood_chart(scores, title=title))
     return {"folder": uri, **meta}
+
+
+def write_mae_summary(cfg: MatrixConfig, m: MatrixModel, runs: list[dict]) -> dict[str, Any]:
+    """For a model with ``model.mae_loss``: each dataset's MAE reconstruction loss (the
+    ``mae_loss`` column of its splits' ok rows) summarised in ``OUT/<model>/_ood/``:
+    ``mae_summary.csv`` and ``mae_summary.json`` (per dataset: n, mean, median, std, p10,
+    p90) and ``mae_loss.png`` (the distribution per dataset, ordered by median)."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    from vitflow.analysis.ood import summarize
+    from vitflow.analysis.plots import ood_chart
+    from vitflow.analysis.source import open_source
+    from vitflow.storage import open_fs
+
+    opts = cfg.storage.options_for(cfg.output.uri)
+    by_dataset: dict[str, list] = {}
+    for r in (r for r in runs if r["model"] == m.name):
+        table = open_source(r["uri"], opts).dataset.to_table(
+            columns=[columns.MAE_LOSS], filter=pc.field(columns.STATUS) == columns.STATUS_OK
+        )
+        by_dataset.setdefault(r["dataset"], []).append(
+            table.column(columns.MAE_LOSS).to_numpy(zero_copy_only=False)
+        )
+    scores = {d: np.concatenate(v) for d, v in by_dataset.items()}
+    summary = summarize(scores, column=columns.MAE_LOSS)
+    uri = split_uri(cfg.output.uri, m.name, OOD_FOLDER)
+    fs, path = open_fs(uri, opts)
+    fs.makedirs(path, exist_ok=True)
+    meta = {
+        "model": m.name,
+        "mae_loss": m.model.mae_loss.model_dump(mode="json"),
+        "summary": summary.to_pylist(),
+    }
+    mae = m.model.mae_loss
+    title = (
+        f"{m.name}: MAE reconstruction loss per image (mask ratio {mae.mask_ratio}, "
+        f"{'normalised' if mae.norm_pix_loss else 'raw'} pixel targets; higher: less familiar)"
+    )
+    png = ood_chart(scores, score=columns.MAE_LOSS, title=title)
+    _write_summary(fs, path, "mae_summary", "mae_loss.png", meta, png)
+    return {"folder": uri, **meta}
+
+
+def _write_summary(fs, path: str, stem: str, png_name: str, meta: dict, png: bytes) -> None:
+    """``<stem>.csv`` (the summary rows), ``<stem>.json`` (them with ``meta``) and a chart."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    buf = io.BytesIO()
+    pacsv.write_csv(pa.Table.from_pylist(meta["summary"]), buf)
+    write_atomic(fs, posixpath.join(path, f"{stem}.csv"), buf.getvalue())
+    _write_json(fs, posixpath.join(path, f"{stem}.json"), meta)
+    write_atomic(fs, posixpath.join(path, png_name), png)
+
+
+def is_matrix_output(uri: str, storage_options: dict | None = None) -> bool:
+    """Whether ``uri`` is the top folder of a matrix output (it holds ``_matrix.json``)."""
+    from vitflow.storage import open_fs
+
+    fs, path = open_fs(uri, storage_options)
+    return fs.exists(posixpath.join(path.rstrip("/"), MATRIX_INDEX))
 
 
 def matrix_rows(uri: str, storage_options: dict | None = None) -> list[dict[str, Any]]:
@@ -529,18 +605,18 @@ def matrix_rows(uri: str, storage_options: dict | None = None) -> list[dict[str,
     if not fs.exists(path):
         raise VitflowError(f"nothing at {uri!r}")
 
+    from vitflow.loading import _manifest
+
     def manifest(p: str) -> dict | None:
-        f = posixpath.join(p, columns.MANIFEST_NAME)
-        if not fs.exists(f):
-            return None
-        with fs.open(f, "rb") as fh:
-            return json.loads(fh.read())
+        return _manifest(fs, p.rstrip("/"))
+
+    def width(v) -> str:
+        if isinstance(v, dict) and v.get("dense"):
+            return "x".join(map(str, v["shape"])) + " float16 map"
+        return str(v["dim"] if isinstance(v, dict) else v)
 
     def row(model, dataset, split, m) -> dict[str, Any]:
         counts = m.get("counts", {})
-        dims = {
-            k: (v["dim"] if isinstance(v, dict) else v) for k, v in m.get("features", {}).items()
-        }
         return {
             "model": model,
             "dataset": dataset,
@@ -548,7 +624,7 @@ def matrix_rows(uri: str, storage_options: dict | None = None) -> list[dict[str,
             "rows": counts.get("listed"),
             "ok": counts.get("ok"),
             "errors": counts.get("error"),
-            "features": ", ".join(f"{k}[{d}]" for k, d in dims.items()),
+            "features": ", ".join(f"{k}[{width(v)}]" for k, v in m.get("features", {}).items()),
         }
 
     def pair_rows(p: str, model: str, dataset: str, m: dict) -> list[dict[str, Any]]:

@@ -45,7 +45,6 @@ from vitflow.index_table import (
 from vitflow.ledger import Ledger
 from vitflow.locking import LOCK_NAME
 from vitflow.outputs import output_lock
-from vitflow.runtime import ray_starting
 from vitflow.sinks.delta import DeltaSink
 from vitflow.stages import output_schema
 
@@ -126,11 +125,18 @@ def index_job(cfg: EmbedConfig, weights: bytes) -> tuple[str, dict[str, Any]]:
 def plan_reindex(cfg: EmbedConfig, *, rebuild: bool = False) -> ReindexPlan:
     """Check the job and diff the source against the index's latest snapshot (no Ray)."""
     # overwrite=True: an existing output is this job's index, not a mistake to refuse.
+    if any(f.dense for f in cfg.features):
+        raise ConfigError(
+            "dense feature sets are not kept in an index: Delta Lake has no float16 type for "
+            "their maps; embed them with `vitflow embed` (parquet parts) instead"
+        )
     embed = prepare_embed(cfg, check_output=False)
     uri = cfg.output.uri
     so = delta_storage_options(uri, cfg.storage.options_for(uri))
     fingerprint, job = index_job(cfg, embed.weights)
-    schema = index_schema(output_schema(embed.dims), fingerprint, job)
+    schema = index_schema(
+        output_schema(embed.dims, mae_loss=cfg.model.mae_loss is not None), fingerprint, job
+    )
     dt = open_table(uri, so)
     if dt is None:
         _check_no_foreign_files(embed, uri)
@@ -259,7 +265,8 @@ def run_reindex(
     """
     started = time.time()
     # One run at a time: a second one is refused before it plans, not at its commit.
-    with output_lock(cfg, "reindex"), ray_starting(address, cfg.compute.local_num_cpus):
+    # No early Ray start here: an index already up to date (the usual nightly run) needs none.
+    with output_lock(cfg, "reindex"):
         return _reindex_locked(cfg, rebuild, address, started)
 
 

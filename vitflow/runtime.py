@@ -205,27 +205,27 @@ def ray_session(address: str | None = None, num_cpus: float | None = None):
     import ray
 
     start, _starting = _starting, None
-    t = time.perf_counter()
-    if start is not None:
-        start.wait()
-        took = start.ended - start.began
-    elif ray.is_initialized():
+    if start is None and ray.is_initialized():
         yield ray
         return
-    else:
-        _init(ray, address, num_cpus)
-        took = time.perf_counter() - t
-    # ray_wait_seconds < ray_start_seconds: the start overlapped the driver's checks.
-    _start_timing = {
-        "ray_start_seconds": round(took, 3),
-        "ray_wait_seconds": round(time.perf_counter() - t, 3),
-    }
+    t = time.perf_counter()
     try:
+        if start is not None:
+            start.wait()  # an interrupt here still shuts the started Ray down (finally)
+            took = start.ended - start.began
+        else:
+            _init(ray, address, num_cpus)
+            took = time.perf_counter() - t
+        # ray_wait_seconds < ray_start_seconds: the start overlapped the driver's checks.
+        _start_timing = {
+            "ray_start_seconds": round(took, 3),
+            "ray_wait_seconds": round(time.perf_counter() - t, 3),
+        }
         yield ray
     finally:
         if start is not None:
             start.close()
-        else:
+        elif ray.is_initialized():
             ray.shutdown()
 
 
@@ -292,7 +292,6 @@ class _RayStart:
         self.ready.wait()
         self._stop_holding(show=True)
         if self.error is not None:
-            self.released.set()
             raise self.error
 
     def close(self) -> None:
@@ -316,11 +315,14 @@ class _HoldRecords(logging.Filter):
         super().__init__()
         self.thread_id: int | None = None
         self.records: list[logging.LogRecord] = []
+        # ray_starting sets a SIGTERM handler itself where it runs on the main thread
+        self.drop_sigterm_note = threading.current_thread() is threading.main_thread()
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.thread != self.thread_id:
             return True
-        if "SIGTERM handler is not set" not in record.getMessage() and record not in self.records:
+        dropped = self.drop_sigterm_note and "SIGTERM handler is not set" in record.getMessage()
+        if not dropped and record not in self.records:
             self.records.append(record)
         return False
 

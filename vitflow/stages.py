@@ -25,8 +25,12 @@ from vitflow.sinks import PART_COLUMN
 _PASSTHROUGH = (columns.ID, columns.PATH, columns.LABEL, columns.SPLIT)
 
 
-def output_schema(dims: dict[str, int]) -> pa.Schema:
-    """Arrow schema of the embeddings table: meta columns, then one vector column per feature."""
+def output_schema(
+    dims: dict[str, int], mae_loss: bool = False, dense: tuple[str, ...] = ()
+) -> pa.Schema:
+    """Arrow schema of the embeddings table: meta columns, then one column per feature (a
+    ``float32`` vector, or for the ``dense`` ones a ``float16`` map, cells row by row), then
+    the per-image ``mae_loss`` where the job asks for it (``model.mae_loss``)."""
     fields = [
         pa.field(columns.ID, pa.string(), nullable=False),
         pa.field(columns.PATH, pa.string(), nullable=False),
@@ -37,23 +41,37 @@ def output_schema(dims: dict[str, int]) -> pa.Schema:
         pa.field(columns.WIDTH, pa.int32()),
         pa.field(columns.HEIGHT, pa.int32()),
     ]
-    fields += [pa.field(name, pa.list_(pa.float32(), d)) for name, d in dims.items()]
+    fields += [
+        pa.field(name, pa.list_(pa.float16() if name in dense else pa.float32(), d))
+        for name, d in dims.items()
+    ]
+    if mae_loss:
+        fields.append(pa.field(columns.MAE_LOSS, pa.float32()))
     return pa.schema(fields)
 
 
-def vectors_to_arrow(vectors: np.ndarray, valid: np.ndarray, dim: int) -> pa.FixedSizeListArray:
-    """``(N, dim)`` float32 with a validity mask -> ``fixed_size_list<float32>[dim]`` (nulls where invalid)."""
-    flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1))
+def vectors_to_arrow(
+    vectors: np.ndarray, valid: np.ndarray, dim: int, dtype=np.float32
+) -> pa.FixedSizeListArray:
+    """``(N, dim)`` with a validity mask -> ``fixed_size_list<float32>[dim]`` (``float16``
+    for ``dtype=np.float16``; nulls where invalid)."""
+    flat = pa.array(np.ascontiguousarray(vectors, dtype=dtype).reshape(-1))
     return pa.FixedSizeListArray.from_arrays(flat, dim, mask=pa.array(~valid))
 
 
 def rows_table(
-    batch: dict[str, np.ndarray], vectors: dict[str, np.ndarray], dims: dict[str, int]
+    batch: dict[str, np.ndarray],
+    vectors: dict[str, np.ndarray],
+    dims: dict[str, int],
+    mae_loss: np.ndarray | None = None,
+    dense: tuple[str, ...] = (),
 ) -> pa.Table:
-    """Assemble the output table of one batch; ``vectors`` hold rows for the ok images only."""
+    """Assemble the output table of one batch; ``vectors`` hold rows for the ok images only,
+    as does ``mae_loss`` (given: the table has that column, null on error rows); the
+    ``dense`` features are stored as ``float16``."""
     ok = batch[columns.STATUS] == columns.STATUS_OK
     n = len(ok)
-    schema = output_schema(dims)
+    schema = output_schema(dims, mae_loss=mae_loss is not None, dense=dense)
     cols = {
         c: pa.array(_strings(batch[c]), type=pa.string())
         for c in (*_PASSTHROUGH, columns.STATUS, columns.ERROR)
@@ -61,10 +79,15 @@ def rows_table(
     for c in (columns.WIDTH, columns.HEIGHT):
         cols[c] = pa.array(np.asarray(batch[c], dtype=np.int32), mask=~ok, type=pa.int32())
     for name, d in dims.items():
-        full = np.zeros((n, d), dtype=np.float32)
+        dtype = np.float16 if name in dense else np.float32
+        full = np.zeros((n, d), dtype=dtype)
         if ok.any():
             full[ok] = vectors[name]
-        cols[name] = vectors_to_arrow(full, ok, d)
+        cols[name] = vectors_to_arrow(full, ok, d, dtype)
+    if mae_loss is not None:
+        full = np.zeros(n, dtype=np.float32)
+        full[ok] = mae_loss
+        cols[columns.MAE_LOSS] = pa.array(full, mask=~ok, type=pa.float32())
     table = pa.table(cols, schema=schema)
     # The listing's bookkeeping rides along for the sink's writer (which part a row belongs
     # to; size and mtime for the index's next diff); it is written only where a sink wants it.
@@ -149,6 +172,9 @@ class EmbedWorker:
         phase("to_device_s")  # with CUDA: the context and the copy of the weights
         self.forward = torch.compile(self.extractor) if cfg.compute.compile else self.extractor
         self.dims = self.extractor.dims
+        # model.mae_loss: the encoder (the backbone itself) and the checkpoint's decoder.
+        self.mae, self.encoder = cfg.model.mae_loss, bb.model
+        self.mae_decoder = bb.mae_decoder.to(self.device) if bb.mae_decoder is not None else None
         self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.compute.precision)
         if self.device.type == "cuda" and not cfg.compute.compile:
             # The first CUDA forward creates the cuBLAS/cuDNN handles and loads kernels (about
@@ -232,11 +258,25 @@ class EmbedWorker:
                     x.record_stream(torch.cuda.current_stream(self.device))
                 calls_before = self.stem_calls
                 out = self._forward(x)
-                vectors = {k: v.float().cpu().numpy() for k, v in out.items()}
+                # Dense maps leave the device as float16, as they are stored (half the copy).
+                vectors = {
+                    k: (v.half() if k in self.extractor.dense else v.float()).cpu().numpy()
+                    for k, v in out.items()
+                }
                 forwards = self.stem_calls - calls_before
+                if self.mae_decoder is not None:
+                    losses = self._mae_loss(x, batch[columns.ID][ok])
             seconds = time.perf_counter() - t0
         del x, pixels
-        table = rows_table(batch, vectors, self.dims)
+        if self.mae_decoder is not None and not ok.any():
+            losses = np.zeros(0, np.float32)
+        table = rows_table(
+            batch,
+            vectors,
+            self.dims,
+            losses if self.mae_decoder is not None else None,
+            dense=self.extractor.dense,
+        )
         with self._write_lock:
             t1 = time.perf_counter()
             result = self.writer.write(table) if self.writer is not None else table
@@ -254,6 +294,26 @@ class EmbedWorker:
                 model_start=started,
             )
         return result
+
+    def _mae_loss(self, x: torch.Tensor, ids: np.ndarray) -> np.ndarray:
+        """Each image's MAE reconstruction loss (vitflow.mae), its mask seeded by its id."""
+        from vitflow.mae import mae_loss, mask_noise
+
+        noise = mask_noise(
+            [str(i) for i in ids], self.encoder.patch_embed.num_patches, self.mae.seed
+        )
+        with torch.autocast(
+            self.device.type, dtype=self.autocast, enabled=self.autocast is not None
+        ):
+            loss = mae_loss(
+                self.encoder,
+                self.mae_decoder,
+                x,
+                noise,
+                mask_ratio=self.mae.mask_ratio,
+                norm_pix_loss=self.mae.norm_pix_loss,
+            )
+        return loss.float().cpu().numpy()
 
     def _side_stream(self):
         """This thread's CUDA stream for preparing batches, or None off the GPU."""

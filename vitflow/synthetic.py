@@ -148,3 +148,33 @@ def make_digits_folder(
         )
         counts[split] += 1
     return counts
+
+
+# The toy MAE of make_mae_checkpoint: vit_base_patch16_224.mae's layout at 32 px, patch 8.
+TINY_MAE_KWARGS = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
+
+
+def make_mae_checkpoint(path: str | Path, seed: int = 0) -> dict:
+    """Write a toy MAE checkpoint in the official layout (encoder and decoder keys side by
+    side, random weights) to try ``model.mae_loss`` without downloading one; returns the
+    ``model:`` section that loads it. The losses it gives mean nothing."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    from vitflow.mae import MAEDecoder
+
+    torch.manual_seed(seed)
+    enc = timm.create_model(
+        "vit_base_patch16_224.mae", pretrained=False, num_classes=0, **TINY_MAE_KWARGS
+    )
+    patches = (TINY_MAE_KWARGS["img_size"] // TINY_MAE_KWARGS["patch_size"]) ** 2
+    dec = MAEDecoder(patches, TINY_MAE_KWARGS["patch_size"], 32, 16, depth=2, num_heads=2)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file({**enc.state_dict(), **dec.state_dict()}, str(path))
+    return {
+        "name": "vit_base_patch16_224.mae",
+        "kwargs": dict(TINY_MAE_KWARGS),
+        "checkpoint": str(path),
+        "mae_loss": {"decoder_heads": 2},
+    }

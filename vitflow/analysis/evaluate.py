@@ -23,6 +23,7 @@ matplotlib imported: 0.23 GB.)
 from __future__ import annotations
 
 import json
+import posixpath
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -189,6 +190,117 @@ def evaluate(
         report.eval_json = src.write_file(f"{EVAL_DIR}/eval.json", body)
         report.chart = src.write_file(f"{EVAL_DIR}/leaderboard.png", bar_chart(report))
     return report
+
+
+MATRIX_COLUMNS = (
+    "dataset",
+    "model",
+    "feature",
+    "dim",
+    "knn_top1",
+    "knn_top5",
+    "linear_top1",
+    "n_train",
+    "n_test",
+    "mode",
+)
+
+
+@dataclass
+class MatrixEval:
+    """:func:`evaluate_matrix`'s leaderboard: one row per (dataset, model, feature), each
+    dataset's rows best first; pairs that could not be scored, with the reason."""
+
+    uri: str
+    rows: list[dict]
+    skipped: list[dict]
+    files: dict[str, str] = field(default_factory=dict)
+
+    def leaderboard(self) -> str:
+        head = f"{'dataset':<16} {'model':<20} {'feature':<14} {'dim':>6}  kNN@1   kNN@5   linear@1"
+        lines = [f"vitflow eval: {self.uri} (every model x dataset)", head, "-" * len(head)]
+        for r in self.rows:
+            lines.append(
+                f"{r['dataset']:<16} {r['model']:<20} {r['feature']:<14} {r['dim']:>6}  "
+                f"{r['knn_top1']:.4f}  {r['knn_top5']:.4f}  {r['linear_top1']:.4f}"
+            )
+        lines += [f"not scored: {s['model']}/{s['dataset']}: {s['reason']}" for s in self.skipped]
+        lines += [f"written: {', '.join(self.files.values())}"] if self.files else []
+        return "\n".join(lines)
+
+
+def evaluate_matrix(
+    uri: str, *, storage_options: dict | None = None, write: bool = True, **options
+) -> MatrixEval:
+    """Score every model/dataset pair of a matrix output (``vitflow matrix``) with
+    :func:`evaluate` (same ``options``; each pair's ``_eval/`` is written beside it) and
+    gather one leaderboard with model and dataset columns: ``OUT/_eval/leaderboard.json``
+    and ``leaderboard.csv``. A pair eval cannot score (a dataset without labels, or without
+    a test split and too few rows per class for folds) is listed as not scored, with the
+    reason, and the others are still scored.
+
+    Example:
+        >>> print(evaluate_matrix("matrix-out").leaderboard())  # doctest: +SKIP
+    """
+    import io
+
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    from vitflow.matrix import MATRIX_INDEX, split_uri
+    from vitflow.storage import open_fs, write_atomic
+
+    fs, path = open_fs(uri, storage_options)
+    index_file = posixpath.join(path.rstrip("/"), MATRIX_INDEX)
+    try:
+        with fs.open(index_file, "rb") as f:
+            index = json.loads(f.read())
+    except FileNotFoundError:
+        raise VitflowError(
+            f"{uri!r} is not a matrix output (no {MATRIX_INDEX}); evaluate one output with "
+            "evaluate()"
+        ) from None
+    rows, skipped = [], []
+    for model in index.get("models", []):
+        for dataset in index.get("datasets", {}):
+            pair = split_uri(uri, model, dataset)
+            try:
+                report = evaluate(pair, storage_options=storage_options, write=write, **options)
+            except VitflowError as e:
+                skipped.append({"model": model, "dataset": dataset, "reason": str(e)})
+                continue
+            for sc in report.scores:
+                rows.append(
+                    {
+                        "dataset": dataset,
+                        "model": model,
+                        "feature": sc.name,
+                        "dim": sc.dim,
+                        "knn_top1": sc.knn_top1,
+                        "knn_top5": sc.knn_top5,
+                        "linear_top1": sc.linear_top1,
+                        "n_train": sc.n_train,
+                        "n_test": sc.n_test,
+                        "mode": report.mode,
+                    }
+                )
+    order = {d: i for i, d in enumerate(index.get("datasets", {}))}
+    rows.sort(key=lambda r: (order[r["dataset"]], -r["knn_top1"], -r["linear_top1"], r["model"]))
+    result = MatrixEval(uri, rows, skipped)
+    if write:
+        base = posixpath.join(path.rstrip("/"), EVAL_DIR)
+        body = {"format": "vitflow.matrix-eval/1", "uri": uri, "rows": rows, "skipped": skipped}
+        write_atomic(fs, f"{base}/leaderboard.json", (json.dumps(body, indent=1) + "\n").encode())
+        buf = io.BytesIO()
+        table = pa.Table.from_pylist(rows) if rows else pa.table({c: [] for c in MATRIX_COLUMNS})
+        pacsv.write_csv(table.select(list(MATRIX_COLUMNS)), buf)
+        write_atomic(fs, f"{base}/leaderboard.csv", buf.getvalue())
+        out = uri.rstrip("/")
+        result.files = {
+            "json": f"{out}/{EVAL_DIR}/leaderboard.json",
+            "csv": f"{out}/{EVAL_DIR}/leaderboard.csv",
+        }
+    return result
 
 
 @dataclass(frozen=True)

@@ -172,7 +172,56 @@ def open_source(uri: str, storage_options: dict | None = None) -> EmbeddingSourc
         raise VitflowError(f"no embeddings at {uri!r}")
     if fs.exists(path.rstrip("/") + "/_delta_log"):
         return _open_delta(uri, storage_options, fs, path)
+    from vitflow.loading import _pair_manifest
+
+    pair = _pair_manifest(fs, path)
+    if pair is not None:
+        return _open_pair(uri, fs, path, pair)
     return _open_parts(uri, fs, path)
+
+
+def _open_pair(uri: str, fs, path: str, pair: dict) -> EmbeddingSource:
+    """A model/dataset folder of a matrix output: its split outputs read as one (each row
+    keeps the split value its output gave it), so eval's train/test protocol runs on it."""
+    splits = list(pair.get("splits") or {})
+    if not splits:
+        raise VitflowError(f"{uri!r} lists no split outputs in its manifest")
+    subs = [
+        _open_parts(f"{uri.rstrip('/')}/{s}", fs, posixpath.join(path.rstrip("/"), s))
+        for s in splits
+    ]
+    for s, sub in zip(splits, subs, strict=True):
+        values = set(sub.dataset.to_table(columns=[columns.SPLIT]).column(0).unique().to_pylist())
+        if values != {s}:
+            # A split named in `splits:` as a list of files keeps its rows' own (often no)
+            # split values: read as one, its rows would not say which split they are.
+            raise VitflowError(
+                f"the rows of {uri.rstrip('/')}/{s} carry split values "
+                f"{sorted(map(str, values))}, not {s!r}, so its splits cannot be read as one "
+                "output; read each split output on its own"
+            )
+    if any(sub.dims != subs[0].dims for sub in subs):
+        raise VitflowError(
+            f"the split outputs of {uri!r} hold different features: "
+            + "; ".join(f"{s}: {sub.dims}" for s, sub in zip(splits, subs, strict=True))
+        )
+    dataset = pads.dataset(
+        [f.path for sub in subs for f in sub.fragments],
+        format="parquet",
+        filesystem=subs[0].dataset.filesystem,
+    )
+    data = {"kind": "pair", "splits": {s: sub.data for s, sub in zip(splits, subs, strict=True)}}
+    return EmbeddingSource(
+        uri,
+        "parts",
+        dataset,
+        tuple(dataset.get_fragments()),
+        subs[0].dims,
+        subs[0].specs,
+        data,
+        fs,
+        path,
+    )
 
 
 def _open_parts(uri: str, fs, path: str) -> EmbeddingSource:
@@ -188,7 +237,7 @@ def _open_parts(uri: str, fs, path: str) -> EmbeddingSource:
         [posixpath.join(out, n) for n in names], format="parquet", filesystem=arrow_fs(fs)
     )
     fragments = tuple(dataset.get_fragments())
-    dims = {f.name: f.type.list_size for f in dataset.schema if pat.is_fixed_size_list(f.type)}
+    dims = vector_dims(dataset.schema)
     specs = {
         name: {k: v for k, v in entry.items() if k != "dim"}
         for name, entry in (manifest.get("features") or {}).items()
@@ -202,6 +251,16 @@ def _open_parts(uri: str, fs, path: str) -> EmbeddingSource:
         "parts": {n: parts[n] for n in names},
     }
     return EmbeddingSource(uri, "parts", dataset, fragments, dims, specs, data, fs, path)
+
+
+def vector_dims(schema: pa.Schema) -> dict[str, int]:
+    """The vector columns (``fixed_size_list<float32>``) and their widths; a dense feature's
+    map (``float16``, :mod:`vitflow.features`) is not a vector to score, search or plot."""
+    return {
+        f.name: f.type.list_size
+        for f in schema
+        if pat.is_fixed_size_list(f.type) and pat.is_float32(f.type.value_type)
+    }
 
 
 def _open_delta(uri: str, storage_options, fs, path: str) -> EmbeddingSource:

@@ -76,6 +76,15 @@ def plan_eval(rows: dict, uri: str, train_split: str, test_split: str | None, fo
     ok, label, split = rows["ok"], rows["label"], rows["split"]
     labelled = ok & (label >= 0)
     excluded = {"error": int(np.sum(~ok))}
+    present = np.unique(label[labelled])
+    if len(present) < 2:
+        # One class scores 1.0 whatever the vectors: a leaderboard of that would mislead.
+        held = ", ".join(rows["classes"][i] for i in present) or "no labelled ok row"
+        raise VitflowError(
+            f"{uri!r} has {len(present)} class among its labelled ok rows ({held}); "
+            "kNN and linear-probe accuracy need at least two (labels come from the class "
+            "folders, or a list file's label column)"
+        )
     if not (split[ok] >= 0).any():
         fold = np.full(len(ok), -1, np.int64)
         fold[labelled] = assign_folds(

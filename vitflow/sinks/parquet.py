@@ -65,7 +65,7 @@ def finished_parts(fs, out_path: str) -> set[int]:
 _MARKERS = (columns.MANIFEST_NAME, RUN_STATE)  # what makes part files recognisably ours
 # Folders vitflow's analysis commands write beside an output (eval, fitted transforms, search
 # index, near-duplicate groups, report): everything in them is vitflow's.
-DERIVED_FOLDERS = ("_eval", "_transforms", "_index", "_dedup", "_report")
+DERIVED_FOLDERS = ("_eval", "_transforms", "_index", "_dedup", "_report", "_dense")
 
 
 def is_output_file(relpath: str, *, marked: bool = True) -> bool:

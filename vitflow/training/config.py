@@ -30,6 +30,12 @@ class TrainModelConfig(ModelConfig):
     embedding_dim: int = Field(16, ge=2, description="Projection head output width.")
     head_hidden_dim: int = Field(512, ge=0, description="Head hidden width; 0 = linear head.")
 
+    @model_validator(mode="after")
+    def _no_mae_loss(self) -> TrainModelConfig:
+        if self.mae_loss is not None:
+            raise ValueError("model.mae_loss is an embed option; training does not compute it")
+        return self
+
 
 class SIMO2Config(_Section):
     samples_per_class: int = Field(16, ge=2, description="Images of each class in a batch.")
