@@ -178,3 +178,45 @@ def test_dense_jobs_that_cannot_work_are_refused_with_the_fix(files):
 
     with pytest.raises(ConfigError, match="Delta Lake has no float16"):
         plan_reindex(job(root, "index"))
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_dense_maps_kept_as_principal_components_of_a_pca_fitted_on_a_sample(files, ray_local):
+    """The PCA equals scikit-learn's on the same cells (the sample is every image here), is
+    stored with the output, and each stored map is its cells projected on it."""
+    from safetensors.numpy import load_file
+    from sklearn.decomposition import PCA
+
+    root, model = files
+    cfg = job(root, "pca_out").model_copy(
+        update={
+            "features": load_config(
+                base={
+                    **job(root, "x").model_dump(mode="json"),
+                    "features": [{"name": "pc", "dense": True, "pca": 4, "pca_sample": 1000}],
+                }
+            ).features
+        }
+    )
+    result = run_embed(cfg)
+    entry = result.manifest["features"]["pc"]
+    assert entry["shape"] == [4, 4, 4] and entry["pca"]["components"] == 4
+    assert entry["pca"]["fitted_on_images"] == result.ok
+    stored = load_file(str(root / "pca_out" / "_dense" / "pca.safetensors"))
+    df, maps = load_dense(str(root / "pca_out"), "pc")
+    cells = [
+        F.normalize(timm_map(model, timm_input(model, p), [1]), dim=1)[0].permute(1, 2, 0).numpy()
+        for p in df[columns.PATH]
+    ]
+    ref = PCA(n_components=4, random_state=0).fit(
+        np.concatenate([c.reshape(-1, 32) for c in cells])
+    )
+    np.testing.assert_allclose(stored["pc.mean"], ref.mean_, atol=1e-5)
+    agree = np.abs(np.sum(stored["pc.components"] * ref.components_, axis=1))
+    np.testing.assert_allclose(agree, 1.0, atol=1e-3)  # the same axes (a sign is arbitrary)
+    comps, mean = stored["pc.components"], stored["pc.mean"]
+    for got, c in zip(maps, cells, strict=True):
+        np.testing.assert_allclose(got.astype(np.float32), (c - mean) @ comps.T, atol=3e-3)
+    with pytest.raises(ConfigError, match="pca reduces a dense map"):
+        load_config(base={**cfg.model_dump(mode="json"), "features": [{"name": "v", "pca": 4}]})

@@ -103,6 +103,7 @@ META_DATA_CONFIG = "vitflow.data_config"
 META_HEAD = "vitflow.projection_head"
 META_MAE = "vitflow.mae_decoder"  # the decoder's head count; its tensors under MAE_PREFIX
 MAE_PREFIX = "mae_decoder."
+PCA_PREFIX = "dense_pca."  # dense_pca.<feature>.components / .mean: a dense map's fitted PCA
 
 
 @dataclass
@@ -117,6 +118,8 @@ class Backbone:
     name: str | None = None
     kwargs: dict[str, Any] | None = None
     mae_decoder: torch.nn.Module | None = None  # with model.mae_loss (vitflow.mae.MAEDecoder)
+    # Dense feature sets' fitted PCAs: {feature: {"components": (k, D), "mean": (D,)}}
+    dense_pca: dict[str, dict[str, torch.Tensor]] | None = None
 
 
 def _resolve_architecture(cfg: ModelConfig, metadata: dict[str, str]) -> ModelConfig:
@@ -215,6 +218,7 @@ def create_backbone(
     head = None
     model = None
     mae_state: dict[str, torch.Tensor] = {}
+    dense_pca: dict[str, dict[str, torch.Tensor]] = {}
     if state_dict is not None:
         head_state = {
             k[len(HEAD_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(HEAD_PREFIX)
@@ -224,10 +228,14 @@ def create_backbone(
         mae_state = {
             k[len(MAE_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(MAE_PREFIX)
         }
+        for k, v in state_dict.items():
+            if k.startswith(PCA_PREFIX):
+                feature, part = k[len(PCA_PREFIX) :].rsplit(".", 1)
+                dense_pca.setdefault(feature, {})[part] = v
         body = {
             k: v
             for k, v in state_dict.items()
-            if not k.startswith(HEAD_PREFIX) and not k.startswith(MAE_PREFIX)
+            if not k.startswith((HEAD_PREFIX, MAE_PREFIX, PCA_PREFIX))
         }
         if cfg.mae_loss is not None and not mae_state:
             from vitflow.mae import decoder_state
@@ -272,6 +280,7 @@ def create_backbone(
         name=cfg.name,
         kwargs=dict(cfg.kwargs),
         mae_decoder=mae_decoder,
+        dense_pca=dense_pca or None,
     )
 
 
@@ -337,6 +346,9 @@ def backbone_bytes(bb: Backbone, extra_metadata: dict[str, str] | None = None) -
             }
         )
         metadata[META_MAE] = str(bb.mae_decoder.decoder_blocks[0].attn.num_heads)
+    for feature, fitted in (bb.dense_pca or {}).items():
+        for part, t in fitted.items():
+            tensors[f"{PCA_PREFIX}{feature}.{part}"] = t.detach().float().contiguous()
     return save(tensors, metadata=metadata)
 
 

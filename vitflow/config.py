@@ -289,11 +289,25 @@ class FeatureConfig(_Section):
     shift: ShiftConfig | None = Field(
         None, description="Pixel-shift upscaling of the dense map to a finer stride."
     )
+    pca: int | None = Field(
+        None,
+        ge=1,
+        description="Dense maps only: keep this many principal components of each cell, from "
+        "a PCA fitted on pca_sample images before the run (stored with the output).",
+    )
+    pca_sample: int = Field(
+        64, ge=1, description="Images the dense map's PCA is fitted on (seeded sample)."
+    )
 
     @model_validator(mode="after")
     def _dense_rules(self) -> FeatureConfig:
         if self.shift is not None and not self.dense:
             raise ValueError(f"feature {self.name!r}: shift upscales a dense map; set dense: true")
+        if self.pca is not None and not self.dense:
+            raise ValueError(
+                f"feature {self.name!r}: pca reduces a dense map's cells; for vectors fit one "
+                "after the run (vitflow fit --pca)"
+            )
         if self.dense and self.source == "head":
             raise ValueError(
                 f"feature {self.name!r}: a projection head gives no map; dense needs source: backbone"

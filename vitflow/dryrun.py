@@ -42,6 +42,7 @@ def _describe_feature(p) -> str:
     if p.dense:
         h, w, d = p.shape
         shift = f", pixel shift {p.shift['pixels']} {p.shift['neighbourhood']}" if p.shift else ""
+        shift += f", PCA to {p.pca} components fitted on a sample" if p.pca else ""
         return (
             f"{p.name} = dense map {h}x{w}x{d} float16 (stride {p.stride}{shift}) of layers "
             f"{list(p.indices)} {p.aggregate} {p.normalize}"

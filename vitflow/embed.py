@@ -172,11 +172,24 @@ def prepare_embed(
     extractor = FeatureExtractor(
         backbone.model, cfg.features, pre.input_size, cfg.model.extractor, head=backbone.head
     )
-    cfg = _parts_for_dense(cfg, extractor.plans)
     out_fs, out_path = check_output_location(cfg, bucket=check_output)
     t_list = time.perf_counter()
     listing = list_images(cfg.source, so.options_for(cfg.source.uri))
     listing_seconds = time.perf_counter() - t_list
+    if any(p.pca for p in extractor.plans):
+        # Dense maps stored as principal components: the PCA is part of the weights the
+        # actors get (and of the vectors' identity); a resumed run keeps the one it began with.
+        stored = _stored_dense_pca(out_fs, out_path) if resume else None
+        backbone.dense_pca = stored or fit_dense_pca(cfg, extractor, pre, listing)
+        extractor = FeatureExtractor(
+            backbone.model,
+            cfg.features,
+            pre.input_size,
+            cfg.model.extractor,
+            head=backbone.head,
+            pca=backbone.dense_pca,
+        )
+    cfg = _parts_for_dense(cfg, extractor.plans)
     weights = backbone_bytes(backbone)
     plan = EmbedPlan(cfg, backbone, extractor.plans, listing, out_fs, out_path, weights)
     plan.fingerprint = job_fingerprint(cfg, weights, listing)
@@ -238,6 +251,109 @@ def _parts_for_dense(cfg: EmbedConfig, plans: list[FeaturePlan]) -> EmbedConfig:
         batch = max(1, min(MAX_DENSE_BATCH, MAX_DENSE_BATCH_BYTES // per_image))
         compute = compute.model_copy(update={"batch_size": batch})
     return cfg.model_copy(update={"output": output, "compute": compute})
+
+
+DENSE_PCA_FILE = "_dense/pca.safetensors"
+MAX_PCA_CELLS = 200_000  # map cells the PCA is fitted on (sampled from the images' cells)
+
+
+def fit_dense_pca(
+    cfg: EmbedConfig, extractor: FeatureExtractor, pre: Preprocessor, listing: Listing
+) -> dict[str, dict[str, Any]]:
+    """Fit each dense feature set's PCA (``pca`` components) on the cells of ``pca_sample``
+    images drawn from the listing with a fixed seed, decoded and embedded here on the driver
+    exactly as the actors do (the map at the patch stride, each cell normalised; pixel
+    shifts average maps in the same space, so they are left out of the fit).
+
+    Returns ``{feature: {"components": (k, D), "mean": (D,)}}`` as float32 tensors."""
+    import torch
+    from sklearn.decomposition import PCA
+
+    from vitflow.decode_task import decode_batch
+
+    wanted = [p for p in extractor.plans if p.pca]
+    n = len(listing)
+    take = min(n, max(f.pca_sample for f in cfg.features if f.pca))
+    chosen = set(np.random.default_rng(0).choice(n, size=take, replace=False).tolist())
+    pieces, start = [], 0
+    for piece in listing.ledger.batches():
+        keep = [i - start for i in range(start, start + piece.num_rows) if i in chosen]
+        if keep:
+            pieces.append(piece.take(pa.array(keep, pa.int64())))
+        start += piece.num_rows
+    sample = pa.concat_tables(pieces) if pieces else listing.ledger.schema.empty_table()
+    decoded = decode_batch(
+        {c: sample.column(c).to_numpy(zero_copy_only=False) for c in sample.column_names},
+        resize=pre.resize_spec(),
+        max_pixels=cfg.source.max_pixels,
+        storage_options=cfg.storage.options_for(cfg.source.uri),
+        decode_timeout_s=cfg.source.decode_timeout_s,
+        retry_s=cfg.storage.retry_seconds,
+        max_file_bytes=cfg.source.max_file_bytes,
+        source_root=listing.local_root,
+        follow_symlinks=cfg.source.follow_symlinks,
+    )
+    ok = decoded[columns.STATUS] == columns.STATUS_OK
+    if not ok.any():
+        raise ConfigError(
+            f"none of the {take} images drawn to fit the dense maps' PCA decoded; fix the "
+            "source (see `vitflow embed --dry-run`) or drop features.pca"
+        )
+    pixels = decoded[columns.PIXELS][ok]
+    cells: dict[str, list] = {p.name: [] for p in wanted}
+    for i in range(0, len(pixels), 16):
+        x = pre.to_tensor(np.ascontiguousarray(pixels[i : i + 16]))
+        for p in wanted:
+            cells[p.name].append(extractor.dense_cells(p.name, x).numpy())
+    out = {}
+    rng = np.random.default_rng(0)
+    for p in wanted:
+        data = np.concatenate(cells[p.name])
+        if p.pca > min(data.shape):
+            raise ConfigError(
+                f"feature {p.name!r}: pca {p.pca} is more than its cells can give ({data.shape[1]} "
+                f"channels, {data.shape[0]} cells in the sample); lower it"
+            )
+        if len(data) > MAX_PCA_CELLS:
+            data = data[np.sort(rng.choice(len(data), MAX_PCA_CELLS, replace=False))]
+        fitted = PCA(n_components=p.pca, random_state=0).fit(data)
+        out[p.name] = {
+            "components": torch.from_numpy(fitted.components_.astype(np.float32)),
+            "mean": torch.from_numpy(fitted.mean_.astype(np.float32)),
+            "explained": torch.from_numpy(fitted.explained_variance_ratio_.astype(np.float32)),
+            "images": torch.tensor([int(ok.sum())], dtype=torch.int64),
+        }
+    log.info("dense PCA fitted on %d images", int(ok.sum()))
+    return out
+
+
+def _stored_dense_pca(fs, out: str) -> dict[str, dict[str, Any]] | None:
+    """The PCA an interrupted run of this output fitted (``_dense/pca.safetensors``)."""
+    from safetensors.torch import load
+
+    path = posixpath.join(out, DENSE_PCA_FILE)
+    try:
+        raw = retrying(lambda: fs.cat_file(path), what=f"read {path}")
+    except FileNotFoundError:
+        return None
+    pca: dict[str, dict[str, Any]] = {}
+    for key, t in load(raw).items():
+        feature, part = key.rsplit(".", 1)
+        pca.setdefault(feature, {})[part] = t
+    return pca
+
+
+def _write_dense_pca(plan: EmbedPlan) -> None:
+    from safetensors.torch import save
+
+    tensors = {
+        f"{feature}.{part}": t.contiguous()
+        for feature, fitted in (plan.backbone.dense_pca or {}).items()
+        for part, t in fitted.items()
+    }
+    if tensors:
+        path = posixpath.join(plan.output_path, DENSE_PCA_FILE)
+        write_atomic(plan.output_fs, path, save(tensors), retry_s=plan.cfg.storage.retry_seconds)
 
 
 def require_weights(cfg: EmbedConfig) -> None:
@@ -339,6 +455,7 @@ def _run_locked(
     staged_all = set().union(*staged.values()) if staged else set()
     todo = PartRows(plan.listing.ledger, per_part, done, staged_all)
     write_atomic(fs, posixpath.join(out, RUN_STATE), run_state(plan), retry_s=retry_s)
+    _write_dense_pca(plan)  # with the run state: a resume finds the PCA it began with
     schema = output_schema(plan.dims, mae_loss=cfg.model.mae_loss is not None, dense=plan.dense)
     sink = PartsSink(fs, out, schema, part_sizes, staged, retry_s)
     result = None

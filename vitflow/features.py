@@ -100,6 +100,7 @@ class FeaturePlan:
     shift: dict | None = None  # ShiftConfig as a dict (pixels, neighbourhood, stride)
     shape: tuple[int, ...] = ()  # dense: (h, w, D) of the stored map
     stride: int | list[int] = 0  # dense: pixels per map cell ([rows, cols] if not square)
+    pca: int | None = None  # dense: principal components kept per cell (None: all D)
 
 
 def _has_cls(model: torch.nn.Module) -> bool:
@@ -135,9 +136,18 @@ class FeatureExtractor(torch.nn.Module):
         input_size,
         extractor: str = "auto",
         head: torch.nn.Module | None = None,
+        pca: dict[str, dict[str, torch.Tensor]] | None = None,
     ):
         super().__init__()
         self.model = model.eval()
+        # Dense maps' fitted PCAs ({feature: {"components": (k, D), "mean": (D,)}}): a dense
+        # set that asks for pca is stored projected once its PCA is given (vitflow.embed
+        # fits it on a sample with this extractor built without one).
+        self._pca = {}
+        for name, fitted in (pca or {}).items():
+            self.register_buffer(f"pca_{name}_components", fitted["components"].float())
+            self.register_buffer(f"pca_{name}_mean", fitted["mean"].float())
+            self._pca[name] = (f"pca_{name}_components", f"pca_{name}_mean")
         self.head = head.eval() if head is not None else None
         for f in features:
             if f.source == "head" and head is None:
@@ -168,6 +178,7 @@ class FeatureExtractor(torch.nn.Module):
                 f.normalize,
                 dense=f.dense,
                 shift=f.shift.model_dump() if f.shift is not None else None,
+                pca=f.pca if f.dense else None,
             )
             for f in features
         ]
@@ -225,6 +236,14 @@ class FeatureExtractor(torch.nn.Module):
         _, height, width = self.input_size
         try:
             _, d, h, w = self._dense_map(plan, probe).shape
+            if plan.name in self._pca:
+                k, width = getattr(self, self._pca[plan.name][0]).shape
+                if width != d or k != plan.pca:
+                    raise ValueError(
+                        f"its PCA maps {width} channels to {k}, but the map has {d} and the "
+                        f"job asks for {plan.pca}"
+                    )
+                d = k
             if height % h or width % w:
                 raise ValueError(
                     f"its map is {h}x{w} for a {height}x{width} input, a size the map's "
@@ -314,7 +333,21 @@ class FeatureExtractor(torch.nn.Module):
             )
         if plan.normalize == "l2":
             fmap = torch.nn.functional.normalize(fmap, dim=1)
-        return fmap.permute(0, 2, 3, 1).reshape(fmap.shape[0], -1)
+        cells = fmap.permute(0, 2, 3, 1)  # (B, h, w, D)
+        if plan.name in self._pca:
+            comp, mean = (getattr(self, n) for n in self._pca[plan.name])
+            cells = (cells - mean) @ comp.T
+        return cells.reshape(fmap.shape[0], -1)
+
+    @torch.inference_mode()
+    def dense_cells(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """``(B * h * w, D)``: the cells of dense feature ``name`` at the patch stride,
+        normalised as it says and not projected (what its PCA is fitted on)."""
+        plan = next(p for p in self.plans if p.name == name)
+        fmap = self._dense_map(plan, self._intermediates(x))
+        if plan.normalize == "l2":
+            fmap = torch.nn.functional.normalize(fmap, dim=1)
+        return fmap.permute(0, 2, 3, 1).reshape(-1, fmap.shape[1])
 
     def _width(self, plan: FeaturePlan, probe) -> int:
         """The feature's width by the registry's rule: each layer's pooled width (from the

@@ -51,7 +51,11 @@ def vector_identity(cfg: EmbedConfig, weights: bytes) -> dict[str, Any]:
         ),
         # dense and shift only where set: vectors made before they existed compare as they did.
         "features": [
-            f.model_dump(mode="json", exclude=set() if f.dense else {"dense", "shift"})
+            f.model_dump(
+                mode="json",
+                exclude=(set() if f.dense else {"dense", "shift"})
+                | (set() if f.pca else {"pca", "pca_sample"}),
+            )
             for f in cfg.features
         ],
         "preprocessing": pre,

@@ -23,7 +23,7 @@ def versions() -> dict[str, str]:
     return out
 
 
-def _feature_entry(p) -> dict[str, Any]:
+def _feature_entry(p, pca: dict | None = None) -> dict[str, Any]:
     """How one feature set was made: blocks and pooling, or the projection head."""
     if p.source == "head":
         return {"dim": p.dim, "source": "head", "normalize": p.normalize}
@@ -40,6 +40,18 @@ def _feature_entry(p) -> dict[str, Any]:
             "norm": p.norm,
             "normalize": p.normalize,
             "shift": p.shift,
+            **(
+                {
+                    "pca": {
+                        "components": p.pca,
+                        "fitted_on_images": int(pca["images"][0]),
+                        "explained_variance": round(float(pca["explained"].sum()), 6),
+                        "file": "_dense/pca.safetensors",
+                    }
+                }
+                if p.pca and pca is not None
+                else {}
+            ),
         }
     return {
         "dim": p.dim,
@@ -83,7 +95,9 @@ def build_manifest(
                 k: list(v) if isinstance(v, tuple) else v for k, v in backbone.data_config.items()
             },
         },
-        "features": {p.name: _feature_entry(p) for p in features},
+        "features": {
+            p.name: _feature_entry(p, (backbone.dense_pca or {}).get(p.name)) for p in features
+        },
         "columns": [
             *columns.META_COLUMNS,
             *(p.name for p in features),

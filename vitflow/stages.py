@@ -162,7 +162,12 @@ class EmbedWorker:
         del raw
         self.pre = Preprocessor(bb.data_config)
         self.extractor = FeatureExtractor(
-            bb.model, cfg.features, self.pre.input_size, cfg.model.extractor, head=bb.head
+            bb.model,
+            cfg.features,
+            self.pre.input_size,
+            cfg.model.extractor,
+            head=bb.head,
+            pca=bb.dense_pca,
         )
         phase("build_s")
         self.extractor.to(self.device)
