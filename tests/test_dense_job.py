@@ -25,7 +25,8 @@ from vitflow.loading import load_dense, load_embeddings
 from vitflow.synthetic import make_image_folder
 
 NAME = "vit_small_patch16_224"
-KW = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
+# A width (24) unlike the input (32): a map laid out with one for the other shows.
+KW = {"img_size": 32, "patch_size": 8, "embed_dim": 24, "depth": 2, "num_heads": 2}
 PATCH = 8
 
 
@@ -93,11 +94,11 @@ def test_dense_maps_equal_timm_and_the_hand_written_pixel_shift(files, ray_local
     root, model = files
     result = run_embed(job(root, "out"))
     entry = result.manifest["features"]["fine"]
-    assert entry["dense"] and entry["shape"] == [8, 8, 32] and entry["stride"] == 4
-    assert result.manifest["features"]["patches"]["shape"] == [4, 4, 32]
+    assert entry["dense"] and entry["shape"] == [8, 8, 24] and entry["stride"] == 4
+    assert result.manifest["features"]["patches"]["shape"] == [4, 4, 24]
     df, maps = load_dense(str(root / "out"), "patches")
     _, fine = load_dense(str(root / "out"), "fine")
-    assert maps.dtype == np.float16 and maps.shape == (result.ok, 4, 4, 32)
+    assert maps.dtype == np.float16 and maps.shape == (result.ok, 4, 4, 24)
     for i, path in enumerate(df[columns.PATH]):
         x = timm_input(model, path)
         want = timm_map(model, x, [1])[0].permute(1, 2, 0).numpy()
@@ -109,11 +110,11 @@ def test_dense_maps_equal_timm_and_the_hand_written_pixel_shift(files, ray_local
     # maps are read only when named.
     emb = load_embeddings(str(root / "out"), feature="emb", include_errors=True)
     assert len(emb) == result.listed and emb["emb"].isna().sum() == result.error > 0
-    assert open_source(str(root / "out")).dims == {"emb": 32}
+    assert open_source(str(root / "out")).dims == {"emb": 24}
     plain = load_embeddings(str(root / "out"))
     assert "emb" in plain and "fine" not in plain and "patches" not in plain
     one = load_embeddings(str(root / "out"), feature="patches")
-    assert np.stack(one["patches"]).shape == (result.ok, 4 * 4 * 32)
+    assert np.stack(one["patches"]).shape == (result.ok, 4 * 4 * 24)
 
 
 @pytest.mark.ray
@@ -138,7 +139,7 @@ def test_parts_of_dense_maps_stay_small_enough_to_compact(files, monkeypatch):
     from vitflow import embed
 
     root, _ = files
-    row_bytes = 2 * (4 * 4 * 32 + 8 * 8 * 32)
+    row_bytes = 2 * (4 * 4 * 24 + 8 * 8 * 24)
     monkeypatch.setattr(embed, "MAX_DENSE_PART_BYTES", 10 * row_bytes)
     assert prepare_embed(job(root, "p1")).cfg.output.rows_per_file == 10  # default lowered
     with pytest.raises(ConfigError, match="set output.rows_per_file to 10 or less"):
@@ -174,6 +175,22 @@ def test_dense_jobs_that_cannot_work_are_refused_with_the_fix(files):
             },
             schema=MatrixConfig,
         )
+    with pytest.raises(ConfigError, match="cannot give every split of a dataset alike"):
+        load_config(
+            base={
+                "kind": "matrix",
+                "models": [
+                    {
+                        "name": "m",
+                        "model": base["model"],
+                        "features": [{"name": "p", "dense": True, "pca": 4}],
+                    }
+                ],
+                "datasets": [{"name": "d", "source": {"uri": str(root / "images")}}],
+                "output": {"uri": str(root / "mx")},
+            },
+            schema=MatrixConfig,
+        )
     from vitflow.reindex import plan_reindex
 
     with pytest.raises(ConfigError, match="Delta Lake has no float16"):
@@ -201,7 +218,8 @@ def test_dense_maps_kept_as_principal_components_of_a_pca_fitted_on_a_sample(fil
     )
     result = run_embed(cfg)
     entry = result.manifest["features"]["pc"]
-    assert entry["shape"] == [4, 4, 4] and entry["pca"]["components"] == 4
+    assert entry["shape"] == [4, 4, 4] and entry["stride"] == PATCH
+    assert entry["pca"]["components"] == 4
     assert entry["pca"]["fitted_on_images"] == result.ok
     stored = load_file(str(root / "pca_out" / "_dense" / "pca.safetensors"))
     df, maps = load_dense(str(root / "pca_out"), "pc")
@@ -210,7 +228,7 @@ def test_dense_maps_kept_as_principal_components_of_a_pca_fitted_on_a_sample(fil
         for p in df[columns.PATH]
     ]
     ref = PCA(n_components=4, random_state=0).fit(
-        np.concatenate([c.reshape(-1, 32) for c in cells])
+        np.concatenate([c.reshape(-1, 24) for c in cells])
     )
     np.testing.assert_allclose(stored["pc.mean"], ref.mean_, atol=1e-5)
     agree = np.abs(np.sum(stored["pc.components"] * ref.components_, axis=1))

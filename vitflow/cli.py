@@ -224,7 +224,7 @@ def embed(
             from vitflow.dryrun import describe_plan, plan_here
             from vitflow.embed import prepare_embed
 
-            plan = prepare_embed(cfg, overwrite=overwrite, resume=resume)
+            plan = prepare_embed(cfg, overwrite=overwrite, resume=resume, fit_pca=False)
             typer.echo(describe_plan(plan, *plan_here(plan.cfg.compute, address, plan.num_params)))
             return
         from vitflow.outputs import output_lock

@@ -156,11 +156,18 @@ def run_state(plan: EmbedPlan) -> bytes:
 
 
 def prepare_embed(
-    cfg: EmbedConfig, *, overwrite: bool = False, resume: bool = False, check_output: bool = True
+    cfg: EmbedConfig,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    check_output: bool = True,
+    fit_pca: bool = True,
 ) -> EmbedPlan:
     """Validate the job end to end without Ray: model, features, source listing, output.
 
-    ``check_output=False`` skips the existing-output rules (reindex owns its output)."""
+    ``check_output=False`` skips the existing-output rules (reindex owns its output);
+    ``fit_pca=False`` leaves dense maps' PCAs unfitted (``--dry-run``: the plan then shows
+    the maps' full width)."""
     if overwrite and resume:
         raise ConfigError("--overwrite and --resume contradict each other; pick one")
     require_weights(cfg)
@@ -176,10 +183,18 @@ def prepare_embed(
     t_list = time.perf_counter()
     listing = list_images(cfg.source, so.options_for(cfg.source.uri))
     listing_seconds = time.perf_counter() - t_list
-    if any(p.pca for p in extractor.plans):
+    has_data = any(
+        posixpath.basename(p.rstrip("/")) != LOCK_NAME for p in list_names(out_fs, out_path)
+    )
+    if check_output and has_data and not (overwrite or resume):  # before any PCA is fitted
+        raise OutputExistsError(
+            f"output {cfg.output.uri!r} already holds data; pass --overwrite to replace it, "
+            "--resume to finish an interrupted run, or choose another output.uri"
+        )
+    if fit_pca and any(p.pca for p in extractor.plans):
         # Dense maps stored as principal components: the PCA is part of the weights the
         # actors get (and of the vectors' identity); a resumed run keeps the one it began with.
-        stored = _stored_dense_pca(out_fs, out_path) if resume else None
+        stored = stored_dense_pca(out_fs, out_path) if resume else None
         backbone.dense_pca = stored or fit_dense_pca(cfg, extractor, pre, listing)
         extractor = FeatureExtractor(
             backbone.model,
@@ -194,18 +209,10 @@ def prepare_embed(
     plan = EmbedPlan(cfg, backbone, extractor.plans, listing, out_fs, out_path, weights)
     plan.fingerprint = job_fingerprint(cfg, weights, listing)
     plan.listing_seconds = listing_seconds
-    has_data = any(
-        posixpath.basename(p.rstrip("/")) != LOCK_NAME for p in list_names(out_fs, out_path)
-    )
     if not check_output:
         return plan
     if resume:
         _check_resumable(plan)
-    elif has_data and not overwrite:
-        raise OutputExistsError(
-            f"output {cfg.output.uri!r} already holds data; pass --overwrite to replace it, "
-            "--resume to finish an interrupted run, or choose another output.uri"
-        )
     elif has_data:
         _, foreign = output_files(out_fs, out_path)
         if foreign:
@@ -247,7 +254,11 @@ def _parts_for_dense(cfg: EmbedConfig, plans: list[FeaturePlan]) -> EmbedConfig:
         log.info("dense maps: %d rows per part (%.2f MiB per row)", fits, row_bytes / 2**20)
         output = output.model_copy(update={"rows_per_file": fits})
     if compute.batch_size is None:
-        per_image = sum(4 * p.dim * (3 if p.shift else 1) for p in dense)
+        # On the device a map has all its channels (a PCA projects it after).
+        per_image = sum(
+            4 * p.shape[0] * p.shape[1] * (p.map_channels or p.shape[2]) * (3 if p.shift else 1)
+            for p in dense
+        )
         batch = max(1, min(MAX_DENSE_BATCH, MAX_DENSE_BATCH_BYTES // per_image))
         compute = compute.model_copy(update={"batch_size": batch})
     return cfg.model_copy(update={"output": output, "compute": compute})
@@ -263,10 +274,19 @@ def fit_dense_pca(
     """Fit each dense feature set's PCA (``pca`` components) on the cells of ``pca_sample``
     images drawn from the listing with a fixed seed, decoded and embedded here on the driver
     exactly as the actors do (the map at the patch stride, each cell normalised; pixel
-    shifts average maps in the same space, so they are left out of the fit).
+    shifts average maps in the same space, so they are left out of the fit). Images go 16
+    at a time, and each keeps at most its share of :data:`MAX_PCA_CELLS` cells.
 
     Returns ``{feature: {"components": (k, D), "mean": (D,)}}`` as float32 tensors."""
+    import importlib.util
+
     import torch
+
+    if importlib.util.find_spec("sklearn") is None:
+        raise ConfigError(
+            "features.pca fits with scikit-learn, which a plain install leaves out: "
+            "pip install 'vitflow[analysis]'"
+        )
     from sklearn.decomposition import PCA
 
     from vitflow.decode_task import decode_batch
@@ -274,60 +294,69 @@ def fit_dense_pca(
     wanted = [p for p in extractor.plans if p.pca]
     n = len(listing)
     take = min(n, max(f.pca_sample for f in cfg.features if f.pca))
-    chosen = set(np.random.default_rng(0).choice(n, size=take, replace=False).tolist())
+    chosen = np.sort(np.random.default_rng(0).choice(n, size=take, replace=False))
     pieces, start = [], 0
     for piece in listing.ledger.batches():
-        keep = [i - start for i in range(start, start + piece.num_rows) if i in chosen]
-        if keep:
-            pieces.append(piece.take(pa.array(keep, pa.int64())))
+        rows = chosen[(chosen >= start) & (chosen < start + piece.num_rows)] - start
+        if len(rows):
+            pieces.append(piece.take(pa.array(rows, pa.int64())))
         start += piece.num_rows
     sample = pa.concat_tables(pieces) if pieces else listing.ledger.schema.empty_table()
-    decoded = decode_batch(
-        {c: sample.column(c).to_numpy(zero_copy_only=False) for c in sample.column_names},
-        resize=pre.resize_spec(),
-        max_pixels=cfg.source.max_pixels,
-        storage_options=cfg.storage.options_for(cfg.source.uri),
-        decode_timeout_s=cfg.source.decode_timeout_s,
-        retry_s=cfg.storage.retry_seconds,
-        max_file_bytes=cfg.source.max_file_bytes,
-        source_root=listing.local_root,
-        follow_symlinks=cfg.source.follow_symlinks,
-    )
-    ok = decoded[columns.STATUS] == columns.STATUS_OK
-    if not ok.any():
+    per_image = max(1, MAX_PCA_CELLS // max(1, take))
+    rng = np.random.default_rng(0)
+    cells: dict[str, list] = {p.name: [] for p in wanted}
+    decoded_ok = 0
+    for lo in range(0, sample.num_rows, 16):
+        chunk = sample.slice(lo, 16)
+        decoded = decode_batch(
+            {c: chunk.column(c).to_numpy(zero_copy_only=False) for c in chunk.column_names},
+            resize=pre.resize_spec(),
+            max_pixels=cfg.source.max_pixels,
+            storage_options=cfg.storage.options_for(cfg.source.uri),
+            decode_timeout_s=cfg.source.decode_timeout_s,
+            retry_s=cfg.storage.retry_seconds,
+            max_file_bytes=cfg.source.max_file_bytes,
+            source_root=listing.local_root,
+            follow_symlinks=cfg.source.follow_symlinks,
+            jpeg_draft=cfg.compute.jpeg_draft,
+        )
+        ok = decoded[columns.STATUS] == columns.STATUS_OK
+        if not ok.any():
+            continue
+        decoded_ok += int(ok.sum())
+        x = pre.to_tensor(np.ascontiguousarray(decoded[columns.PIXELS][ok]))
+        for p in wanted:
+            got = (
+                extractor.dense_cells(p.name, x).numpy().reshape(int(ok.sum()), -1, p.map_channels)
+            )
+            for image in got:
+                keep = rng.choice(len(image), size=min(per_image, len(image)), replace=False)
+                cells[p.name].append(image[np.sort(keep)])
+    if not decoded_ok:
         raise ConfigError(
             f"none of the {take} images drawn to fit the dense maps' PCA decoded; fix the "
             "source (see `vitflow embed --dry-run`) or drop features.pca"
         )
-    pixels = decoded[columns.PIXELS][ok]
-    cells: dict[str, list] = {p.name: [] for p in wanted}
-    for i in range(0, len(pixels), 16):
-        x = pre.to_tensor(np.ascontiguousarray(pixels[i : i + 16]))
-        for p in wanted:
-            cells[p.name].append(extractor.dense_cells(p.name, x).numpy())
     out = {}
-    rng = np.random.default_rng(0)
     for p in wanted:
         data = np.concatenate(cells[p.name])
         if p.pca > min(data.shape):
             raise ConfigError(
-                f"feature {p.name!r}: pca {p.pca} is more than its cells can give ({data.shape[1]} "
-                f"channels, {data.shape[0]} cells in the sample); lower it"
+                f"feature {p.name!r}: pca {p.pca} is more than its cells can give "
+                f"({data.shape[1]} channels, {data.shape[0]} cells in the sample); lower it"
             )
-        if len(data) > MAX_PCA_CELLS:
-            data = data[np.sort(rng.choice(len(data), MAX_PCA_CELLS, replace=False))]
         fitted = PCA(n_components=p.pca, random_state=0).fit(data)
         out[p.name] = {
             "components": torch.from_numpy(fitted.components_.astype(np.float32)),
             "mean": torch.from_numpy(fitted.mean_.astype(np.float32)),
             "explained": torch.from_numpy(fitted.explained_variance_ratio_.astype(np.float32)),
-            "images": torch.tensor([int(ok.sum())], dtype=torch.int64),
+            "images": torch.tensor([decoded_ok], dtype=torch.int64),
         }
-    log.info("dense PCA fitted on %d images", int(ok.sum()))
+    log.info("dense PCA fitted on %d images", decoded_ok)
     return out
 
 
-def _stored_dense_pca(fs, out: str) -> dict[str, dict[str, Any]] | None:
+def stored_dense_pca(fs, out: str) -> dict[str, dict[str, Any]] | None:
     """The PCA an interrupted run of this output fitted (``_dense/pca.safetensors``)."""
     from safetensors.torch import load
 

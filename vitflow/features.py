@@ -101,6 +101,7 @@ class FeaturePlan:
     shape: tuple[int, ...] = ()  # dense: (h, w, D) of the stored map
     stride: int | list[int] = 0  # dense: pixels per map cell ([rows, cols] if not square)
     pca: int | None = None  # dense: principal components kept per cell (None: all D)
+    map_channels: int = 0  # dense: D of the map on the device (before any PCA)
 
 
 def _has_cls(model: torch.nn.Module) -> bool:
@@ -236,12 +237,14 @@ class FeatureExtractor(torch.nn.Module):
         _, height, width = self.input_size
         try:
             _, d, h, w = self._dense_map(plan, probe).shape
+            plan = replace(plan, map_channels=int(d))
             if plan.name in self._pca:
-                k, width = getattr(self, self._pca[plan.name][0]).shape
-                if width != d or k != plan.pca:
+                k, fitted_d = getattr(self, self._pca[plan.name][0]).shape
+                if fitted_d != d or k != plan.pca:
                     raise ValueError(
-                        f"its PCA maps {width} channels to {k}, but the map has {d} and the "
-                        f"job asks for {plan.pca}"
+                        f"its PCA maps {fitted_d} channels to {k}, but the map has {d} and the "
+                        f"job asks for {plan.pca} (a run resumed with another pca: rerun it "
+                        "with --overwrite)"
                     )
                 d = k
             if height % h or width % w:
@@ -336,7 +339,8 @@ class FeatureExtractor(torch.nn.Module):
         cells = fmap.permute(0, 2, 3, 1)  # (B, h, w, D)
         if plan.name in self._pca:
             comp, mean = (getattr(self, n) for n in self._pca[plan.name])
-            cells = (cells - mean) @ comp.T
+            with torch.autocast(cells.device.type, enabled=False):  # float32, not bf16
+                cells = (cells.float() - mean) @ comp.T
         return cells.reshape(fmap.shape[0], -1)
 
     @torch.inference_mode()

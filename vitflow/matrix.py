@@ -129,6 +129,15 @@ class MatrixConfig(_Section):
             if dupes:
                 raise ValueError(f"{what} names must be unique; repeated: {', '.join(dupes)}")
         for m in self.models:
+            pca = [f.name for f in m.features if f.pca]
+            if pca:
+                # Each split is its own embed run, which would fit its own PCA: the splits of
+                # one dataset would hold maps in different bases.
+                raise ValueError(
+                    f"model {m.name!r}: features {', '.join(pca)} ask for pca, which a matrix "
+                    "job cannot give every split of a dataset alike yet; store full maps "
+                    "(drop pca) or embed the dataset with `vitflow embed`"
+                )
             EmbedConfig.model_validate(  # each model's feature sets, checked as embed does
                 {
                     "source": {"uri": "."},

@@ -136,6 +136,12 @@ def query_embedder(
             f"the checkpoint {cfg.model.checkpoint!r} that {uri!r} was embedded with is gone "
             f"({e}); pass a job file whose model.checkpoint points at it with --job"
         ) from e
+    if any(f.dense and f.pca for f in cfg.features):
+        # The dense maps' PCA is part of the weights the output was embedded with.
+        from vitflow.embed import stored_dense_pca
+        from vitflow.storage import open_fs
+
+        bb.dense_pca = stored_dense_pca(*open_fs(uri, storage_options))
     if stored_identity is not None:
         now = vector_identity(cfg, backbone_bytes(bb))
         if now != stored_identity:
@@ -148,7 +154,7 @@ def query_embedder(
         device = "cuda" if cfg.compute.device != "cpu" and torch.cuda.is_available() else "cpu"
     pre = Preprocessor(bb.data_config)
     extractor = FeatureExtractor(
-        bb.model, cfg.features, pre.input_size, cfg.model.extractor, head=bb.head
+        bb.model, cfg.features, pre.input_size, cfg.model.extractor, head=bb.head, pca=bb.dense_pca
     )
     extractor.to(torch.device(device))
     return QueryEmbedder(cfg, bb, pre, extractor, torch.device(device), dict(extractor.dims))

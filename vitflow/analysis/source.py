@@ -186,6 +186,10 @@ def _open_pair(uri: str, fs, path: str, pair: dict) -> EmbeddingSource:
     splits = list(pair.get("splits") or {})
     if not splits:
         raise VitflowError(f"{uri!r} lists no split outputs in its manifest")
+    if len(splits) == 1:  # e.g. a dataset without split folders: "all", rows without a split
+        return _open_parts(
+            f"{uri.rstrip('/')}/{splits[0]}", fs, posixpath.join(path.rstrip("/"), splits[0])
+        )
     subs = [
         _open_parts(f"{uri.rstrip('/')}/{s}", fs, posixpath.join(path.rstrip("/"), s))
         for s in splits
