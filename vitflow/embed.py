@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 from vitflow import columns
 from vitflow.backbone import Backbone, backbone_bytes, create_backbone
 from vitflow.config import EmbedConfig
-from vitflow.engine import stream
+from vitflow.engine import decode_settings, stream
 from vitflow.errors import ConfigError, OutputExistsError, VitflowError
 from vitflow.features import FeatureExtractor, FeaturePlan
 from vitflow.identity import fingerprint, vector_identity
@@ -311,14 +311,7 @@ def fit_dense_pca(
         decoded = decode_batch(
             {c: chunk.column(c).to_numpy(zero_copy_only=False) for c in chunk.column_names},
             resize=pre.resize_spec(),
-            max_pixels=cfg.source.max_pixels,
-            storage_options=cfg.storage.options_for(cfg.source.uri),
-            decode_timeout_s=cfg.source.decode_timeout_s,
-            retry_s=cfg.storage.retry_seconds,
-            max_file_bytes=cfg.source.max_file_bytes,
-            source_root=listing.local_root,
-            follow_symlinks=cfg.source.follow_symlinks,
-            jpeg_draft=cfg.compute.jpeg_draft,
+            **decode_settings(cfg, listing.local_root),
         )
         ok = decoded[columns.STATUS] == columns.STATUS_OK
         if not ok.any():

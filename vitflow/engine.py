@@ -271,16 +271,8 @@ def build_dataset(
         fn_constructor_kwargs={
             # The resize/crop as plain data: decode workers never import torch.
             "resize": Preprocessor(data_config).resize_spec(),
-            "max_pixels": cfg.source.max_pixels,
-            "decode_timeout_s": cfg.source.decode_timeout_s,
-            "storage_options": cfg.storage.options_for(cfg.source.uri),
-            "retry_s": cfg.storage.retry_seconds,
-            "max_file_bytes": cfg.source.max_file_bytes,
-            "source_root": source_root,
-            "follow_symlinks": cfg.source.follow_symlinks,
+            **decode_settings(cfg, source_root),
             "mode": actors.decode,
-            "jpeg_draft": cfg.compute.jpeg_draft,
-            "read_in_flight": cfg.storage.read_in_flight,
             "stats_actor": stats_name,
         },
     )
@@ -317,6 +309,23 @@ def build_dataset(
             "decode": actors.decode,
         },
     )
+
+
+def decode_settings(cfg: EmbedConfig, source_root: str | None) -> dict[str, Any]:
+    """How the job reads and decodes its files (the keyword arguments of
+    :func:`vitflow.decode_task.decode_batch` that come from the job): the decode actors get
+    these, and so does anything that must decode exactly as they do (a dense PCA's sample)."""
+    return {
+        "max_pixels": cfg.source.max_pixels,
+        "decode_timeout_s": cfg.source.decode_timeout_s,
+        "storage_options": cfg.storage.options_for(cfg.source.uri),
+        "retry_s": cfg.storage.retry_seconds,
+        "max_file_bytes": cfg.source.max_file_bytes,
+        "source_root": source_root,
+        "follow_symlinks": cfg.source.follow_symlinks,
+        "jpeg_draft": cfg.compute.jpeg_draft,
+        "read_in_flight": cfg.storage.read_in_flight,
+    }
 
 
 def _head_node_id(ray) -> str:

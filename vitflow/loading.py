@@ -248,6 +248,16 @@ def _incomplete(problem: str, what: str, allow: bool) -> None:
     )
 
 
+def embed_manifest(fs, path: str) -> dict:
+    """The embed manifest of the output at ``path``; for a model/dataset folder of a matrix
+    output, that of its first split (its splits share model, features and preprocessing).
+    Empty where there is none."""
+    pair = _pair_manifest(fs, path)
+    if pair is not None and pair.get("splits"):
+        path = posixpath.join(path.rstrip("/"), next(iter(pair["splits"])))
+    return _manifest(fs, path.rstrip("/")) or {}
+
+
 def _manifest(fs, out: str) -> dict | None:
     try:
         with fs.open(posixpath.join(out, columns.MANIFEST_NAME), "rb") as f:
@@ -311,11 +321,7 @@ def load_dense(
             raise VitflowError("a matrix output is sliced by model= and dataset= together")
         uri = f"{uri.rstrip('/')}/{model}/{dataset}"
     src = open_source(uri, storage_options)
-    path = src.path
-    pair = _pair_manifest(src.fs, path)
-    if pair is not None:
-        path = posixpath.join(path.rstrip("/"), next(iter(pair["splits"])))
-    entry = ((_manifest(src.fs, path.rstrip("/")) or {}).get("features") or {}).get(feature) or {}
+    entry = (embed_manifest(src.fs, src.path).get("features") or {}).get(feature) or {}
     if not entry.get("dense"):
         raise VitflowError(
             f"feature {feature!r} of {uri!r} is not a dense map (its manifest says "

@@ -75,13 +75,10 @@ def dense_preview(
 def _model_view(fs, path: str):
     """The model's own resize and crop (from the output's manifest), so each picture shows
     what the map covers."""
-    from vitflow.loading import _manifest, _pair_manifest
+    from vitflow.loading import embed_manifest
     from vitflow.preprocess import Preprocessor
 
-    pair = _pair_manifest(fs, path)
-    if pair is not None:
-        path = posixpath.join(path.rstrip("/"), next(iter(pair["splits"])))
-    dc = dict(((_manifest(fs, path.rstrip("/")) or {}).get("model") or {}).get("data_config") or {})
+    dc = dict((embed_manifest(fs, path).get("model") or {}).get("data_config") or {})
     if not dc:
         return np.asarray
     for key in ("input_size", "mean", "std"):
