@@ -238,3 +238,59 @@ def test_dense_maps_kept_as_principal_components_of_a_pca_fitted_on_a_sample(fil
         np.testing.assert_allclose(got.astype(np.float32), (c - mean) @ comps.T, atol=3e-3)
     with pytest.raises(ConfigError, match="pca reduces a dense map"):
         load_config(base={**cfg.model_dump(mode="json"), "features": [{"name": "v", "pca": 4}]})
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(400)
+def test_a_matrix_job_projects_every_split_of_a_dataset_on_one_pca(files, ray_local, tmp_path):
+    """The PCA is fitted once per model and dataset, on its first split (train), and every
+    split's maps are projected on it, also a split embedded again by --resume."""
+    import json
+    import shutil
+
+    from safetensors.numpy import load
+
+    from vitflow.matrix import MatrixConfig, run_matrix
+
+    root, model = files
+    make_image_folder(tmp_path / "data", per_class=2, splits=("train", "val"))
+    cfg = load_config(
+        base={
+            "kind": "matrix",
+            "models": [
+                {
+                    "name": "vit",
+                    "model": {
+                        "name": NAME,
+                        "kwargs": KW,
+                        "checkpoint": str(root / "w.safetensors"),
+                    },
+                    "features": [{"name": "emb"}, {"name": "pc", "dense": True, "pca": 4}],
+                }
+            ],
+            "datasets": [{"name": "d", "source": {"uri": str(tmp_path / "data")}}],
+            "output": {"uri": str(tmp_path / "out")},
+            "compute": {"batch_size": 4},
+        },
+        schema=MatrixConfig,
+    )
+    run_matrix(cfg)
+    pair = tmp_path / "out" / "vit" / "d"
+    fitted = (pair / "train" / "_dense" / "pca.safetensors").read_bytes()
+    assert (pair / "val" / "_dense" / "pca.safetensors").read_bytes() == fitted
+    stored = load(fitted)
+    comps, mean = stored["pc.components"], stored["pc.mean"]
+    df, maps = load_dense(str(tmp_path / "out"), "pc", model="vit", dataset="d")
+    assert set(df["split"]) == {"train", "val"}
+    for path, got in zip(df[columns.PATH], maps, strict=True):
+        x = timm_input(model, path)
+        cells = F.normalize(timm_map(model, x, [1]), dim=1)[0].permute(1, 2, 0).numpy()
+        np.testing.assert_allclose(got.astype(np.float32), (cells - mean) @ comps.T, atol=3e-3)
+    train_ok = load_embeddings(str(pair / "train"))
+    for split in ("train", "val"):
+        manifest = json.loads((pair / split / "_manifest.json").read_text())
+        assert manifest["features"]["pc"]["pca"]["fitted_on_images"] == len(train_ok)
+    # --resume embeds a missing split again with the pair's PCA, not a new fit on it.
+    shutil.rmtree(pair / "val")
+    run_matrix(cfg, resume=True)
+    assert (pair / "val" / "_dense" / "pca.safetensors").read_bytes() == fitted

@@ -303,3 +303,75 @@ def test_two_batches_at_once_in_one_model_actor_give_the_rows_of_one_at_a_time(c
     assert sum(r["status"] == "ok" for rows in alone for r in rows) > len(alone)
     assert all(c["forwards"] == int(c["images"] > 0) for c in actor.stats.calls)
     assert len(actor.stats.calls) == len(together)
+
+
+_WRITTEN: dict[str, list] = {}
+
+
+class _KeepRows:
+    """A sink's writer as a shared model actor sees one: keeps the rows, returns a receipt."""
+
+    def __init__(self, key: str):
+        self.key = key
+
+    def write(self, table):
+        _WRITTEN.setdefault(self.key, []).append(table)
+        return table.select([columns.ID, columns.STATUS])
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_models_sharing_an_input_embed_one_decoded_batch_as_each_would_alone(corpus, ray_local):
+    """Two outputs of one resize and crop in one model actor (a matrix job's shared
+    stream): from one batch of file bytes, decoded once (the model actor's GPU-decode path,
+    on the CPU here), each model writes the rows its own actor writes from CPU-decoded
+    pixels, and the receipt tags every row with its output."""
+    from vitflow.backbone import backbone_bytes, create_backbone
+    from vitflow.decode_task import decode_batch
+    from vitflow.preprocess import Preprocessor
+    from vitflow.stages import MEMBER_COLUMN, EmbedWorker, SharedInputWorker
+
+    jobs = [
+        job(corpus, corpus / "unused"),
+        job(corpus, corpus / "unused", **{"features.0.pool": "cls"}),
+    ]
+    bb = create_backbone(jobs[0].model)
+    ref = ray_local.put(backbone_bytes(bb))
+    paths = sorted(str(p) for p in (corpus / "images" / "train" / "cat").iterdir())  # + bad files
+    batch = {
+        columns.ID: np.array([str(i) for i in range(len(paths))], dtype=object),
+        columns.PATH: np.array(paths, dtype=object),
+        columns.LABEL: np.array([None] * len(paths), dtype=object),
+        columns.SPLIT: np.array([None] * len(paths), dtype=object),
+    }
+    common = {"resize": Preprocessor(bb.data_config).resize_spec(), "max_pixels": 10**8}
+    on_cpu = decode_batch(dict(batch), **common, mode="cpu")
+    as_bytes = decode_batch(dict(batch), **common, mode="gpu")
+    threads = torch.get_num_threads()
+    models = [
+        {
+            "job": j.model_dump(mode="json"),
+            "weights": [ref],
+            "stats_actor": None,
+            "writer": (_KeepRows, {"key": f"m{i}"}),
+        }
+        for i, j in enumerate(jobs)
+    ]
+    _WRITTEN.clear()
+    receipt = SharedInputWorker(models, "cpu", threads, decode="gpu")(as_bytes)
+    n = len(paths)
+    assert receipt.num_rows == 2 * n
+    assert receipt.column(MEMBER_COLUMN).to_pylist() == [0] * n + [1] * n
+    for i, j in enumerate(jobs):
+        got = _WRITTEN[f"m{i}"][0].to_pylist()
+        alone = EmbedWorker(j.model_dump(mode="json"), [ref], "cpu", threads, None)(on_cpu)
+        want = alone.to_pylist()
+        assert [r["status"] for r in got] == [r["status"] for r in want]
+        assert any(r["status"] == "error" for r in want) and any(r["status"] == "ok" for r in want)
+        for a, e in zip(got, want, strict=True):
+            if e["status"] == "ok":
+                np.testing.assert_allclose(a["emb"], e["emb"], atol=1e-6)
+    # The two feature sets really differ (the test would pass trivially otherwise).
+    first = [r["emb"] for r in _WRITTEN["m0"][0].to_pylist() if r["status"] == "ok"][0]
+    second = [r["emb"] for r in _WRITTEN["m1"][0].to_pylist() if r["status"] == "ok"][0]
+    assert not np.allclose(first, second)

@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from tests.conftest import TINY
 from vitflow.config import load_config
@@ -19,6 +19,7 @@ from vitflow.matrix import MatrixConfig, dataset_splits, matrix_rows, run_matrix
 from vitflow.synthetic import make_image_folder
 
 VIT, VIT_KW = TINY["vit"]
+SPLITS = (("photos", "train"), ("photos", "val"), ("noise", "all"), ("drawings", "all"))
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +34,14 @@ def data(tmp_path_factory):
     for i in range(8):
         arr = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
         Image.fromarray(arr).save(root / "noise" / "blob" / f"{i:03d}.png")
+    # Line drawings: black strokes on white, another kind of collection again.
+    (root / "drawings" / "sketch").mkdir(parents=True)
+    for i in range(8):
+        img = Image.new("RGB", (64, 48), "white")
+        draw = ImageDraw.Draw(img)
+        for _ in range(6):
+            draw.line([tuple(int(v) for v in rng.integers(0, 48, 2)) for _ in range(3)], "black", 2)
+        img.save(root / "drawings" / "sketch" / f"{i:03d}.png")
     return root
 
 
@@ -46,10 +55,17 @@ def job(root, out, **over) -> MatrixConfig:
                 "features": [{"name": "emb", "layers": 1, "pool": "mean"}],
             },
             {"name": "resnet", "model": {"name": "resnet18", "weights": "random"}},
+            # The same input as "resnet" (one resize and crop): the two share each decode.
+            {
+                "name": "resnet-l2",
+                "model": {"name": "resnet18", "weights": "random"},
+                "features": [{"name": "emb", "layers": 2}],
+            },
         ],
         "datasets": [
             {"name": "photos", "source": {"uri": str(root / "photos")}},
             {"name": "noise", "source": {"uri": str(root / "noise")}},
+            {"name": "drawings", "source": {"uri": str(root / "drawings")}},
         ],
         "output": {"uri": str(out), "rows_per_file": 8},
         "compute": {"batch_size": 8},
@@ -71,11 +87,7 @@ def matrix_out(data, ray_local, tmp_path_factory):
 @pytest.mark.timeout(600)
 def test_one_job_writes_the_model_dataset_split_tree(matrix_out):
     out, result = matrix_out
-    expected = {
-        (m, d, s)
-        for m in ("vit-tiny", "resnet")
-        for d, s in (("photos", "train"), ("photos", "val"), ("noise", "all"))
-    }
+    expected = {(m, d, s) for m in ("vit-tiny", "resnet", "resnet-l2") for d, s in SPLITS}
     assert {(r["model"], r["dataset"], r["split"]) for r in result.runs} == expected
     for m, d, s in expected:
         split_manifest = json.loads((out / m / d / s / "_manifest.json").read_text())
@@ -83,8 +95,8 @@ def test_one_job_writes_the_model_dataset_split_tree(matrix_out):
         pair = json.loads((out / m / d / "_manifest.json").read_text())
         assert pair["splits"][s] == split_manifest["counts"]
     index = json.loads((out / "_matrix.json").read_text())
-    assert index["models"] == ["vit-tiny", "resnet"]
-    assert index["datasets"] == {"photos": ["train", "val"], "noise": ["all"]}
+    assert index["models"] == ["vit-tiny", "resnet", "resnet-l2"]
+    assert index["datasets"] == {"photos": ["train", "val"], "noise": ["all"], "drawings": ["all"]}
     # Every file of each split is accounted for, the bad one as an error row.
     counts = {(r["model"], r["dataset"], r["split"]): r["counts"] for r in result.runs}
     assert counts["resnet", "photos", "train"] == {"listed": 13, "ok": 12, "error": 1}
@@ -118,6 +130,31 @@ def test_load_embeddings_slices_the_tree_by_model_dataset_and_split(matrix_out):
 
 @pytest.mark.ray
 @pytest.mark.timeout(600)
+def test_models_that_take_the_same_input_share_one_read_and_decode(matrix_out):
+    """resnet and resnet-l2 resize and crop alike: each split is decoded once for both, in
+    one stream; the ViT (another input size) has a stream of its own."""
+    out, _ = matrix_out
+    for ds, split in SPLITS:
+        man = {
+            m: json.loads((out / m / ds / split / "_manifest.json").read_text())["execution"]
+            for m in ("vit-tiny", "resnet", "resnet-l2")
+        }
+        shared = man["resnet"]["shared_stream"]
+        assert shared == man["resnet-l2"]["shared_stream"]
+        assert shared["outputs"] == [str(out / m / ds / split) for m in ("resnet", "resnet-l2")]
+        assert "shared_stream" not in man["vit-tiny"]
+        # One decode for both: the stream's decode blocks cover the split's files once
+        # (blocks of compute.batch_size = 8 rows), and each model embedded every ok image.
+        listed = json.loads((out / "resnet" / ds / split / "_manifest.json").read_text())
+        n = listed["counts"]["listed"]
+        assert man["resnet"]["decode_blocks"] == man["resnet-l2"]["decode_blocks"] == -(-n // 8)
+        for m in ("resnet", "resnet-l2"):
+            assert man[m]["images"] == listed["counts"]["ok"]
+            assert man[m]["forwards"] == man[m]["batches_with_images"]
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
 def test_vitflow_ls_prints_every_split_with_its_counts(matrix_out):
     from typer.testing import CliRunner
 
@@ -125,7 +162,7 @@ def test_vitflow_ls_prints_every_split_with_its_counts(matrix_out):
 
     out, result = matrix_out
     rows = matrix_rows(str(out))
-    assert len(rows) == 6
+    assert len(rows) == 12
     got = {(r["model"], r["dataset"], r["split"]): (r["rows"], r["ok"], r["errors"]) for r in rows}
     for r in result.runs:
         c = r["counts"]
@@ -134,7 +171,7 @@ def test_vitflow_ls_prints_every_split_with_its_counts(matrix_out):
     assert printed.exit_code == 0, printed.output
     lines = printed.output.strip().splitlines()
     assert lines[0].split() == ["model", "dataset", "split", "rows", "ok", "errors", "features"]
-    assert len(lines) == 7
+    assert len(lines) == 13
     assert any(line.split()[:6] == ["resnet", "photos", "train", "13", "12", "1"] for line in lines)
     # One pair, and one plain embed output, list themselves too.
     assert len(matrix_rows(str(out / "resnet" / "photos"))) == 2
@@ -145,16 +182,18 @@ def test_vitflow_ls_prints_every_split_with_its_counts(matrix_out):
 @pytest.mark.timeout(600)
 def test_ood_summary_and_plot_for_every_dataset_order_the_collections(matrix_out):
     out, result = matrix_out
-    for model in ("vit-tiny", "resnet"):
+    for model in ("vit-tiny", "resnet", "resnet-l2"):
         folder = out / model / "_ood"
         summary = pd.read_csv(folder / "summary.csv").set_index("dataset")
-        assert set(summary.index) == {"photos", "noise"}
+        assert set(summary.index) == {"photos", "noise", "drawings"}
         scores = pd.read_parquet(folder / "scores.parquet")
         ok_rows = sum(r["counts"]["ok"] for r in result.runs if r["model"] == model)
         assert len(scores) == ok_rows
         assert summary.loc["photos", "n"] == 24 and summary.loc["noise", "n"] == 8
-        # Photo-like images sit nearer the photo reference than noise does.
+        assert summary.loc["drawings", "n"] == 8
+        # Photo-like images sit nearer the photo reference than noise or drawings do.
         assert summary.loc["photos", "median"] < summary.loc["noise", "median"], model
+        assert summary.loc["photos", "median"] < summary.loc["drawings", "median"], model
         # The reference split is scored against itself without a row meeting itself.
         own = scores[(scores["dataset"] == "photos") & (scores["split"] == "train")]
         assert (own["ood_knn"] > 1e-6).all()
@@ -181,9 +220,9 @@ def test_a_second_run_refuses_then_resume_keeps_what_this_job_made(data, matrix_
     lines = []
     again = run_matrix(job(data, out), resume=True, echo=lines.append)
     assert part.stat().st_mtime_ns == before  # complete: kept, not re-embedded
-    assert sum("complete, kept" in line for line in lines) == 5
+    assert sum("complete, kept" in line for line in lines) == 11
     assert (out / "vit-tiny" / "noise" / "all" / "_manifest.json").exists()
-    assert len(again.runs) == 6
+    assert len(again.runs) == 12
 
 
 def test_mistakes_are_refused_before_anything_is_embedded(data, tmp_path):
@@ -235,7 +274,8 @@ def test_a_model_dataset_pair_holds_what_a_plain_embed_of_the_dataset_does(
 
     out, _ = matrix_out
     cfg = job(data, out)
-    m, ds = cfg.models[0], cfg.datasets[0]
+    # The second model of a shared stream: it embedded the pixels decoded for the first.
+    m, ds = cfg.models[2], cfg.datasets[0]
     plain = EmbedConfig(
         source=ds.source,
         model=m.model,
@@ -294,10 +334,13 @@ def test_eval_of_a_matrix_output_is_one_leaderboard_with_model_and_dataset(matri
     assert {(r["model"], r["dataset"]) for r in board.rows} == {
         ("vit-tiny", "photos"),
         ("resnet", "photos"),
+        ("resnet-l2", "photos"),
     }
     assert {(s["model"], s["dataset"]) for s in board.skipped} == {
         ("vit-tiny", "noise"),
         ("resnet", "noise"),
+        ("resnet-l2", "noise"),
+        *((m, "drawings") for m in ("vit-tiny", "resnet", "resnet-l2")),
     }
     assert all(s["reason"] for s in board.skipped)
     for r in board.rows:  # each row is that pair's own eval, written beside it
@@ -311,4 +354,44 @@ def test_eval_of_a_matrix_output_is_one_leaderboard_with_model_and_dataset(matri
     text = board.leaderboard()
     assert "vit-tiny" in text and "resnet" in text and "not scored: resnet/noise" in text
     # vitflow ls still lists the splits only.
-    assert {r["dataset"] for r in matrix_rows(str(out))} == {"photos", "noise"}
+    assert {r["dataset"] for r in matrix_rows(str(out))} == {"photos", "noise", "drawings"}
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_splits_named_as_lists_of_files_read_and_score_as_one_pair(data, matrix_out, tmp_path):
+    """A dataset whose splits are lists of files: each list's rows carry its split, so the
+    pair is scored as one output, and it scores as the same files in split folders do."""
+    from vitflow.analysis.evaluate import evaluate
+
+    out, _ = matrix_out
+    lists = {}
+    for split in ("train", "val"):
+        lists[split] = tmp_path / f"{split}.txt"
+        files = sorted(str(p) for p in (data / "photos" / split).rglob("*") if p.is_file())
+        lists[split].write_text("\n".join(files) + "\n")
+    cfg = job(
+        data,
+        tmp_path / "lists-out",
+        **{"models": "[" + job(data, out).models[0].model_dump_json() + "]", "ood": "null"},
+    )
+    ds = cfg.datasets[0].model_copy(update={"splits": {s: str(p) for s, p in lists.items()}})
+    cfg = cfg.model_copy(update={"datasets": [ds]})
+    run_matrix(cfg)
+    pair = tmp_path / "lists-out" / "vit-tiny" / "photos"
+    got = load_embeddings(str(pair), include_errors=True)
+    assert got["id"].is_unique and len(got) == 25
+    assert got.groupby("split").size().to_dict() == {"train": 13, "val": 12}
+    # The same rows as the split folders give, split by split (their ids differ: <split>/
+    # and the path as written), vectors included.
+    folders = load_embeddings(str(out / "vit-tiny" / "photos"), include_errors=True)
+    cols = ["path", "label", "split", "status"]
+    a, b = (d.sort_values("path").reset_index(drop=True) for d in (got, folders))
+    pd.testing.assert_frame_equal(a[cols], b[cols])
+    ok = (b["status"] == "ok").to_numpy()
+    np.testing.assert_allclose(np.stack(a["emb"][ok]), np.stack(b["emb"][ok]), atol=1e-6)
+    from_lists = evaluate(str(pair), write=False, k=3)
+    from_folders = evaluate(str(out / "vit-tiny" / "photos"), write=False, k=3)
+    assert from_lists.mode == "split" and from_lists.split == from_folders.split
+    for a, b in zip(from_lists.scores, from_folders.scores, strict=True):
+        assert (a.name, a.n_train, a.n_test) == (b.name, b.n_train, b.n_test)

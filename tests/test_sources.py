@@ -500,9 +500,6 @@ def test_a_split_folder_read_within_its_collection_lists_as_the_collection_does(
     """`source.within` (set by `vitflow matrix` for each split folder): the folder's rows get
     the ids, labels and split a listing of the whole collection gives them, and the files
     are still read where they are."""
-    from vitflow.errors import ConfigError
-    from vitflow.synthetic import make_image_folder
-
     make_image_folder(tmp_path / "data", per_class=2, size=(16, 12))
     whole = list_images(SourceConfig(uri=str(tmp_path / "data"))).table
     cols = ["id", "path", "label", "split"]
@@ -518,10 +515,17 @@ def test_a_split_folder_read_within_its_collection_lists_as_the_collection_does(
         for split in ("train", "val")
     }
     assert ids["train"] & ids["val"]
+    # A list of files read within a split (a matrix job's split named as a list): every
+    # row gets that split, its folder's label, and an id of <split>/<path as written>, so
+    # one file in two lists of a dataset has two ids.
     listed = tmp_path / "list.txt"
-    listed.write_text(str(next((tmp_path / "data" / "val").rglob("*.jpg"))) + "\n")
-    with pytest.raises(ConfigError, match="source.within applies to a folder"):
-        list_images(SourceConfig(uri=str(listed), within="val"))
+    written = sorted(str(p) for p in (tmp_path / "data" / "val").rglob("*.jpg"))
+    listed.write_text("\n".join(written) + "\n")
+    for split in ("val", "test"):
+        rows = list_images(SourceConfig(uri=str(listed), within=split)).table.to_pylist()
+        assert sorted(r["id"] for r in rows) == sorted(image_id(f"{split}/{w}") for w in written)
+        assert {r["split"] for r in rows} == {split}
+        assert {r["label"] for r in rows} == {"cat", "dog", "fox"}
 
 
 def test_within_is_part_of_the_vector_identity_only_where_it_is_set():

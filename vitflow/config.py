@@ -110,7 +110,9 @@ class SourceConfig(_Section):
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
         description="Read this folder as the folder of this name inside a larger collection: "
         "ids and labels come from <within>/<path>, and the split is <within> (`vitflow matrix` "
-        "sets it for each split folder, so a split's rows are the whole dataset's). A folder only.",
+        "sets it for each split, so a split's rows are the whole dataset's). For a list of "
+        "files: every row's split is <within> and its id is made from <within>/<path as "
+        "written>, so two lists of one dataset never share an id.",
     )
     extensions: tuple[str, ...] = Field(
         IMAGE_EXTENSIONS, description="File name endings (case-insensitive) that are listed."

@@ -12,6 +12,7 @@ interrupted run from the parts and staged batches it left.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -28,7 +29,14 @@ import pyarrow.compute as pc
 from vitflow import columns
 from vitflow.backbone import Backbone, backbone_bytes, create_backbone
 from vitflow.config import EmbedConfig
-from vitflow.engine import decode_settings, stream
+from vitflow.engine import (
+    StreamOutput,
+    StreamResult,
+    decode_settings,
+    input_settings,
+    stream,
+    stream_shared,
+)
 from vitflow.errors import ConfigError, OutputExistsError, VitflowError
 from vitflow.features import FeatureExtractor, FeaturePlan
 from vitflow.identity import fingerprint, vector_identity
@@ -162,12 +170,17 @@ def prepare_embed(
     resume: bool = False,
     check_output: bool = True,
     fit_pca: bool = True,
+    listing: Listing | None = None,
+    dense_pca: dict[str, dict[str, Any]] | None = None,
 ) -> EmbedPlan:
     """Validate the job end to end without Ray: model, features, source listing, output.
 
     ``check_output=False`` skips the existing-output rules (reindex owns its output);
     ``fit_pca=False`` leaves dense maps' PCAs unfitted (``--dry-run``: the plan then shows
-    the maps' full width)."""
+    the maps' full width); ``listing``: the job's source listed already (several models
+    over one source share one listing, so they embed exactly the same files); ``dense_pca``:
+    the PCA to project dense maps with instead of fitting one (a matrix job's splits of one
+    dataset share the PCA fitted on its first split; an interrupted run keeps its own)."""
     if overwrite and resume:
         raise ConfigError("--overwrite and --resume contradict each other; pick one")
     require_weights(cfg)
@@ -181,7 +194,7 @@ def prepare_embed(
     )
     out_fs, out_path = check_output_location(cfg, bucket=check_output)
     t_list = time.perf_counter()
-    listing = list_images(cfg.source, so.options_for(cfg.source.uri))
+    listing = listing or list_images(cfg.source, so.options_for(cfg.source.uri))
     listing_seconds = time.perf_counter() - t_list
     has_data = any(
         posixpath.basename(p.rstrip("/")) != LOCK_NAME for p in list_names(out_fs, out_path)
@@ -195,7 +208,7 @@ def prepare_embed(
         # Dense maps stored as principal components: the PCA is part of the weights the
         # actors get (and of the vectors' identity); a resumed run keeps the one it began with.
         stored = stored_dense_pca(out_fs, out_path) if resume else None
-        backbone.dense_pca = stored or fit_dense_pca(cfg, extractor, pre, listing)
+        backbone.dense_pca = stored or dense_pca or fit_dense_pca(cfg, extractor, pre, listing)
         extractor = FeatureExtractor(
             backbone.model,
             cfg.features,
@@ -461,6 +474,110 @@ def _run_locked(
     started: float,
     lock: RunLock,
 ) -> EmbedResult:
+    begun = _begin(plan, overwrite, resume, lock)
+    result = None
+    if begun.todo.num_rows:
+        result = stream(
+            plan.cfg,
+            data_config=plan.backbone.data_config,
+            weights=plan.weights,
+            rows=begun.todo,
+            sink=begun.sink,
+            address=address,
+            source_root=plan.listing.local_root,
+            lock=lock,
+            model_params=plan.num_params,
+        )
+    return _finish(plan, begun, result, started, lock)
+
+
+def run_embed_many(
+    cfgs: list[EmbedConfig],
+    *,
+    overwrite: bool = False,
+    address: str | None = None,
+    dense_pca: list[dict | None] | None = None,
+) -> list[EmbedResult]:
+    """Fresh runs of several jobs over one source (the same source, storage and compute;
+    a matrix job's models on one split): the source is listed once, and the jobs whose
+    models take the same resize and crop run as one stream, in which each file is read
+    and decoded once and every model embeds the same pixels (:func:`~vitflow.engine.
+    stream_shared`). Each output is an ordinary embed output, as :func:`run_embed` of its
+    job writes it; results come in the order of ``cfgs``.
+
+    Args:
+        cfgs: the jobs (their outputs must be free, or ``overwrite``).
+        overwrite: replace existing outputs.
+        address: Ray cluster to attach to; default: this process's Ray, else a local one.
+        dense_pca: per job, the dense maps' PCA to use instead of fitting one (or None).
+    """
+    first = cfgs[0]
+    dense_pca = dense_pca or [None] * len(cfgs)
+    for c in cfgs[1:]:
+        if input_settings(c) != input_settings(first):
+            raise ValueError("run_embed_many needs jobs over the same source, storage and compute")
+    results: dict[int, EmbedResult] = {}
+    with contextlib.ExitStack() as stack:
+        locks = [stack.enter_context(output_lock(c)) for c in cfgs]
+        stack.enter_context(ray_starting(address, first.compute.local_num_cpus))
+        t_list = time.perf_counter()
+        listing = list_images(first.source, first.storage.options_for(first.source.uri))
+        listing_seconds = time.perf_counter() - t_list
+        plans = []
+        for c, pca in zip(cfgs, dense_pca, strict=True):
+            plan = prepare_embed(c, overwrite=overwrite, listing=listing, dense_pca=pca)
+            plan.listing_seconds = listing_seconds
+            plans.append(plan)
+        for group in shared_input_groups(plans):
+            started = time.time()
+            begun = [_begin(plans[i], overwrite, False, locks[i]) for i in group]
+            todo = begun[0].todo
+            streamed: list = [None] * len(group)
+            if todo.num_rows:
+                streamed = stream_shared(
+                    [
+                        StreamOutput(
+                            plans[i].cfg, plans[i].weights, b.sink, locks[i], plans[i].num_params
+                        )
+                        for i, b in zip(group, begun, strict=True)
+                    ],
+                    data_config=plans[group[0]].backbone.data_config,
+                    rows=todo,
+                    address=address,
+                    source_root=listing.local_root,
+                )
+            for i, b, r in zip(group, begun, streamed, strict=True):
+                results[i] = _finish(plans[i], b, r, started, locks[i])
+    return [results[i] for i in range(len(cfgs))]
+
+
+def shared_input_groups(plans: list[EmbedPlan]) -> list[list[int]]:
+    """The plans (by position) that can share a stream: their models take the same resize
+    and crop (their normalisations may differ: those run on the device) and their jobs the
+    same part size and compute settings (a dense job's may have been lowered for its maps)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, p in enumerate(plans):
+        key = (
+            Preprocessor(p.backbone.data_config).resize_spec(),
+            input_settings(p.cfg),
+            p.cfg.output.rows_per_file,
+        )
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())
+
+
+@dataclass
+class _Begun:
+    """An output made ready for its stream: what is left to embed, and its sink."""
+
+    todo: PartRows
+    sink: PartsSink
+    resumed_parts: int
+
+
+def _begin(plan: EmbedPlan, overwrite: bool, resume: bool, lock: RunLock) -> _Begun:
+    """Clear (``overwrite``) or take up (``resume``) the output, write its run state and
+    return the rows left to embed with the sink that stages and compacts them."""
     cfg, retry_s = plan.cfg, plan.cfg.storage.retry_seconds
     fs, out = plan.output_fs, plan.output_path
     if overwrite:
@@ -480,22 +597,18 @@ def _run_locked(
     _write_dense_pca(plan)  # with the run state: a resume finds the PCA it began with
     schema = output_schema(plan.dims, mae_loss=cfg.model.mae_loss is not None, dense=plan.dense)
     sink = PartsSink(fs, out, schema, part_sizes, staged, retry_s)
-    result = None
-    if todo.num_rows:
-        result = stream(
-            cfg,
-            data_config=plan.backbone.data_config,
-            weights=plan.weights,
-            rows=todo,
-            sink=sink,
-            address=address,
-            source_root=plan.listing.local_root,
-            lock=lock,
-            model_params=plan.num_params,
-        )
-    else:  # everything left was staged already: just finish those parts
-        sink.start(None)
-        sink.finish()
+    return _Begun(todo, sink, len(done))
+
+
+def _finish(
+    plan: EmbedPlan, begun: _Begun, result: StreamResult | None, started: float, lock: RunLock
+) -> EmbedResult:
+    """After the stream: check the output part by part and write its manifest."""
+    cfg, retry_s = plan.cfg, plan.cfg.storage.retry_seconds
+    fs, out = plan.output_fs, plan.output_path
+    if result is None:  # everything left was staged already: just finish those parts
+        begun.sink.start(None)
+        begun.sink.finish()
     lock.check()  # never tidy or finalise an output another run has taken over
     clean_staging(fs, out, retry_s=retry_s)
     t_verify = time.perf_counter()
@@ -512,7 +625,7 @@ def _run_locked(
         plan.features,
         counts=counts,
         seconds=seconds,
-        stats={**(result.stats if result else {}), "resumed_parts": len(done)},
+        stats={**(result.stats if result else {}), "resumed_parts": begun.resumed_parts},
         actors=result.actors.__dict__ if result and result.actors else None,
         listing=plan.listing,
         parts=parts,
@@ -528,7 +641,7 @@ def _run_locked(
         counts["error"],
         seconds,
         manifest,
-        len(done),
+        begun.resumed_parts,
     )
 
 

@@ -105,6 +105,18 @@ def decode_block_rows(cfg: EmbedConfig, batch_size: int) -> int:
     return cfg.compute.decode_batch_size or max(1, min(batch_size, MAX_DECODE_BLOCK))
 
 
+@dataclass
+class StreamOutput:
+    """One output a stream writes: its job (model, features), the model's checked weights,
+    its sink and its run lock."""
+
+    cfg: EmbedConfig
+    weights: bytes
+    sink: Any
+    lock: Any = None
+    model_params: int | None = None
+
+
 def stream(
     cfg: EmbedConfig,
     *,
@@ -131,13 +143,45 @@ def stream(
         lock: the output's :class:`~vitflow.locking.RunLock`, checked as receipts arrive.
         model_params: the backbone's parameter count (sizes the default GPU batch).
     """
-    budget = ErrorBudget(cfg.compute.max_error_fraction, rows.num_rows)
-    timings: dict[str, Any] = {}
+    out = StreamOutput(cfg, weights, sink, lock, model_params)
+    return stream_shared(
+        [out], data_config=data_config, rows=rows, address=address, source_root=source_root
+    )[0]
+
+
+def stream_shared(
+    outputs: list[StreamOutput],
+    *,
+    data_config: dict,
+    rows: Rows,
+    address: str | None = None,
+    source_root: str | None = None,
+) -> list[StreamResult]:
+    """One stream for several models that take the same input: ``rows`` are read and
+    decoded once, each batch's pixels go onto the device once, and every model embeds them
+    in the same model actor and writes its own output through its own sink (issue 13's
+    "decode once per distinct preprocessing").
+
+    The outputs must share everything that decides what is read and how: the source and
+    storage settings, ``compute`` (batch, pool, decode) and the resize and crop
+    (``data_config``, the first model's). Each output gets its own result: its receipts,
+    error budget, counters and timings; the decode counters are the stream's, shared.
+    """
+    cfg = outputs[0].cfg
+    for o in outputs[1:]:
+        if input_settings(o.cfg) != input_settings(cfg):
+            raise ValueError(
+                "outputs that share a stream need the same source, storage and compute"
+            )
+    budgets = [ErrorBudget(cfg.compute.max_error_fraction, rows.num_rows) for _ in outputs]
+    params = [o.model_params for o in outputs]
     with ray_session(address, cfg.compute.local_num_cpus) as ray:
         t0, t0_wall = time.perf_counter(), time.time()
         ray_start = take_start_timing()
-        actors = plan_pool(ray, cfg.compute, model_params)
-        stats_name = f"vitflow-stats-{uuid.uuid4().hex[:12]}"
+        # One actor holds every model of the stream: the pool is sized for all of them.
+        actors = plan_pool(ray, cfg.compute, sum(params) if None not in params else None)
+        run_id = uuid.uuid4().hex[:12]
+        stats_names = [f"vitflow-stats-{run_id}-{i}" for i in range(len(outputs))]
         # The counters live on the head node: a worker node that goes away must not take
         # them with it (a driver may be attached through any node's raylet). Hard affinity:
         # Ray 2.60 places a soft-affine actor on another node even when the head is free
@@ -145,68 +189,118 @@ def stream(
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         here = NodeAffinitySchedulingStrategy(_head_node_id(ray), soft=False)
-        stats = (
+        stats = [
             ray.remote(num_cpus=0)(StreamStats)
-            .options(name=stats_name, scheduling_strategy=here)
+            .options(name=name, scheduling_strategy=here)
             .remote()
-        )
+            for name in stats_names
+        ]
         try:
-            sink.start(ray)
+            for o in outputs:
+                o.sink.start(ray)
+            models = [
+                {
+                    "job": o.cfg.model_dump(mode="json"),
+                    "weights": [ray.put(o.weights)],
+                    "stats_actor": name,
+                    "writer": o.sink.writer(),
+                }
+                for o, name in zip(outputs, stats_names, strict=True)
+            ]
             ds = build_dataset(
                 ray,
                 cfg,
                 data_config=data_config,
-                weights_ref=ray.put(weights),
+                models=models,
                 actors=actors,
-                stats_name=stats_name,
                 rows=rows,
-                writer=sink.writer(),
                 source_root=source_root,
             )
-            marks = _progress_marks(rows.num_rows)
-            first = None
+            marks = [_progress_marks(rows.num_rows) for _ in outputs]
+            first: list[float | None] = [None] * len(outputs)
             try:
                 for receipt in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                     now = time.perf_counter() - t0
-                    first = now if first is None else first
-                    n = receipt.num_rows
-                    errors = pc.sum(pc.not_equal(receipt[columns.STATUS], columns.STATUS_OK))
-                    budget.add(n, errors.as_py() or 0)
-                    sink.receive(receipt)
-                    for frac, at in marks.items():
-                        if at is None and budget.processed >= frac * rows.num_rows:
-                            marks[frac] = now
-                    if lock is not None:
-                        lock.check()
+                    for i, part in _by_output(receipt, len(outputs)):
+                        first[i] = now if first[i] is None else first[i]
+                        errors = pc.sum(pc.not_equal(part[columns.STATUS], columns.STATUS_OK))
+                        budgets[i].add(part.num_rows, errors.as_py() or 0)
+                        outputs[i].sink.receive(part)
+                        for frac, at in marks[i].items():
+                            if at is None and budgets[i].processed >= frac * rows.num_rows:
+                                marks[i][frac] = now
+                    for o in outputs:
+                        if o.lock is not None:
+                            o.lock.check()
             except Exception as e:
-                sink.abort()  # nothing of this run still writes when the next one starts
+                for o in outputs:
+                    o.sink.abort()  # nothing of this run still writes when the next one starts
                 # A job error raised in a task or actor (storage out past its retry budget,
                 # disk full) arrives wrapped by Ray: give the user its sentence.
                 job_error = job_error_in(e)
                 if job_error is not None and job_error is not e:
                     raise job_error from None
                 raise
-            sink_summary = sink.finish()
-            try:
-                run_stats = ray.get(stats.get.remote(), timeout=60)
-            except Exception as e:  # counters are reporting, not results: the output is whole
-                log.warning("the run's counters are lost (%s); the output is complete", e)
-                run_stats = {}
+            sink_summaries = [o.sink.finish() for o in outputs]
+            run_stats = []
+            for s in stats:
+                try:
+                    run_stats.append(ray.get(s.get.remote(), timeout=60))
+                except Exception as e:  # counters are reporting, not results: output is whole
+                    log.warning("the run's counters are lost (%s); the output is complete", e)
+                    run_stats.append({})
         finally:
-            ray.kill(stats)
-        timings = {
-            **ray_start,
-            **_timings(t0, first, marks, rows.num_rows, run_stats, actors, t0_wall),
-        }
-    return StreamResult(
-        processed=budget.processed,
-        ok=budget.processed - budget.errors,
-        error=budget.errors,
-        actors=actors,
-        stats=run_stats,
-        timings=timings,
-        sink=sink_summary,
-    )
+            for s in stats:
+                ray.kill(s)
+        # The decode actors report to the first output's counters: the decode is everyone's.
+        decode = {k: run_stats[0][k] for k in _DECODE_STATS if k in run_stats[0]}
+        results = []
+        for i in range(len(outputs)):
+            st = {**run_stats[i], **decode}
+            if len(outputs) > 1:
+                st["shared_stream"] = {
+                    "outputs": [x.cfg.output.uri for x in outputs],
+                    "run": run_id,
+                }
+            results.append(
+                StreamResult(
+                    processed=budgets[i].processed,
+                    ok=budgets[i].processed - budgets[i].errors,
+                    error=budgets[i].errors,
+                    actors=actors,
+                    stats=st,
+                    timings={
+                        **ray_start,
+                        **_timings(t0, first[i], marks[i], rows.num_rows, st, actors, t0_wall),
+                    },
+                    sink=sink_summaries[i],
+                )
+            )
+    return results
+
+
+# What the decode actors count (the first output's counters hold them for a shared stream).
+_DECODE_STATS = ("decode_seconds", "decode_blocks", "first_decode_start", "last_decode_end")
+
+
+def input_settings(cfg: EmbedConfig) -> str:
+    """What a stream reads and how (see :func:`stream_shared`), to compare outputs by."""
+    return cfg.model_dump_json(include={"source", "storage", "compute"})
+
+
+def _by_output(receipt: pa.Table, n: int):
+    """A receipt's rows per output: ``(i, rows)``; a one-model stream's receipt is all one's."""
+    from vitflow.stages import MEMBER_COLUMN
+
+    if n == 1 or MEMBER_COLUMN not in receipt.column_names:
+        yield 0, receipt
+        return
+    member = receipt.column(MEMBER_COLUMN)
+    rest = receipt.drop_columns([MEMBER_COLUMN])
+    for i in range(n):
+        part = rest.filter(pc.equal(member, i))
+        if part.num_rows:
+            yield i, part
 
 
 INPUT_CHUNK_ROWS = 16_384  # listing rows per object the driver puts (then cut into blocks)
@@ -246,18 +340,27 @@ def build_dataset(
     cfg: EmbedConfig,
     *,
     data_config: dict,
-    weights_ref,
+    models: list[dict],
     actors: ActorPlan,
-    stats_name: str | None,
     rows: Rows,
-    writer: tuple[type, dict] | None,
     source_root: str | None = None,
 ):
     """Listing rows -> read+decode actors -> model actor pool (-> the sink's writer). Returns
-    the Ray Dataset of receipts (or of output rows, with ``writer=None``)."""
+    the Ray Dataset of receipts (or of output rows, with no writer).
+
+    ``models``: per model the model actor hosts, its ``job`` (dict), ``weights``
+    (``[ObjectRef]``), ``stats_actor`` (name or None) and ``writer`` (or None). One model
+    runs in an :class:`~vitflow.stages.EmbedWorker`; several share each decoded batch in a
+    :class:`~vitflow.stages.SharedInputWorker`. The first one's counters get the decode's."""
     from vitflow.decode_task import DecodeWorker
     from vitflow.preprocess import Preprocessor
-    from vitflow.stages import EmbedWorker
+    from vitflow.stages import EmbedWorker, SharedInputWorker
+
+    shared = {"device": actors.device, "torch_threads": actors.torch_threads}
+    if len(models) == 1:
+        worker, kwargs = EmbedWorker, {**models[0], **shared, "decode": actors.decode}
+    else:
+        worker, kwargs = SharedInputWorker, {"models": models, **shared, "decode": actors.decode}
 
     ds = input_dataset(ray, rows, decode_block_rows(cfg, actors.batch_size))
     ds = ds.map_batches(
@@ -273,11 +376,11 @@ def build_dataset(
             "resize": Preprocessor(data_config).resize_spec(),
             **decode_settings(cfg, source_root),
             "mode": actors.decode,
-            "stats_actor": stats_name,
+            "stats_actor": models[0]["stats_actor"],
         },
     )
     return ds.map_batches(
-        EmbedWorker,
+        worker,
         batch_size=actors.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(
@@ -299,15 +402,7 @@ def build_dataset(
         # Model replicas go to different nodes where they can (each brings its own
         # accelerator / cores): Ray Data places its actors with SPREAD (DataContext's
         # default), so no argument is passed (ray_remote_args are deprecated from Ray 2.64).
-        fn_constructor_kwargs={
-            "job": cfg.model_dump(mode="json"),
-            "weights": [weights_ref],
-            "device": actors.device,
-            "torch_threads": actors.torch_threads,
-            "stats_actor": stats_name,
-            "writer": writer,
-            "decode": actors.decode,
-        },
+        fn_constructor_kwargs=kwargs,
     )
 
 

@@ -24,8 +24,14 @@ sub-folders of its source named train, validation, val or test, else the whole s
 one split named ``all``. A source with split folders and other folders or images beside
 them is refused rather than half embedded. How each split is listed: :func:`_within`.
 
-Runs go one (model, dataset, split) at a time through one Ray session. Each file is read
-and decoded once per model for now, not once per distinct preprocessing.
+Everything runs in one Ray session, dataset by dataset and split by split. A split's
+source is listed once for all models, and the models whose inputs are made the same way (one
+resize and crop; normalisations may differ, they run on the device) embed it in one stream:
+each file is read and decoded once, its pixels go onto the device once, and one model actor
+runs every such model on them (:func:`vitflow.embed.run_embed_many`). Models with another
+resize or crop get a stream of their own. Each output's manifest names the outputs it
+shared its stream with (``stats.shared_stream``). An interrupted output is finished alone
+by embed's own resume.
 """
 
 from __future__ import annotations
@@ -129,15 +135,6 @@ class MatrixConfig(_Section):
             if dupes:
                 raise ValueError(f"{what} names must be unique; repeated: {', '.join(dupes)}")
         for m in self.models:
-            pca = [f.name for f in m.features if f.pca]
-            if pca:
-                # Each split is its own embed run, which would fit its own PCA: the splits of
-                # one dataset would hold maps in different bases.
-                raise ValueError(
-                    f"model {m.name!r}: features {', '.join(pca)} ask for pca, which a matrix "
-                    "job cannot give every split of a dataset alike yet; store full maps "
-                    "(drop pca) or embed the dataset with `vitflow embed`"
-                )
             EmbedConfig.model_validate(  # each model's feature sets, checked as embed does
                 {
                     "source": {"uri": "."},
@@ -244,17 +241,14 @@ def split_job(
 
 
 def _within(ds: MatrixDataset, split: str, uri: str) -> str | None:
-    """How a split's folder is listed. A split folder found under the source is read as
-    that folder of it (``source.within``): its rows get the ids, labels and split a plain
-    embed of the whole source gives them, so ids stay unique across the pair's splits. A
-    split named in ``splits:`` is read as a folder of that name (split = its name, ids
-    ``<split>/<path>``), unless it is a list of files, which is listed as it is. The whole
-    source as one split is listed as it is."""
-    from vitflow.sources import MANIFEST_SUFFIXES
-
+    """How a split is listed. A split folder found under the source is read as that folder
+    of it (``source.within``): its rows get the ids, labels and split a plain embed of the
+    whole source gives them, so ids stay unique across the pair's splits. A split named in
+    ``splits:`` is read as a folder of that name (split = its name, ids ``<split>/<path>``),
+    and a list of files likewise (every row's split is its name, ids from
+    ``<split>/<path as written>``), so a pair's splits read as one output. The whole source
+    as one split is listed as it is."""
     if split == WHOLE_SOURCE and not ds.splits:
-        return None
-    if ds.splits and uri.lower().endswith(MANIFEST_SUFFIXES):
         return None
     return split
 
@@ -272,9 +266,10 @@ def run_matrix(
     address: str | None = None,
     echo=None,
 ) -> MatrixResult:
-    """Run every (model, dataset, split) of ``cfg`` in one Ray session, writing each
-    model/dataset manifest as soon as its splits are done, then the out-of-distribution
-    scores if ``cfg.ood``.
+    """Run every (model, dataset, split) of ``cfg`` in one Ray session, split by split (the
+    models of a split that take the same input share one decode), writing each model/dataset
+    manifest as soon as the dataset's splits are done, then the out-of-distribution scores
+    if ``cfg.ood``.
 
     Args:
         overwrite: replace existing outputs.
@@ -284,7 +279,7 @@ def run_matrix(
         address: Ray cluster to attach to; default: a local one.
         echo: called with a line of progress per split (the CLI prints them).
     """
-    from vitflow.embed import run_embed
+    from vitflow.embed import run_embed, run_embed_many
     from vitflow.runtime import ray_session
     from vitflow.storage import open_fs
 
@@ -293,7 +288,8 @@ def run_matrix(
     if overwrite and resume:
         raise ConfigError("--overwrite and --resume contradict each other; pick one")
     _check_output_outside_sources(cfg)
-    plan = [(m, ds, dataset_splits(ds, cfg.storage)) for m in cfg.models for ds in cfg.datasets]
+    splits_of = {ds.name: dataset_splits(ds, cfg.storage) for ds in cfg.datasets}
+    plan = [(m, ds, splits_of[ds.name]) for m in cfg.models for ds in cfg.datasets]
     _check_ood_reference(cfg, plan)
     jobs = {
         (m.name, ds.name, s): split_job(cfg, m, ds, s, u)
@@ -314,55 +310,80 @@ def run_matrix(
             m = models[model_name]
             if states[job.output.uri] != "complete":
                 continue
-            if m.name not in weights:
-                weights[m.name] = _model_weights(m, cfg.storage)
-            if not _made_by(job, weights[m.name]):
+            if _has_pca(m):  # the weights it ran with include the PCA stored with it
+                w = _model_weights(m, cfg.storage, _stored_pca(job))
+            else:
+                w = weights[m.name] = weights.get(m.name) or _model_weights(m, cfg.storage)
+            if not _made_by(job, w):
                 raise ConfigError(
                     f"{job.output.uri} was embedded with other settings than this job's "
                     "(weights, model, features, preprocessing or label rules): --resume keeps "
                     "only what this job would write; pass --overwrite to embed it again"
                 )
+    pair_splits = [(ds, splits_of[ds.name]) for ds in cfg.datasets]
     result = MatrixResult(cfg.output.uri)
     fs, out = open_fs(cfg.output.uri, cfg.storage.options_for(cfg.output.uri))
     fs.makedirs(out, exist_ok=True)
     index = {
         "kind": "matrix",
         "models": [m.name for m in cfg.models],
-        "datasets": {ds.name: list(splits) for _, ds, splits in plan[: len(cfg.datasets)]},
+        "datasets": {ds.name: list(splits) for ds, splits in pair_splits},
         "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     _write_json(fs, posixpath.join(out, MATRIX_INDEX), index)
     with ray_session(address, cfg.compute.local_num_cpus):
-        for m, ds, splits in plan:
-            runs = []
+        # Split by split: the models' fresh outputs of one split run together, so each file
+        # is listed once and read and decoded once per distinct resize and crop
+        # (run_embed_many); an interrupted output is resumed alone, a complete one kept.
+        runs: dict[tuple[str, str, str], dict] = {}
+        for ds, splits in pair_splits:
+            # Dense maps kept as principal components: every split of a pair is projected on
+            # one PCA, fitted on its first split (train, where there is one) and reused for
+            # the others, or the one an output of the pair already holds (--resume).
+            pair_pca = {
+                m.name: None
+                if overwrite
+                else _pair_pca([jobs[(m.name, ds.name, s)] for s in splits])
+                for m in cfg.models
+                if _has_pca(m)
+            }
             for split in splits:
-                job = jobs[(m.name, ds.name, split)]
-                state = states[job.output.uri]
-                if resume and state == "complete":
-                    manifest = _read_json(job.output.uri, columns.MANIFEST_NAME, cfg.storage)
-                    say(f"{m.name}/{ds.name}/{split}: complete, kept")
-                else:
-                    res = run_embed(
-                        job, overwrite=overwrite, resume=resume and state == "interrupted"
+                fresh = []
+                for m in cfg.models:
+                    job = jobs[(m.name, ds.name, split)]
+                    state = states[job.output.uri]
+                    if resume and state == "complete":
+                        manifest = _read_json(job.output.uri, columns.MANIFEST_NAME, cfg.storage)
+                        say(f"{m.name}/{ds.name}/{split}: complete, kept")
+                    elif resume and state == "interrupted":
+                        res = run_embed(job, resume=True)
+                        manifest = res.manifest
+                        say(_ran(m.name, ds.name, split, res))
+                    else:
+                        fresh.append(m)
+                        continue
+                    runs[(m.name, ds.name, split)] = _run_row(m, ds, split, job, manifest)
+                done = (
+                    run_embed_many(
+                        [jobs[(m.name, ds.name, split)] for m in fresh],
+                        overwrite=overwrite,
+                        dense_pca=[pair_pca.get(m.name) for m in fresh],
                     )
-                    manifest = res.manifest
-                    say(
-                        f"{m.name}/{ds.name}/{split}: {res.listed} images, {res.ok} ok, "
-                        f"{res.error} errors ({res.seconds:.1f} s)"
-                    )
-                runs.append(
-                    {
-                        "model": m.name,
-                        "dataset": ds.name,
-                        "split": split,
-                        "uri": job.output.uri,
-                        "counts": manifest["counts"],
-                        "features": {k: v["dim"] for k, v in manifest["features"].items()},
-                    }
+                    if fresh
+                    else []
                 )
-            # Loadable (and listed by `vitflow ls`) as soon as its splits are done.
-            _write_pair_manifest(cfg, m, ds, runs)
-            result.runs += runs
+                for m, res in zip(fresh, done, strict=True):
+                    say(_ran(m.name, ds.name, split, res))
+                    job = jobs[(m.name, ds.name, split)]
+                    runs[(m.name, ds.name, split)] = _run_row(m, ds, split, job, res.manifest)
+                for m in cfg.models:
+                    if _has_pca(m) and pair_pca[m.name] is None:
+                        pair_pca[m.name] = _stored_pca(jobs[(m.name, ds.name, split)])
+            for m in cfg.models:
+                pair = [runs[(m.name, ds.name, s)] for s in splits]
+                # Loadable (and listed by `vitflow ls`) as soon as its splits are done.
+                _write_pair_manifest(cfg, m, ds, pair)
+        result.runs = [runs[(m.name, ds.name, s)] for m, ds, splits in plan for s in splits]
         if cfg.ood is not None:
             for m in cfg.models:
                 result.ood[m.name] = write_ood(cfg, m, result.runs)
@@ -375,6 +396,27 @@ def run_matrix(
                 )
     result.seconds = time.time() - started
     return result
+
+
+def _ran(model: str, dataset: str, split: str, res) -> str:
+    shared = res.manifest.get("execution", {}).get("shared_stream")
+    return (
+        f"{model}/{dataset}/{split}: {res.listed} images, {res.ok} ok, {res.error} errors "
+        f"({res.seconds:.1f} s"
+        + (f"; decoded once for {len(shared['outputs'])} models" if shared else "")
+        + ")"
+    )
+
+
+def _run_row(m: MatrixModel, ds: MatrixDataset, split: str, job: EmbedConfig, manifest: dict):
+    return {
+        "model": m.name,
+        "dataset": ds.name,
+        "split": split,
+        "uri": job.output.uri,
+        "counts": manifest["counts"],
+        "features": {k: v["dim"] for k, v in manifest["features"].items()},
+    }
 
 
 def _made_by(job: EmbedConfig, weights: bytes) -> bool:
@@ -390,12 +432,36 @@ def _made_by(job: EmbedConfig, weights: bytes) -> bool:
     return (stored or {}).get("fingerprint") == fingerprint(vector_identity(job, weights))
 
 
-def _model_weights(m: MatrixModel, storage: StorageConfig) -> bytes:
-    """The model's weights as an embed run ships them (what its identity hashes)."""
+def _model_weights(m: MatrixModel, storage: StorageConfig, dense_pca: dict | None = None) -> bytes:
+    """The model's weights as an embed run ships them (what its identity hashes), with the
+    dense maps' PCA it projected with, if any."""
     from vitflow.backbone import backbone_bytes, create_backbone
 
     bb = create_backbone(m.model, storage_options=storage.options_for(m.model.checkpoint or ""))
+    bb.dense_pca = dense_pca
     return backbone_bytes(bb)
+
+
+def _has_pca(m: MatrixModel) -> bool:
+    return any(f.pca for f in m.features)
+
+
+def _stored_pca(job: EmbedConfig) -> dict | None:
+    """The dense maps' PCA stored with an output (complete or interrupted), if any."""
+    from vitflow.embed import stored_dense_pca
+    from vitflow.storage import open_fs
+
+    fs, path = open_fs(job.output.uri, job.storage.options_for(job.output.uri))
+    return stored_dense_pca(fs, path)
+
+
+def _pair_pca(jobs: list[EmbedConfig]) -> dict | None:
+    """The PCA an output of the pair already holds (the first in split order), if any."""
+    for job in jobs:
+        pca = _stored_pca(job)
+        if pca is not None:
+            return pca
+    return None
 
 
 def _check_output_outside_sources(cfg: MatrixConfig) -> None:

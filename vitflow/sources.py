@@ -257,11 +257,6 @@ class _Rows:
 
 def _list(fs, root: str, cfg: SourceConfig) -> Listing:
     if fs.isfile(root) and root.lower().endswith(MANIFEST_SUFFIXES):
-        if cfg.within is not None:
-            raise ConfigError(
-                f"source.within applies to a folder, and {cfg.uri!r} is a list of files; name "
-                "the folder instead"
-            )
         return _list_manifest(fs, root, cfg)
     if not fs.exists(root):
         raise ConfigError(f"source {cfg.uri!r} does not exist; fix source.uri")
@@ -485,7 +480,7 @@ def _manifest_batch(
     table, written = table.filter(wanted), written.filter(wanted)
     paths = written.to_pylist()
     names = table.column_names
-    folder_rules = [label_and_split(p, cfg.labels, cfg.split) for p in paths]
+    folder_rules = [label_and_split(p, cfg.labels, cfg.split, cfg.within) for p in paths]
     labels = (
         table["label"].cast(pa.string())
         if "label" in names and cfg.labels == "folder"
@@ -493,7 +488,7 @@ def _manifest_batch(
     )
     splits = (
         table["split"].cast(pa.string())
-        if "split" in names and cfg.split == "auto"
+        if "split" in names and cfg.split == "auto" and cfg.within is None
         else pa.array([spl for _, spl in folder_rules], pa.string())
     )
     sizes = (
@@ -506,7 +501,8 @@ def _manifest_batch(
     )
     return pa.table(
         {
-            columns.ID: [image_id(p) for p in paths],
+            # Read as one split of a dataset (`within`): ids unique across its lists.
+            columns.ID: [image_id(f"{cfg.within}/{p}" if cfg.within else p) for p in paths],
             columns.PATH: [_resolve(p, base, protocol) for p in paths],
             "relpath": written,
             columns.LABEL: labels,

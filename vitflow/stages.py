@@ -243,7 +243,21 @@ class EmbedWorker:
         # the forward of the batch before it, which runs on the default stream.
         side = self._side_stream()
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-            pixels = self._pixels(batch)  # on the device; None when no row is ok
+            pixels = self._pixels(batch)  # on the device
+        return self.embed(batch, pixels, side, started, t_prep)
+
+    def embed(
+        self,
+        batch: dict[str, np.ndarray],
+        pixels: torch.Tensor,
+        side,
+        started: float,
+        t_prep: float,
+    ) -> pa.Table:
+        """The batch's rows from its ``pixels`` (uint8 on the device, prepared on the CUDA
+        stream ``side``): normalised as this model wants, the forward, the rows written.
+        :class:`SharedInputWorker` calls it for each of its models on one batch's pixels."""
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             ok = batch[columns.STATUS] == columns.STATUS_OK
             x = None
             if ok.any():
@@ -272,7 +286,7 @@ class EmbedWorker:
                 if self.mae_decoder is not None:
                     losses = self._mae_loss(x, batch[columns.ID][ok])
             seconds = time.perf_counter() - t0
-        del x, pixels
+        del x
         if self.mae_decoder is not None and not ok.any():
             losses = np.zeros(0, np.float32)
         table = rows_table(
@@ -373,6 +387,52 @@ class EmbedWorker:
                 else:
                     batch[columns.WIDTH][i], batch[columns.HEIGHT][i] = wd, ht
         return full
+
+
+MEMBER_COLUMN = "__model"  # which of a shared stream's models a receipt row is for
+
+
+class SharedInputWorker:
+    """Model actor for several models that take the same input (one resize and crop; their
+    normalisations may differ, as those run on the device): each batch is decoded once, its
+    pixels go onto the device once, and every model embeds them and writes its own output.
+    The receipt is the models' receipts stacked, each row tagged with its model's position
+    (:data:`MEMBER_COLUMN`), so the driver hands each output its own.
+
+    Args:
+        models: per model, the keyword arguments of :class:`EmbedWorker` that differ between
+            outputs: ``job``, ``weights``, ``stats_actor``, ``writer`` (required here).
+        device, torch_threads, decode: as for :class:`EmbedWorker`, shared.
+    """
+
+    def __init__(self, models: list[dict], device: str, torch_threads: int, decode: str = "cpu"):
+        self.workers = [
+            EmbedWorker(**m, device=device, torch_threads=torch_threads, decode=decode)
+            for m in models
+        ]
+        specs = {w.pre.resize_spec() for w in self.workers}
+        if len(specs) > 1 or any(w.writer is None for w in self.workers):
+            raise ValueError(
+                "models that share a stream take the same resize and crop and write through "
+                f"a sink; got resize specs {sorted(specs)}"
+            )
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        started = time.time()
+        t_prep = time.perf_counter()
+        first = self.workers[0]
+        side = first._side_stream()
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            pixels = first._pixels(batch)  # decoded (decode: gpu) and copied once
+        receipts = []
+        for i, w in enumerate(self.workers):
+            receipt = w.embed(
+                batch, pixels, side, started, t_prep if i == 0 else time.perf_counter()
+            )
+            receipts.append(
+                receipt.append_column(MEMBER_COLUMN, pa.array(np.full(len(receipt), i, np.int32)))
+            )
+        return pa.concat_tables(receipts)
 
 
 def _process_age(at: float) -> float | None:
