@@ -111,3 +111,42 @@ def test_offsets_and_strides():
         shift_offsets([2], "hex")
     with pytest.raises(ValueError, match="not a multiple of the patch size"):
         pixel_shift(lambda x: x, torch.zeros(1, 3, 30, 32), PATCH, [2])
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, size, feature",
+    [
+        (
+            "vit_small_patch16_224",
+            {"img_size": 32, "patch_size": 8, "embed_dim": 24, "depth": 2, "num_heads": 2},
+            32,
+            {"layers": [0, -1], "aggregate": "mean"},
+        ),
+        (
+            "vit_small_patch16_224",
+            {"img_size": 32, "patch_size": 8, "embed_dim": 24, "depth": 2, "num_heads": 2},
+            32,
+            {"shift": {"pixels": [4]}},
+        ),
+        ("resnet18", {}, 64, {}),
+    ],
+)
+def test_dense_maps_from_forward_hooks_equal_those_from_forward_intermediates(
+    name, kwargs, size, feature
+):
+    """model.extractor: hooks (models without timm's forward_intermediates) gives the same
+    maps, pixel-shifted ones included."""
+    from vitflow.config import FeatureConfig
+    from vitflow.features import FeatureExtractor
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs).eval()
+    feats = [FeatureConfig(name="d", dense=True, **feature)]
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        maps = {
+            mode: FeatureExtractor(model, feats, (3, size, size), mode)(x)["d"]
+            for mode in ("intermediates", "hooks")
+        }
+    assert maps["hooks"].shape == maps["intermediates"].shape
+    torch.testing.assert_close(maps["hooks"], maps["intermediates"])

@@ -175,22 +175,6 @@ def test_dense_jobs_that_cannot_work_are_refused_with_the_fix(files):
             },
             schema=MatrixConfig,
         )
-    with pytest.raises(ConfigError, match="cannot give every split of a dataset alike"):
-        load_config(
-            base={
-                "kind": "matrix",
-                "models": [
-                    {
-                        "name": "m",
-                        "model": base["model"],
-                        "features": [{"name": "p", "dense": True, "pca": 4}],
-                    }
-                ],
-                "datasets": [{"name": "d", "source": {"uri": str(root / "images")}}],
-                "output": {"uri": str(root / "mx")},
-            },
-            schema=MatrixConfig,
-        )
     from vitflow.reindex import plan_reindex
 
     with pytest.raises(ConfigError, match="Delta Lake has no float16"):

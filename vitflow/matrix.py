@@ -30,7 +30,7 @@ resize and crop; normalisations may differ, they run on the device) embed it in 
 each file is read and decoded once, its pixels go onto the device once, and one model actor
 runs every such model on them (:func:`vitflow.embed.run_embed_many`). Models with another
 resize or crop get a stream of their own. Each output's manifest names the outputs it
-shared its stream with (``stats.shared_stream``). An interrupted output is finished alone
+shared its stream with (``execution.shared_stream``). An interrupted output is finished alone
 by embed's own resume.
 """
 
