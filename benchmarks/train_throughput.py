@@ -1,218 +1,275 @@
-"""Training throughput: vitflow's run_train with 1 and 2 Ray Train workers.
+"""Training throughput: does ingest keep the model busy, and how do two workers scale?
 
-Generates scikit-learn's handwritten digits as an image folder once (reused on reruns with
-the same image size), then runs the same pretraining job twice through run_train():
-scaling.num_workers = 1, then 2, with the same global batch and the same number of steps,
-no kNN monitor, one checkpoint at the end, and a fresh output folder per run. Each run
-starts (and stops) its own local Ray, exactly as `vitflow train` does.
+One run measures, on photo-like JPEGs (benchmarks/photos.py, made once and reused) trained
+at 224 px with SIMO2:
 
-For each run it prints:
+  ceiling     - the model-only step rate: forward (under compute.precision autocast), loss,
+                backward and optimizer step on one pre-decoded batch, over and over. No
+                decode, no augmentation, no reads: the most the model can take.
+  pipeline    - vitflow's training loop (vitflow.training.loop.train_loop, the function every
+                Ray Train worker runs) with its ingest: files read, decoded and augmented by
+                DataLoader processes beside the worker (data.loader_workers), no cache, so
+                every image is decoded every time it is drawn (a corpus larger than memory).
+                The rate is the median of the images_per_s lines rank 0 logs, without the
+                first interval (start-up).
+  in-process  - the same loop with data.loader_workers 0: decode inside the training
+                process, as before ingest ran beside it (the old behaviour, for reference).
+  2 workers   - the pipeline with two DDP ranks (gloo on CPU, NCCL on GPU; same per-rank
+                batch), started with torch.multiprocessing rather than Ray so that Ray's
+                start-up stays out of the timing.
 
-  wall        - seconds for the whole run_train() call: job check, Ray start-up, worker
-                start-up, DDP set-up, training, checkpoint, Ray shutdown, backbone export
-                and the plots;
-  steady      - median of the images_per_s values that rank 0 logs to RUN/metrics.jsonl
-                every output.log_every steps, after discarding the first log interval
-                (first-step warm-up); the global rate over all workers;
-  train loop  - seconds between the first and the last metrics line (the timed part of
-                the loop without its first interval);
+and prints the ratios pipeline / ceiling (goal >= 0.9 on CPU) and the 2-worker scaling
+efficiency, rate(2 workers) / (2 x rate(1 worker)) (goal >= 0.8 on GPU; reported on CPU,
+where the two ranks and their loaders share the same few cores). Asserts nothing.
 
-and the ratios 2-worker/1-worker. With --gpu each worker gets one GPU (use_gpu true); the
-2-worker run needs 2 GPUs and is skipped on a box with fewer. Asserts nothing.
-
-Run:  .venv/bin/python benchmarks/train_throughput.py                  (simo2, ~4 min on 2 cores)
-      .venv/bin/python benchmarks/train_throughput.py --method simclr
-      .venv/bin/python benchmarks/train_throughput.py --gpu --steps 300 (on a GPU box)
+Run:  .venv/bin/python benchmarks/train_throughput.py                   (CPU, ~3 min on 2 cores)
+      .venv/bin/python benchmarks/train_throughput.py --device cuda      (GPU; 2 workers need 2)
+      .venv/bin/python benchmarks/train_throughput.py --model resnet50 --steps 60 --device cuda
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
+import socket
 import statistics
 import time
 from pathlib import Path
 
-# Ray Train v2: every ray.train.report() hands its result to a queue of size 1 that the
-# controller only drains when it polls the workers, once per health-check interval (2 s by
-# default), so each report blocks about one interval, and the end of the run is noticed only
-# at the next poll as well. With the default, a short benchmark run would carry seconds of
-# pure waiting in its wall time; at 0.5 s the wall time is mostly the job itself. It must be
-# in os.environ before run_train() starts Ray, so the controller actor inherits it.
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+import torch
+import torch.multiprocessing as mp
+from machine import describe, load, usable_cores  # benchmarks/machine.py (script's folder)
+from photos import describe_set, photo_set, set_paths  # benchmarks/photos.py
 
-import torch  # noqa: E402
-from machine import describe, load  # benchmarks/machine.py (the script's folder is on sys.path)
+from vitflow.config import load_config
+from vitflow.training.config import TrainConfig
+from vitflow.training.loop import autocast_for, train_loop
+from vitflow.training.losses import SIMO2Loss
+from vitflow.training.model import build_model
+from vitflow.training.report import read_metrics
 
-from vitflow.config import load_config  # noqa: E402
-from vitflow.synthetic import make_digits_folder  # noqa: E402
-from vitflow.training.config import TrainConfig  # noqa: E402
-from vitflow.training.report import read_metrics  # noqa: E402
-from vitflow.training.trainer import run_train  # noqa: E402
-
-WORKER_COUNTS = (1, 2)
+CLASSES = 4  # photos.py's class folders
 
 
-def digits_folder(root: Path, size: int) -> Path:
-    """The digits image folder at ``size`` px, generated once and reused."""
-    params = {"size": size, "holdout_every": 5, "version": 1}
-    stamp = root / "_params.json"
-    if stamp.exists() and json.loads(stamp.read_text()) == params:
-        print(f"reusing digits folder {root}")
-    else:
-        shutil.rmtree(root, ignore_errors=True)
-        t0 = time.perf_counter()
-        counts = make_digits_folder(root, size=size, holdout_every=params["holdout_every"])
-        stamp.write_text(json.dumps(params))
-        print(
-            f"generated digits folder {root}: {counts['train']} train + {counts['val']} val "
-            f"images ({time.perf_counter() - t0:.0f} s)"
-        )
-    return root
-
-
-def job(args, data: Path, out: Path, workers: int) -> dict:
-    """The benchmark job: jobs/simo2-digits.yaml's settings, sized for timing."""
-    return {
-        "method": args.method,
-        "data": {"uri": str(data), "image_size": args.image_size},
-        "model": {
-            "name": args.model,
-            "pretrained": False,
-            "embedding_dim": 16,
-            "head_hidden_dim": 0 if args.method == "simo2" else 512,
+def job(args, data: Path, out: Path, *, workers: int, loader_workers: int) -> TrainConfig:
+    base = {
+        "method": "simo2",
+        "data": {
+            "uri": str(data),
+            "image_size": args.image_size,
+            "holdout_fraction": 0.0,
+            "cache_images": 0,  # decode every draw: what a corpus larger than memory costs
+            "loader_workers": loader_workers,
         },
-        # 80 images per step for simo2 (10 digits x 8, whole classes split over the workers);
-        # simclr: 40 images, two views each, so the same 80 forward passes per step.
-        "simo2": {"samples_per_class": 8, "classes_per_batch": 10},
-        "simclr": {"batch_size": 40},
-        "optim": {"lr": 0.001, "steps": args.steps},
-        "scaling": {"num_workers": workers, "use_gpu": args.gpu},
-        "output": {
-            "uri": str(out),
-            "checkpoint_every": args.steps,
-            "log_every": args.log_every,
-        },
+        "model": {"name": args.model, "embedding_dim": 128, "head_hidden_dim": 0},
+        "simo2": {"samples_per_class": args.samples_per_class, "classes_per_batch": CLASSES},
+        "optim": {"lr": 1e-4, "steps": args.steps},
+        "scaling": {"num_workers": workers, "use_gpu": args.device == "cuda"},
+        "compute": {"precision": args.precision, "channels_last": args.device == "cuda"},
+        "output": {"uri": str(out), "checkpoint_every": 10**6, "log_every": args.log_every},
         "monitor": {"knn_every": 0},
     }
+    return load_config(base=base, schema=TrainConfig)
 
 
-def steady_rate(metrics: list[dict]) -> tuple[float, int, float]:
-    """(median images_per_s without the first interval, intervals used, their seconds)."""
-    rows = sorted(
-        (m for m in metrics if isinstance(m.get("images_per_s"), int | float)),
-        key=lambda m: m["step"],
+def ceiling(args, cfg: TrainConfig) -> float:
+    """Images/s of the bare training step on one pre-decoded batch (rank 0 of 1): the median
+    over log intervals, like the pipeline's rate."""
+    device = torch.device(args.device)
+    model = build_model(cfg).to(device)
+    if cfg.compute.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr)
+    loss_fn = SIMO2Loss()
+    rows = CLASSES * args.samples_per_class
+    x = torch.randn(rows, 3, args.image_size, args.image_size, device=device)
+    if cfg.compute.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    autocast = autocast_for(cfg, device)
+
+    def step():
+        with autocast:
+            z = model(x)
+        loss = loss_fn(torch.nn.functional.normalize(z.float(), dim=-1), num_classes=CLASSES).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    rates = []  # one per log interval, the first (warm-up) left out as in the pipeline
+    for _ in range(args.steps // args.log_every):
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(args.log_every):
+            step()
+        sync(device)
+        rates.append(rows * args.log_every / (time.perf_counter() - t0))
+    return statistics.median(rates[1:]) if len(rates) > 1 else rates[0]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def steady_rate(run: Path) -> float:
+    """Median images_per_s of rank 0's log lines, without the first (start-up) interval."""
+    rates = [m["images_per_s"] for m in read_metrics(str(run)) if "images_per_s" in m]
+    return statistics.median(rates[1:]) if len(rates) > 1 else float("nan")
+
+
+def _rank(rank: int, world: int, port: int, cfg_json: dict, device: str) -> None:
+    cfg = TrainConfig.model_validate(cfg_json)
+    backend = "nccl" if device == "cuda" else "gloo"
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+    else:  # the ranks share the cores, as Ray Train workers with 1 CPU each would
+        torch.set_num_threads(max(1, usable_cores() // world))
+    torch.distributed.init_process_group(
+        backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
     )
-    rest = rows[1:]
-    if not rest:
-        return float("nan"), 0, float("nan")
-    seconds = rest[-1]["time"] - rows[0]["time"]
-    return statistics.median(m["images_per_s"] for m in rest), len(rest), seconds
+    try:
+        dev = torch.device(device, rank) if device == "cuda" else torch.device("cpu")
+        if world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            def wrap(m):
+                return DDP(m, device_ids=[rank] if device == "cuda" else None)
+        else:
+            wrap = None
+        train_loop(cfg, rank=rank, world=world, device=dev, wrap_model=wrap)
+    finally:
+        torch.distributed.destroy_process_group()
 
 
-def worker_threads() -> str:
-    """What torch in each Ray Train worker runs with (the loop reads VITFLOW_TORCH_THREADS)."""
-    if os.environ.get("VITFLOW_TORCH_THREADS", "0") != "0":
-        return f"{os.environ['VITFLOW_TORCH_THREADS']} (VITFLOW_TORCH_THREADS)"
-    if os.environ.get("OMP_NUM_THREADS"):
-        return f"{os.environ['OMP_NUM_THREADS']} (OMP_NUM_THREADS)"
-    return "1 (Ray sets OMP_NUM_THREADS to the 1 CPU each worker reserves)"
+def pipeline(args, cfg: TrainConfig, workers: int) -> float:
+    out = Path(cfg.output.uri)
+    shutil.rmtree(out, ignore_errors=True)
+    if workers == 1:
+        train_loop(cfg, device=torch.device(args.device))
+    else:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        mp.spawn(
+            _rank,
+            args=(workers, port, cfg.model_dump(mode="json"), args.device),
+            nprocs=workers,
+            join=True,
+        )
+    return steady_rate(out)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--method", choices=("simo2", "simclr"), default="simo2")
-    # resnet18 at 32 px, 80 images per step: ~0.3 s/step for one worker on 2 EPYC cores;
-    # 300 steps keep the whole default run (two runs incl. Ray start-up) at about 4 minutes.
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--gpu", action="store_true", help="same as --device cuda (older spelling)")
     ap.add_argument(
-        "--log-every", type=int, default=None, help="default: steps/10 (ten log intervals)"
+        "--model", default=None, help="timm name; default resnet18 (cpu), resnet50 (cuda)"
     )
-    ap.add_argument("--image-size", type=int, default=32)
-    ap.add_argument("--model", default="resnet18")
+    ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--photo-size", default="320x240", help="WxH of the JPEGs")
+    ap.add_argument("--photos", type=int, default=400)
+    ap.add_argument("--samples-per-class", type=int, default=None, help="default 4 cpu, 64 gpu")
+    ap.add_argument("--steps", type=int, default=None, help="default 12 cpu, 60 gpu")
+    ap.add_argument("--log-every", type=int, default=None, help="default steps/4")
+    ap.add_argument(
+        "--loader-workers", type=int, default=None, help="default: usable cores - 1 (min 1)"
+    )
+    ap.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None)
+    ap.add_argument("--skip-in-process", action="store_true")
     ap.add_argument("--workdir", default="./bench-out")
-    ap.add_argument("--gpu", action="store_true", help="one GPU per worker (use_gpu true)")
     args = ap.parse_args()
-    if args.log_every is None:
-        args.log_every = max(1, args.steps // 10)
+    if args.gpu:
+        args.device = "cuda"
+    gpu = args.device == "cuda"
+    args.model = args.model or ("resnet50" if gpu else "resnet18")
+    args.samples_per_class = args.samples_per_class or (64 if gpu else 4)
+    args.steps = args.steps or (60 if gpu else 12)
+    args.log_every = args.log_every or max(1, args.steps // 4)
+    args.precision = args.precision or ("bf16" if gpu else "fp32")
+    cores = usable_cores()
+    if args.loader_workers is None:
+        args.loader_workers = max(1, cores - 1) if not gpu else max(1, min(8, cores // 2 - 1))
     logging.basicConfig(level=logging.WARNING)
 
     load_before = load()
     work = Path(args.workdir).resolve()
-    data = digits_folder(work / f"digits-{args.image_size}", args.image_size)
-    tag = f"{args.method}-{args.model.split('.')[0]}-{args.image_size}px" + (
-        "-gpu" if args.gpu else ""
-    )
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    w, h = (int(v) for v in args.photo_size.split("x"))
+    data = photo_set(work, args.photos, w, h)
+    paths = set_paths(data)
+    runs = work / "train-throughput"
 
-    results: dict[int, dict] = {}
-    skipped: dict[int, str] = {}
-    for workers in WORKER_COUNTS:
-        if args.gpu and workers > gpus:
-            skipped[workers] = f"needs {workers} GPUs, this machine has {gpus}"
-            print(f"\nskipping {workers} worker(s): {skipped[workers]}", flush=True)
-            continue
-        out = work / f"train-{tag}-w{workers}"
-        shutil.rmtree(out, ignore_errors=True)  # a leftover run folder would be resumed
-        cfg = load_config(base=job(args, data, out, workers), schema=TrainConfig)
-        print(
-            f"\nrun_train: {args.method}, {workers} worker(s), {args.steps} steps "
-            f"(starts its own local Ray) ...",
-            flush=True,
-        )
-        t0 = time.perf_counter()
-        result = run_train(cfg)
-        wall = time.perf_counter() - t0
-        rate, n_used, loop_s = steady_rate(read_metrics(result.run_dir))
-        results[workers] = {"wall": wall, "rate": rate, "n": n_used, "loop": loop_s}
+    def cfg_for(name: str, workers: int = 1, loader: int | None = None) -> TrainConfig:
+        lw = args.loader_workers if loader is None else loader
+        return job(args, data, runs / name, workers=workers, loader_workers=lw)
 
-    unit = "views/s" if args.method == "simclr" else "img/s"
-    per_step = "40 images x 2 views" if args.method == "simclr" else "80 images (10 x 8)"
+    t0 = time.perf_counter()
+    print("ceiling (pre-decoded batch) ...", flush=True)
+    ceil_start = ceiling(args, cfg_for("ceiling"))
+    print(f"pipeline, 1 worker, {args.loader_workers} loader processes ...", flush=True)
+    one = pipeline(args, cfg_for("w1"), 1)
+    inproc = float("nan")
+    if not args.skip_in_process:
+        print("pipeline, 1 worker, decode in the training process ...", flush=True)
+        inproc = pipeline(args, cfg_for("w1-inproc", loader=0), 1)
+    two, why_not = float("nan"), ""
+    if gpu and torch.cuda.device_count() < 2:
+        why_not = f"needs 2 GPUs, this machine has {torch.cuda.device_count()}"
+    else:
+        loader2 = args.loader_workers if gpu else max(1, args.loader_workers // 2)
+        print(f"pipeline, 2 workers, {loader2} loader processes each ...", flush=True)
+        two = pipeline(args, cfg_for("w2", workers=2, loader=loader2), 2)
+    print("ceiling again (a busy machine moves it) ...", flush=True)
+    ceil_end = ceiling(args, cfg_for("ceiling"))
+    ceil = max(ceil_start, ceil_end)
+    total = time.perf_counter() - t0
+
+    rows = CLASSES * args.samples_per_class
     print("\n" + "=" * 78)
     print("train throughput benchmark")
-    print(f"machine     : {describe(args.gpu)}")
+    print(f"machine     : {describe(gpu)}")
     print(f"load avg    : {load_before} (1/5/15 min) at start, {load()} at end")
+    print(f"data        : {describe_set(paths, w, h)}; trained at {args.image_size} px, no cache")
     print(
-        f"job         : {args.method}, {args.model} (random init), {args.image_size} px digits, "
-        f"global batch {per_step}"
-    )
-    print(
-        f"              {args.steps} steps, log every {args.log_every}, checkpoint at the end, "
-        f"no kNN monitor, {'GPU' if args.gpu else 'CPU'}, 1 CPU reserved per worker"
-    )
-    print(
-        f"              torch threads per worker: {worker_threads()}, "
-        f"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S={os.environ['RAY_TRAIN_HEALTH_CHECK_INTERVAL_S']}"
+        f"job         : simo2, {args.model} (random init), {args.precision}, {rows} images per "
+        f"rank per step ({CLASSES} classes x {args.samples_per_class}), {args.steps} steps, "
+        f"log every {args.log_every}"
     )
     print("-" * 78)
-    for workers in WORKER_COUNTS:
-        label = f"{workers} worker{'s' if workers > 1 else ' '}"
-        if workers in skipped:
-            print(f"{label}   : skipped ({skipped[workers]})")
-            continue
-        r = results[workers]
+    print(
+        f"ceiling (model only, pre-decoded)   : {ceil:8.1f} img/s"
+        f"   (the higher of {ceil_start:.1f} before and {ceil_end:.1f} after the pipelines)"
+    )
+    print(
+        f"pipeline, 1 worker ({args.loader_workers} loader proc.)  : {one:8.1f} img/s"
+        f"   ratio to ceiling {one / ceil:5.2f}"
+    )
+    if not args.skip_in_process:
         print(
-            f"{label}   : wall {r['wall']:6.1f} s | steady {r['rate']:8.1f} {unit} "
-            f"(median of {r['n']} intervals) | train loop {r['loop']:6.1f} s"
+            f"decode in the training process      : {inproc:8.1f} img/s"
+            f"   ratio to ceiling {inproc / ceil:5.2f}"
+        )
+    if why_not:
+        print(f"pipeline, 2 workers                 : skipped ({why_not})")
+    else:
+        print(
+            f"pipeline, 2 workers                 : {two:8.1f} img/s"
+            f"   scaling efficiency {two / (2 * one):5.2f}"
         )
     print("-" * 78)
-    if len(results) == 2:
-        one, two = results[1], results[2]
-        print(f"2w/1w steady throughput            : {two['rate'] / one['rate']:6.2f}x")
-        print(f"2w/1w wall time                    : {two['wall'] / one['wall']:6.2f}x")
-    else:
-        print("2w/1w                              : n/a (only one run)")
-    if not args.gpu and (os.cpu_count() or 1) <= 2:
+    print(f"whole benchmark: {total:.0f} s")
+    if not gpu and cores <= 2:
         print(
-            f"caveat      : this machine has {os.cpu_count()} cores; the 2 workers share them "
-            "with Ray's own processes\n              and add a gradient all-reduce every step, "
-            "so expect little or no speed-up\n              from the second worker here."
+            f"caveat      : {cores} cores: the loader processes and the model share them, and "
+            "the 2-worker run\n              gives each rank half of them; scaling on CPU "
+            "is reported, not a goal."
         )
     print("=" * 78)
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", str(usable_cores()))
     main()

@@ -291,7 +291,7 @@ def train(
         from vitflow.training.trainer import run_train
 
         typer.echo(
-            f"vitflow train: {cfg.method} on {cfg.data.uri} | {cfg.model.name} | "
+            f"vitflow train: {cfg.method} on {cfg.data.uri} | {cfg.model.name or cfg.model.checkpoint} | "
             f"{cfg.scaling.num_workers} workers | {cfg.optim.steps} steps -> {cfg.output.uri}"
         )
         result = run_train(cfg, address=address)

@@ -1,4 +1,5 @@
-"""all_gather_with_grad on two gloo processes: gradients equal one process on the global batch.
+"""all_gather_with_grad, NT-Xent and SIMO2 on two gloo processes: losses and gradients equal
+one process on the global batch.
 
 Convention under test (see vitflow.training.distributed): rank r's leaf gets
 sum_r' dL_r'/dx_r; DDP divides by the world size, so the effective gradient of the global
@@ -16,10 +17,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from vitflow.training.distributed import all_gather_with_grad, rank_and_world
-from vitflow.training.losses import NTXentLoss
+from vitflow.training.losses import NTXentLoss, SIMO2Loss
 
 WORLD = 2
 B, D, TAU = 3, 5, 0.2
+C_RANK, K, IN = 2, 3, 7  # SIMO2: classes per rank, samples per class, input width
 
 
 def _free_port() -> int:
@@ -33,6 +35,38 @@ def _global_batch():
     z0 = torch.randn(WORLD * B, D, generator=g, dtype=torch.float64)
     z1 = torch.randn(WORLD * B, D, generator=g, dtype=torch.float64)
     return z0, z1
+
+
+def _simo2_batch():
+    """Inputs of a global SIMO2 batch, class-major: (WORLD * C_RANK * K, IN)."""
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(WORLD * C_RANK * K, IN, generator=g, dtype=torch.float64)
+
+
+def _simo2_model() -> torch.nn.Linear:
+    torch.manual_seed(2)
+    return torch.nn.Linear(IN, D).double()
+
+
+def _simo2_rank(rank: int) -> dict:
+    """This rank's SIMO2 loss on its classes, the gradient of its inputs, and the parameter
+    gradients of a DDP-wrapped projection, as the training loop computes them."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    rows = slice(rank * C_RANK * K, (rank + 1) * C_RANK * K)
+    x = _simo2_batch()[rows].clone().requires_grad_()
+    z = torch.nn.functional.normalize(x, dim=1)
+    out = SIMO2Loss()(z, num_classes=C_RANK)
+    (x_grad,) = torch.autograd.grad(out.loss, x)
+
+    ddp = DistributedDataParallel(_simo2_model())
+    z = torch.nn.functional.normalize(ddp(_simo2_batch()[rows]), dim=1)
+    SIMO2Loss()(z, num_classes=C_RANK).loss.backward()
+    return {
+        "terms": torch.stack([t.detach() for t in out]),
+        "x_grad": x_grad,
+        "param_grads": [p.grad.clone() for p in ddp.module.parameters()],
+    }
 
 
 def _weighted_squares(y: torch.Tensor, rank: int) -> torch.Tensor:
@@ -66,6 +100,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                 "nt_loss": nt_loss.detach(),
                 "nt_grads": nt_grads,
                 "local_loss": local_loss.detach(),
+                "simo2": _simo2_rank(rank),
             },
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
@@ -120,6 +155,33 @@ def test_ntxent_across_ranks_matches_single_process(ranks):
         local = NTXentLoss(temperature=TAU)(z0[rows], z1[rows])
         torch.testing.assert_close(res["local_loss"], local)
         assert not torch.allclose(res["nt_loss"], local)
+
+
+@pytest.mark.slow
+def test_simo2_across_ranks_matches_single_process(ranks):
+    """Every rank's SIMO2 loss is the loss of the whole global batch (between-class terms
+    pair classes of different ranks); input gradients / W and DDP's averaged parameter
+    gradients equal one process on that batch."""
+    x = _simo2_batch().clone().requires_grad_()
+    z = torch.nn.functional.normalize(x, dim=1)
+    want = SIMO2Loss()(z, num_classes=WORLD * C_RANK)
+    (want_x,) = torch.autograd.grad(want.loss, x)
+    model = _simo2_model()
+    z = torch.nn.functional.normalize(model(_simo2_batch()), dim=1)
+    SIMO2Loss()(z, num_classes=WORLD * C_RANK).loss.backward()
+    want_params = [p.grad for p in model.parameters()]
+
+    per_rank = SIMO2Loss()(
+        torch.nn.functional.normalize(_simo2_batch()[: C_RANK * K], dim=1), num_classes=C_RANK
+    )
+    assert not torch.allclose(per_rank.diff, want.diff)  # one rank alone would differ
+    for r, res in enumerate(ranks):
+        got = res["simo2"]
+        torch.testing.assert_close(got["terms"], torch.stack([t.detach() for t in want]))
+        rows = slice(r * C_RANK * K, (r + 1) * C_RANK * K)
+        torch.testing.assert_close(got["x_grad"] / WORLD, want_x[rows])
+        for g, w in zip(got["param_grads"], want_params, strict=True):
+            torch.testing.assert_close(g, w)
 
 
 def test_single_process_is_identity():

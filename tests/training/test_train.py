@@ -112,7 +112,9 @@ def test_mlflow_local_store_has_the_same_metrics(simo2_run, monkeypatch):
 @pytest.mark.timeout(400)
 def test_simclr_two_workers_beats_random_init(digits, tmp_path, ray_local):
     out = tmp_path / "simclr"
-    run_train(job(digits, out, "simclr", **{"optim.steps": 30, "monitor.knn_every": 30}))
+    # One DataLoader process per worker: ingest beside the Ray Train worker, as at scale.
+    over = {"optim.steps": 30, "monitor.knn_every": 30, "data.loader_workers": 1}
+    run_train(job(digits, out, "simclr", **over))
     knn = knn_curve(out)
     assert knn[-1] - knn[0] >= 0.2, knn
 

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from vitflow.config import ModelConfig, _Section
+from vitflow.config import ModelConfig, StorageConfig, _Section
 
 
 class TrainDataConfig(_Section):
@@ -21,12 +21,41 @@ class TrainDataConfig(_Section):
         "val/validation/test split.",
     )
     cache_images: int = Field(
-        20_000, ge=0, description="Keep up to this many decoded images in worker memory."
+        20_000,
+        ge=0,
+        description="Keep up to this many decoded images in memory per training worker "
+        "(shared out among its loader processes; bounded by cache_mb too). A corpus larger "
+        "than the cache streams.",
+    )
+    cache_mb: int = Field(
+        1024,
+        ge=0,
+        description="Most memory of decoded pixels cached per training worker (MiB), shared "
+        "out among its loader processes.",
+    )
+    loader_workers: int | None = Field(
+        None,
+        ge=0,
+        description="Processes that read, decode and augment batches beside each training "
+        "worker (torch DataLoader workers); null = scaling.cpus_per_worker - 1, 0 = in the "
+        "training process.",
+    )
+    max_error_fraction: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="Stop (resumably) when more than this share of the training images drawn "
+        "could not be read or decoded; each is replaced by another image of its class and "
+        "counted in metrics.jsonl (skipped_images, bad_images). null = off.",
     )
 
 
 class TrainModelConfig(ModelConfig):
-    name: str = Field(description="timm backbone name, e.g. resnet18 or vit_small_patch16_224.")
+    name: str | None = Field(
+        None,
+        description="timm backbone name, e.g. resnet18 or vit_small_patch16_224. May be left "
+        "out when model.checkpoint is a vitflow-exported backbone (it names its architecture).",
+    )
     embedding_dim: int = Field(16, ge=2, description="Projection head output width.")
     head_hidden_dim: int = Field(512, ge=0, description="Head hidden width; 0 = linear head.")
 
@@ -73,6 +102,16 @@ class ScalingSection(_Section):
     )
 
 
+class TrainComputeConfig(_Section):
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32",
+        description="Autocast dtype of the forward pass (the loss and the weights stay fp32). "
+        "fp16 scales the loss (GradScaler) and needs scaling.use_gpu; bf16 runs on CPU too.",
+    )
+    channels_last: bool = Field(False, description="Run the model in channels_last memory format.")
+    compile: bool = Field(False, description="torch.compile the model in each training worker.")
+
+
 class TrainOutputConfig(_Section):
     uri: str = Field(
         description="Run folder: checkpoints, metrics.jsonl, plots, exported backbone."
@@ -103,10 +142,20 @@ class TrainConfig(_Section):
     simclr: SimCLRConfig = Field(default_factory=SimCLRConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     scaling: ScalingSection = Field(default_factory=ScalingSection)
+    compute: TrainComputeConfig = Field(default_factory=TrainComputeConfig)
     output: TrainOutputConfig
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
+    storage: StorageConfig = Field(
+        default_factory=StorageConfig,
+        description="Object-storage settings for data.uri and model.checkpoint (s3://...).",
+    )
     tracking: Literal["none", "mlflow"] = Field("none", description="Also log to MLflow.")
-    seed: int = Field(0, description="Seeds weights, sampling and augmentation.")
+    seed: int = Field(
+        0,
+        ge=0,
+        description="Seeds the random init of backbone and head (unless they come from a "
+        "checkpoint or the hub), the batches and their augmentation.",
+    )
 
     @model_validator(mode="after")
     def _divisible(self) -> TrainConfig:
@@ -121,5 +170,10 @@ class TrainConfig(_Section):
             raise ValueError(
                 f"simo2.classes_per_batch {cpb} is not divisible by scaling.num_workers {w} "
                 "(each worker takes whole classes); use a multiple of the worker count"
+            )
+        if self.compute.precision == "fp16" and not self.scaling.use_gpu:
+            raise ValueError(
+                "compute.precision fp16 is for GPUs (scaling.use_gpu: true), where its loss "
+                "scaling keeps small gradients alive; on CPU use bf16"
             )
         return self

@@ -10,10 +10,10 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow.compute as pc
-import torch
 from PIL import Image
 
 from vitflow import columns
@@ -21,7 +21,7 @@ from vitflow.config import SourceConfig
 from vitflow.decode import DecodeError, decode_image
 from vitflow.errors import ConfigError
 from vitflow.sources import list_images
-from vitflow.storage import read_bytes
+from vitflow.storage import READ_MANY_IN_FLIGHT, read_many
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +39,17 @@ class ClassFolders:
     holdout_labels: list[int]
 
 
-def list_class_folders(uri: str, holdout_fraction: float, seed: int) -> ClassFolders:
+def list_class_folders(
+    uri: str, holdout_fraction: float, seed: int, storage_options: dict[str, Any] | None = None
+) -> ClassFolders:
     """List ``uri/<class>/*`` (or ``uri/<split>/<class>/*``) and split off a held-out set.
 
     A val/validation/test split folder is the held-out set when present; otherwise a
     deterministic ``holdout_fraction`` of each class is.
     """
-    listing = list_images(SourceConfig(uri=uri, labels="folder", split="auto")).table
+    listing = list_images(
+        SourceConfig(uri=uri, labels="folder", split="auto"), storage_options
+    ).table
     # Files the listing refused to read (a symlink leaving the folder, a name that is not
     # UTF-8, a pipe) are left out of training, counted, and never opened.
     refused = pc.is_valid(listing.column(columns.LIST_ERROR))
@@ -103,29 +107,89 @@ def list_class_folders(uri: str, holdout_fraction: float, seed: int) -> ClassFol
     )
 
 
-class ImageStore:
-    """Decoded RGB images by path, with a bounded in-memory cache (small corpora are read once)."""
+class UnreadableImage(Exception):
+    """A training image that cannot be read or decoded; ``str(e)`` names the path and why."""
 
-    def __init__(self, max_cached: int):
-        self.max_cached = max_cached
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+class ImageStore:
+    """Decoded RGB images by path, read through object-storage-friendly batches.
+
+    A bounded LRU cache keeps up to ``max_cached`` images and ``max_cached_bytes`` bytes of
+    pixels, so a small corpus is read once while a corpus larger than memory streams. Files
+    that failed are remembered and never read again in this process.
+
+    Args:
+        max_cached: most images kept (0 = no cache).
+        max_cached_bytes: most bytes of decoded pixels kept (default 1 GiB).
+        storage_options: fsspec options for object-storage paths.
+        read_in_flight: most reads open at once (hides object-store latency).
+    """
+
+    def __init__(
+        self,
+        max_cached: int,
+        max_cached_bytes: int = 2**30,
+        storage_options: dict[str, Any] | None = None,
+        read_in_flight: int = READ_MANY_IN_FLIGHT,
+    ):
+        self.max_cached, self.max_cached_bytes = max_cached, max_cached_bytes
+        self.storage_options = storage_options
+        self.read_in_flight = read_in_flight
         self._cache: OrderedDict[str, Image.Image] = OrderedDict()
+        self._cached_bytes = 0
+        self.bad: dict[str, str] = {}  # path -> reason, for every failure seen here
 
     def get(self, path: str) -> Image.Image:
-        img = self._cache.get(path)
-        if img is not None:
-            self._cache.move_to_end(path)
-            return img
-        try:
-            img = decode_image(read_bytes(path))
-        except DecodeError as e:
-            raise ConfigError(
-                f"training image {path!r} cannot be decoded: {e}; remove or fix it"
-            ) from e
-        if self.max_cached:
-            self._cache[path] = img
-            if len(self._cache) > self.max_cached:
-                self._cache.popitem(last=False)
-        return img
+        """One image; raises :class:`UnreadableImage` for a file that cannot be used."""
+        (got,) = self.get_many([path])
+        if isinstance(got, UnreadableImage):
+            raise got
+        return got
+
+    def get_many(self, paths: list[str]) -> list[Image.Image | UnreadableImage]:
+        """Images in order, each an image or its :class:`UnreadableImage`; the files not in
+        the cache are read with up to ``read_in_flight`` requests open at once."""
+        out: list[Image.Image | UnreadableImage | None] = [None] * len(paths)
+        misses: dict[str, list[int]] = {}
+        for i, p in enumerate(paths):
+            if p in self.bad:
+                out[i] = UnreadableImage(p, self.bad[p])
+            elif p in self._cache:
+                self._cache.move_to_end(p)
+                out[i] = self._cache[p]
+            else:
+                misses.setdefault(p, []).append(i)
+        todo = list(misses)
+        raw = (
+            read_many(todo, self.storage_options, max_in_flight=self.read_in_flight) if todo else []
+        )
+        for p, data in zip(todo, raw, strict=True):
+            try:
+                if isinstance(data, Exception):
+                    raise data
+                img: Image.Image | UnreadableImage = decode_image(data)
+            except (DecodeError, OSError) as e:
+                self.bad[p] = f"{type(e).__name__}: {e}"
+                img = UnreadableImage(p, self.bad[p])
+            else:
+                self._put(p, img)
+            for i in misses[p]:
+                out[i] = img
+        return out  # type: ignore[return-value]
+
+    def _put(self, path: str, img: Image.Image) -> None:
+        size = img.width * img.height * 3
+        if not self.max_cached or size > self.max_cached_bytes:
+            return
+        self._cache[path] = img
+        self._cached_bytes += size
+        while len(self._cache) > self.max_cached or self._cached_bytes > self.max_cached_bytes:
+            _, old = self._cache.popitem(last=False)
+            self._cached_bytes -= old.width * old.height * 3
 
 
 def simclr_indices(
@@ -140,7 +204,3 @@ def simclr_indices(
     chosen = rng.choice(n, size=global_batch, replace=False)
     per = global_batch // world
     return chosen[rank * per : (rank + 1) * per].tolist()
-
-
-def stack_views(images, transform) -> torch.Tensor:
-    return torch.stack([transform(img) for img in images])

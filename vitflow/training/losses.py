@@ -48,8 +48,29 @@ class SIMO2Output(NamedTuple):
     diff: torch.Tensor
 
 
+def _pair_terms(x: torch.Tensor, t: float, eps: float) -> torch.Tensor:
+    """``pair_loss`` summed over every pair ``i < j`` of rows within each group of ``x``.
+
+    Computed from the Gram matrix (``|e − f|² = |e|² + |f|² − 2 e·f``), so the memory is
+    ``G × N × N`` scalars instead of ``G × N²/2`` row pairs of width ``D``: at ImageNet-sized
+    batches (hundreds of classes) the row-pair tensor would not fit.
+
+    Args:
+        x: rows ``(G, N, D)``: ``G`` independent groups of ``N`` rows.
+        t: lean of the term, as in :func:`pair_loss`.
+        eps: added to the squared distance.
+    """
+    n = x.shape[1]
+    dot = x @ x.transpose(1, 2)  # (G, N, N)
+    sq = x.pow(2).sum(dim=-1)  # (G, N)
+    # Rounding can make the expanded distance of near-equal rows slightly negative.
+    dist2 = (sq.unsqueeze(2) + sq.unsqueeze(1) - 2 * dot).clamp_min(0)  # (G, N, N)
+    i, j = torch.triu_indices(n, n, 1, device=x.device)  # (P,)
+    return (1 + dot[:, i, j].pow(2) / (eps + dist2[:, i, j])).pow(1 - 2 * t).sum()
+
+
 class SIMO2Loss(nn.Module):
-    """Class-balanced SIMO2 loss on L2-normalised projections.
+    """Class-balanced SIMO2 loss on L2-normalised projections, over the global batch.
 
     Follows the SIMO2 description (class-balanced contrastive learning from SimO: Bouhsine
     et al. 2024, "SimO Loss: Anchor-Free Contrastive Loss for Fine-Grained Supervised
@@ -65,9 +86,21 @@ class SIMO2Loss(nn.Module):
 
     Terms are sums, not means, so their scale grows with ``C`` and ``K``.
 
+    Under DDP each rank holds whole classes of the global batch (see
+    :class:`~vitflow.training.sampler.ClassBalancedBatchSampler`); the projections of all
+    ranks are gathered (:func:`~vitflow.training.distributed.all_gather_with_grad`, in rank
+    order, which is the global batch's class order) and every rank computes the loss of the
+    whole global batch. The between-class terms therefore pair classes of different ranks,
+    the value is the same on every rank and for any worker count, and DDP's gradient
+    averaging over ranks yields exactly the single-process gradient (the convention of
+    :mod:`vitflow.training.distributed`). The pair terms cost ``O(K·C²)`` dot products, far
+    below one forward pass, so every rank repeats them rather than exchanging partial sums.
+
     Args:
         orth_lean: ``t`` of the "different" and "means" terms (default 1/137).
         eps: added to squared distances (default 1/137).
+        gather_distributed: gather projections from all ranks when a process group with more
+            than one rank is initialised (default True).
 
     Example:
         >>> import torch, torch.nn.functional as F
@@ -77,29 +110,30 @@ class SIMO2Loss(nn.Module):
         torch.Size([])
     """
 
-    def __init__(self, orth_lean: float = ORTH_LEAN, eps: float = PAIR_EPS) -> None:
+    def __init__(
+        self, orth_lean: float = ORTH_LEAN, eps: float = PAIR_EPS, gather_distributed: bool = True
+    ) -> None:
         super().__init__()
         if eps <= 0:
             raise ValueError(f"Expected eps > 0, but got {eps}")
         self.orth_lean = orth_lean
         self.eps = eps
+        self.gather_distributed = gather_distributed
 
     def forward(self, z: torch.Tensor, num_classes: int) -> SIMO2Output:
-        """Compute the loss.
+        """Compute the loss of the global batch.
 
         Args:
-            z: L2-normalised projections ``(C * K, D)``, class-major: rows
-                ``[c * K:(c + 1) * K]`` are class ``c``'s samples.
-            num_classes: ``C``.
+            z: this rank's L2-normalised projections ``(C * K, D)``, class-major: rows
+                ``[c * K:(c + 1) * K]`` are class ``c``'s samples. Every rank passes the
+                same shape.
+            num_classes: ``C``, the classes in this rank's ``z``; the global batch has
+                ``C * world_size`` classes.
         """
         if z.ndim != 2:
             raise ValueError(f"Expected z of shape (C * K, D), but got {tuple(z.shape)}")
-        if num_classes < 2:
-            raise ValueError(
-                f"Expected num_classes >= 2 (the inter-class terms need pairs), but got {num_classes}"
-            )
         rows, dim = z.shape
-        if rows % num_classes:
+        if num_classes < 1 or rows % num_classes:
             raise ValueError(
                 f"Expected rows divisible by num_classes={num_classes}, but got {rows} rows"
             )
@@ -108,15 +142,18 @@ class SIMO2Loss(nn.Module):
             raise ValueError(
                 f"Expected >= 2 samples per class (the same-class term needs pairs), but got {k}"
             )
+        _, world = rank_and_world() if self.gather_distributed else (0, 1)
+        if world > 1:
+            z = all_gather_with_grad(z)  # (W * C * K, D): rank r's classes after rank r-1's
+            num_classes *= world
+        if num_classes < 2:
+            raise ValueError(
+                f"Expected num_classes >= 2 (the inter-class terms need pairs), but got {num_classes}"
+            )
         zc = z.reshape(num_classes, k, dim)  # (C, K, D)
-        ci, cj = torch.triu_indices(num_classes, num_classes, 1, device=z.device)  # (Pc,)
-        si, sj = torch.triu_indices(k, k, 1, device=z.device)  # (Pk,)
-
-        same = pair_loss(zc[:, si], zc[:, sj], 1.0, self.eps)  # pairs (C, Pk, D)
-        m = zc.mean(dim=1)  # (C, D)
-        means = pair_loss(m[ci], m[cj], self.orth_lean, self.eps)  # pairs (Pc, D)
-        zk = zc.transpose(0, 1)  # (K, C, D): slot k holds the k-th sample of every class
-        diff = pair_loss(zk[:, ci], zk[:, cj], self.orth_lean, self.eps)  # pairs (K, Pc, D)
+        same = _pair_terms(zc, 1.0, self.eps)  # pairs within each class
+        means = _pair_terms(zc.mean(dim=1).unsqueeze(0), self.orth_lean, self.eps)  # (1, C, D)
+        diff = _pair_terms(zc.transpose(0, 1), self.orth_lean, self.eps)  # (K, C, D): slot k
         return SIMO2Output(loss=same + means + diff, same=same, means=means, diff=diff)
 
 

@@ -23,7 +23,8 @@ from vitflow.runtime import ray_session
 from vitflow.storage import open_fs
 from vitflow.training.config import TrainConfig
 from vitflow.training.data import ImageStore, list_class_folders
-from vitflow.training.loop import STATE_FILE, build_model, embed_images, mean_std, train_worker
+from vitflow.training.loop import STATE_FILE, embed_images, mean_std, train_worker
+from vitflow.training.model import build_model, resolve_architecture
 from vitflow.training.report import plot_loss_curves, plot_projection, read_metrics
 from vitflow.training.sampler import ClassBalancedBatchSampler
 from vitflow.training.transforms import EvalTransform, eval_data_config
@@ -41,7 +42,9 @@ class TrainResult:
 
 def check_train_job(cfg: TrainConfig) -> None:
     """Everything that can be wrong with the data or model, raised before Ray starts."""
-    folders = list_class_folders(cfg.data.uri, cfg.data.holdout_fraction, cfg.seed)
+    folders = list_class_folders(
+        cfg.data.uri, cfg.data.holdout_fraction, cfg.seed, cfg.storage.options_for(cfg.data.uri)
+    )
     n_classes = len(folders.classes)
     if cfg.method == "simo2":
         cpb = cfg.simo2.classes_per_batch
@@ -122,6 +125,7 @@ def run_train(cfg: TrainConfig, *, address: str | None = None) -> TrainResult:
         >>> run_train(cfg).backbone_path  # doctest: +SKIP
     """
     require_train_extra(cfg)
+    cfg = resolve_architecture(cfg)  # an exported backbone names its architecture
     check_train_job(cfg)
     run_uri = cfg.output.uri.rstrip("/")
     if "://" not in run_uri:
@@ -212,13 +216,16 @@ def _plots(cfg: TrainConfig, run_uri: str, backbone_path: str) -> None:
     from vitflow.config import ModelConfig
 
     bb = create_backbone(ModelConfig(checkpoint=backbone_path))
-    folders = list_class_folders(cfg.data.uri, cfg.data.holdout_fraction, cfg.seed)
+    folders = list_class_folders(
+        cfg.data.uri, cfg.data.holdout_fraction, cfg.seed, cfg.storage.options_for(cfg.data.uri)
+    )
     paths = folders.holdout_paths or folders.train_paths[: cfg.monitor.max_images]
     labels = folders.holdout_labels or folders.train_labels[: cfg.monitor.max_images]
     dc = bb.data_config
     tf = EvalTransform(dc["input_size"][1], dc["mean"], dc["std"])
-    x = embed_images(bb.model, ImageStore(len(paths)), paths, tf, torch.device("cpu"))
-    names = [folders.classes[y] for y in labels]
+    store = ImageStore(len(paths), storage_options=cfg.storage.options_for(cfg.data.uri))
+    x, kept = embed_images(bb.model, store, paths, tf, torch.device("cpu"))
+    names = [folders.classes[labels[i]] for i in kept]
     plot_projection(
         np.asarray(x),
         names,
