@@ -14,9 +14,10 @@ at 224 px with SIMO2:
                 first interval (start-up).
   in-process  - the same loop with data.loader_workers 0: decode inside the training
                 process, as before ingest ran beside it (the old behaviour, for reference).
-  2 workers   - the pipeline with two DDP ranks (gloo on CPU, NCCL on GPU; same per-rank
-                batch), started with torch.multiprocessing rather than Ray so that Ray's
-                start-up stays out of the timing.
+  2 workers   - the pipeline with two DDP ranks (gloo on CPU, NCCL on GPU), started with
+                torch.multiprocessing rather than Ray so that Ray's start-up stays out of
+                the timing. Strong scaling: the same global batch (photos.py has 4 classes),
+                so each rank takes half of it.
 
 and prints the ratios pipeline / ceiling (goal >= 0.9 on CPU) and the 2-worker scaling
 efficiency, rate(2 workers) / (2 x rate(1 worker)) (goal >= 0.8 on GPU; reported on CPU,
@@ -235,7 +236,8 @@ def main() -> None:
     print(f"data        : {describe_set(paths, w, h)}; trained at {args.image_size} px, no cache")
     print(
         f"job         : simo2, {args.model} (random init), {args.precision}, {rows} images per "
-        f"rank per step ({CLASSES} classes x {args.samples_per_class}), {args.steps} steps, "
+        f"step ({CLASSES} classes x {args.samples_per_class}; 2 workers: half each), "
+        f"{args.steps} steps, "
         f"log every {args.log_every}"
     )
     print("-" * 78)

@@ -274,7 +274,12 @@ def test_a_matrix_job_projects_every_split_of_a_dataset_on_one_pca(files, ray_lo
     for split in ("train", "val"):
         manifest = json.loads((pair / split / "_manifest.json").read_text())
         assert manifest["features"]["pc"]["pca"]["fitted_on_images"] == len(train_ok)
-    # --resume embeds a missing split again with the pair's PCA, not a new fit on it.
+    # --resume embeds a split again with the pair's PCA, not a new fit on it: here one that
+    # a killed run left with nothing but its lock file (it had not begun).
+    from vitflow.locking import LOCK_NAME
+
     shutil.rmtree(pair / "val")
+    (pair / "val").mkdir()
+    (pair / "val" / LOCK_NAME).write_text("")
     run_matrix(cfg, resume=True)
     assert (pair / "val" / "_dense" / "pca.safetensors").read_bytes() == fitted

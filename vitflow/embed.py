@@ -439,6 +439,7 @@ def run_embed(
     resume: bool = False,
     address: str | None = None,
     plan: EmbedPlan | None = None,
+    dense_pca: dict | None = None,
 ) -> EmbedResult:
     """Embed every image of ``cfg.source`` and write parquet parts + ``_manifest.json``.
 
@@ -450,6 +451,8 @@ def run_embed(
         address: Ray cluster address to attach to; default: the Ray already initialised in
             this process, else a local one sized to the machine.
         plan: a result of :func:`prepare_embed` to reuse (it is computed otherwise).
+        dense_pca: the dense maps' PCA to project with instead of fitting one (a PCA the
+            output stored, on --resume, still wins).
 
     Example:
         >>> from vitflow.config import load_config
@@ -462,7 +465,7 @@ def run_embed(
     started = time.time()
     # Ray starts while the job is checked (a no-op where it runs or is starting already).
     with output_lock(cfg) as lock, ray_starting(address, cfg.compute.local_num_cpus):
-        plan = plan or prepare_embed(cfg, overwrite=overwrite, resume=resume)
+        plan = plan or prepare_embed(cfg, overwrite=overwrite, resume=resume, dense_pca=dense_pca)
         return _run_locked(plan, overwrite, resume, address, started, lock)
 
 
@@ -527,6 +530,9 @@ def run_embed_many(
         for c, pca in zip(cfgs, dense_pca, strict=True):
             plan = prepare_embed(c, overwrite=overwrite, listing=listing, dense_pca=pca)
             plan.listing_seconds = listing_seconds
+            # Every model of the split is prepared before the first stream (to group them):
+            # keep its weights as the bytes the actors get, not also as live tensors.
+            _release_tensors(plan.backbone)
             plans.append(plan)
         for group in shared_input_groups(plans):
             started = time.time()
@@ -549,6 +555,14 @@ def run_embed_many(
             for i, b, r in zip(group, begun, streamed, strict=True):
                 results[i] = _finish(plans[i], b, r, started, locks[i])
     return [results[i] for i in range(len(cfgs))]
+
+
+def _release_tensors(backbone: Backbone) -> None:
+    """Move a prepared backbone's modules to the meta device: shapes stay (the manifest
+    counts parameters), memory goes; the plan's ``weights`` bytes are what runs."""
+    for module in (backbone.model, backbone.head, backbone.mae_decoder):
+        if module is not None:
+            module.to("meta")
 
 
 def shared_input_groups(plans: list[EmbedPlan]) -> list[list[int]]:

@@ -338,8 +338,8 @@ def run_matrix(
         runs: dict[tuple[str, str, str], dict] = {}
         for ds, splits in pair_splits:
             # Dense maps kept as principal components: every split of a pair is projected on
-            # one PCA, fitted on its first split (train, where there is one) and reused for
-            # the others, or the one an output of the pair already holds (--resume).
+            # one PCA, fitted on its train split (else its first) and reused for the others,
+            # or the one an output of the pair already holds (--resume). So train runs first.
             pair_pca = {
                 m.name: None
                 if overwrite
@@ -347,7 +347,7 @@ def run_matrix(
                 for m in cfg.models
                 if _has_pca(m)
             }
-            for split in splits:
+            for split in sorted(splits, key=lambda s: s.lower() != "train"):
                 fresh = []
                 for m in cfg.models:
                     job = jobs[(m.name, ds.name, split)]
@@ -356,7 +356,7 @@ def run_matrix(
                         manifest = _read_json(job.output.uri, columns.MANIFEST_NAME, cfg.storage)
                         say(f"{m.name}/{ds.name}/{split}: complete, kept")
                     elif resume and state == "interrupted":
-                        res = run_embed(job, resume=True)
+                        res = run_embed(job, resume=True, dense_pca=pair_pca.get(m.name))
                         manifest = res.manifest
                         say(_ran(m.name, ds.name, split, res))
                     else:
@@ -500,7 +500,11 @@ def _state(job: EmbedConfig) -> str:
         return "interrupted"
     if fs.exists(posixpath.join(path, columns.MANIFEST_NAME)):
         return "complete"
-    return "interrupted" if fs.ls(path) else "absent"
+    # A run killed before it began this output leaves only its lock behind.
+    from vitflow.locking import LOCK_NAME
+
+    names = [posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)]
+    return "interrupted" if any(n != LOCK_NAME for n in names) else "absent"
 
 
 def _read_json(uri: str, name: str, storage: StorageConfig | None = None) -> dict:

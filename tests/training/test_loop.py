@@ -138,12 +138,19 @@ def test_error_budget_stops_the_run_naming_a_file(small, tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_resume_from_a_checkpoint_gives_the_uninterrupted_weights(small, tmp_path):
+@pytest.mark.parametrize(
+    "over",
+    [{}, {"model.kwargs": "{drop_rate: 0.3, drop_path_rate: 0.2}"}],
+    ids=["plain", "dropout"],
+)
+def test_resume_from_a_checkpoint_gives_the_uninterrupted_weights(small, tmp_path, over):
+    """Also with dropout and drop-path: the training process's own draws at a step do not
+    depend on where the run started."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # bitwise-equal float sums
     try:
-        full = run(job(small, tmp_path / "a"))
-        resumed = run(job(small, tmp_path / "b"), state=full[0])
+        full = run(job(small, tmp_path / "a", **over))
+        resumed = run(job(small, tmp_path / "b", **over), state=full[0])
     finally:
         torch.set_num_threads(threads)
     assert [s["step"] for s in full] == [3, 6] and resumed[-1]["step"] == 6

@@ -31,7 +31,8 @@ class TrainDataConfig(_Section):
         1024,
         ge=0,
         description="Most memory of decoded pixels cached per training worker (MiB), shared "
-        "out among its loader processes.",
+        "out among its loader processes (rank 0 keeps one more cache of these bounds for the "
+        "kNN monitor).",
     )
     loader_workers: int | None = Field(
         None,

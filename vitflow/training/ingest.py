@@ -120,8 +120,12 @@ class StepBatches(Dataset):
                 if attempt > MAX_REPLACEMENTS:
                     raise VitflowError(
                         f"step {step}: {MAX_REPLACEMENTS + 1} images drawn in a row for one slot "
-                        f"could not be read or decoded (last: {img}); is the class of "
-                        f"{self.paths[idx[pos]]!r} unreadable as a whole?"
+                        f"could not be read or decoded (last: {img}); "
+                        + (
+                            f"is the class of {self.paths[idx[pos]]!r} unreadable as a whole?"
+                            if self.same_class
+                            else "is most of the training set unreadable?"
+                        )
                     )
                 img = self.store.get_many(
                     [self.paths[self._replacement(idx[pos], step, pos, attempt)]]
@@ -132,7 +136,12 @@ class StepBatches(Dataset):
         views = []
         with torch.random.fork_rng(devices=[]):
             for pos, img in enumerate(images):
-                torch.manual_seed(augmentation_seed(self.seed, step, self.offset + pos))
+                # The CPU generator only (what torchvision's transforms draw from):
+                # torch.manual_seed would also reseed the CUDA generators, which fork_rng
+                # does not restore, and dropout on the GPU draws from those.
+                torch.default_generator.manual_seed(
+                    augmentation_seed(self.seed, step, self.offset + pos)
+                )
                 views.append(self.transform(img))
         if views and isinstance(views[0], tuple):  # SimCLR: (first views, second views)
             x = torch.cat([torch.stack([v[0] for v in views]), torch.stack([v[1] for v in views])])

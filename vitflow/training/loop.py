@@ -181,6 +181,11 @@ def train_worker(config: dict) -> None:
     )
 
 
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """Seed of the training process's own draws (dropout, drop-path) at ``step``."""
+    return int(np.random.SeedSequence([seed, 1, rank, step]).generate_state(1)[0])
+
+
 def train_loop(
     cfg: TrainConfig,
     *,
@@ -234,8 +239,6 @@ def train_loop(
     ddp = wrap_model(model) if wrap_model is not None else model
     forward = torch.compile(ddp) if cfg.compute.compile else ddp
     nodes = _gather_node_ids(node_id, world)
-    # Dropout and drop-path draw from here; the augmentation has streams of its own.
-    torch.manual_seed(cfg.seed * 1000 + rank * 7919 + start)
     ingest = make_ingest(cfg, folders, mean, std, rank, world)
     workers = loader_workers(cfg)
     loader = step_loader(
@@ -278,6 +281,10 @@ def train_loop(
     t_last, imgs = time.perf_counter(), 0
     for batch in loader:
         step = batch.step
+        # Dropout and drop-path draw from here (CPU and CUDA generators), seeded per step,
+        # so a resumed run draws what the uninterrupted one drew; augmentation has streams
+        # of its own.
+        torch.manual_seed(step_seed(cfg.seed, rank, step))
         lr = lr_at(step, cfg)
         for g in optimizer.param_groups:
             g["lr"] = lr

@@ -106,12 +106,12 @@ def build_model(cfg: TrainConfig) -> ContrastiveModel:
     # Backbone and head draw from streams of their own, so the head's init is the same
     # whether the backbone was initialised or loaded. fork_rng leaves the caller's RNG alone.
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
+        torch.default_generator.manual_seed(cfg.seed)  # the CPU one: modules init on the CPU
         if m.checkpoint or m.weights == "hub":
             backbone = create_model(m)  # its init is overwritten by the weights
         else:
             backbone = _seeded_timm_model(cfg)
-        torch.manual_seed(
+        torch.default_generator.manual_seed(
             int(np.random.SeedSequence([cfg.seed, _HEAD_STREAM]).generate_state(1)[0])
         )
         head = ProjectionHead(pooled_width(backbone), m.embedding_dim, m.head_hidden_dim)
