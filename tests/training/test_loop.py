@@ -189,3 +189,26 @@ def test_embedding_for_monitor_and_plots_leaves_unreadable_images_out(small, tmp
     with torch.no_grad():
         want = model.backbone.eval()(torch.stack([tf(ImageStore(0).get(p)) for p in good]))
     torch.testing.assert_close(torch.from_numpy(feats), want)
+
+
+def test_gpu_workers_reserve_the_cores_that_feed_them_by_default():
+    """scaling.cpus_per_worker left out: 1 CPU for a CPU worker; a GPU worker gets its node's
+    CPUs per GPU less one (the fewest over the GPU nodes), and its loader processes use
+    them."""
+    from vitflow.training.loop import loader_workers
+    from vitflow.training.trainer import sized_for_cluster
+
+    nodes = [
+        {"Alive": True, "Resources": {"CPU": 16.0, "GPU": 1.0}},
+        {"Alive": True, "Resources": {"CPU": 96.0, "GPU": 8.0}},
+        {"Alive": True, "Resources": {"CPU": 4.0}},  # a CPU-only head
+        {"Alive": False, "Resources": {"CPU": 2.0, "GPU": 1.0}},  # gone
+    ]
+    auto = {"data.loader_workers": "null"}
+    gpu = sized_for_cluster(job(Path("x"), Path("y"), **auto, **{"scaling.use_gpu": "true"}), nodes)
+    assert gpu.scaling.cpus_per_worker == 11.0  # 95 // 8 on the 8-GPU node
+    assert loader_workers(gpu) == 10
+    cpu = sized_for_cluster(job(Path("x"), Path("y"), **auto), nodes)
+    assert cpu.scaling.cpus_per_worker == 1.0 and loader_workers(cpu) == 0
+    mine = job(Path("x"), Path("y"), **{"scaling.use_gpu": "true", "scaling.cpus_per_worker": 3})
+    assert sized_for_cluster(mine, nodes).scaling.cpus_per_worker == 3.0

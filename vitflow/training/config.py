@@ -97,7 +97,14 @@ class OptimConfig(_Section):
 class ScalingSection(_Section):
     num_workers: int = Field(2, ge=1, description="Ray Train workers (DDP ranks).")
     use_gpu: bool = Field(False, description="One GPU per worker, NCCL; else CPU and gloo.")
-    cpus_per_worker: float = Field(1.0, gt=0.0, description="CPUs reserved per worker.")
+    cpus_per_worker: float | None = Field(
+        None,
+        gt=0.0,
+        description="CPUs reserved per worker; its DataLoader processes (data.loader_workers) "
+        "run within them. null: 1 for a CPU worker; for a GPU worker, its node's CPUs per GPU "
+        "less one (the fewest over the cluster's GPU nodes), so each GPU gets the cores that "
+        "feed it.",
+    )
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = Field(
         "PACK", description="Ray placement of the workers: PACK fills nodes, SPREAD spreads them."
     )

@@ -102,7 +102,7 @@ def loader_workers(cfg: TrainConfig) -> int:
     """DataLoader processes per training worker: the rest of its CPU reservation by default."""
     if cfg.data.loader_workers is not None:
         return cfg.data.loader_workers
-    return max(0, int(cfg.scaling.cpus_per_worker) - 1)
+    return max(0, int(cfg.scaling.cpus_per_worker or 1) - 1)
 
 
 def make_ingest(cfg: TrainConfig, folders, mean, std, rank: int, world: int) -> StepBatches:

@@ -40,6 +40,25 @@ class TrainResult:
     resumed_from_step: int
 
 
+def sized_for_cluster(cfg: TrainConfig, nodes: list[dict]) -> TrainConfig:
+    """``cfg`` with ``scaling.cpus_per_worker`` filled in where the job left it out: 1 for a
+    CPU worker; for a GPU worker, the CPUs per GPU of the GPU nodes (the fewest of them),
+    less one left to Ray and the driver, at least 1. ``nodes``: ``ray.nodes()``."""
+    if cfg.scaling.cpus_per_worker is not None:
+        return cfg
+    cpus = 1.0
+    if cfg.scaling.use_gpu:
+        shares = [
+            (n["Resources"].get("CPU", 0) - 1) // n["Resources"]["GPU"]
+            for n in nodes
+            if n.get("Alive", True) and n.get("Resources", {}).get("GPU", 0) >= 1
+        ]
+        cpus = float(max(1, min(shares))) if shares else 1.0
+    scaling = cfg.scaling.model_copy(update={"cpus_per_worker": cpus})
+    log.info("scaling.cpus_per_worker: %g (from the cluster)", cpus)
+    return cfg.model_copy(update={"scaling": scaling})
+
+
 def check_train_job(cfg: TrainConfig) -> None:
     """Everything that can be wrong with the data or model, raised before Ray starts."""
     folders = list_class_folders(
@@ -131,9 +150,11 @@ def run_train(cfg: TrainConfig, *, address: str | None = None) -> TrainResult:
     if "://" not in run_uri:
         run_uri = os.path.abspath(run_uri)
     resume_path, resume_step = _latest_checkpoint(run_uri)
-    with ray_session(address):
+    with ray_session(address) as ray:
         from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
+
+        cfg = sized_for_cluster(cfg, ray.nodes())
 
         if resume_path:
             log.warning("resuming from %s (step %d)", resume_path, resume_step)
