@@ -5,7 +5,8 @@
 #
 #   device run: bash benchmarks/gpu_session.sh   (carry: [".devkit"], timeout_s ~540)
 #   GPU_BENCH_TIMEOUT=seconds for the benchmark (420); GPU_BENCH_ARGS=more of its arguments;
-#   DEVIATION=0 skips the deviation check.
+#   DEVIATION=0 skips the deviation check; TRAIN=1 also runs the training benchmark
+#   (train_throughput.py --device cuda, ~150 s: lower GPU_BENCH_TIMEOUT to fit the call).
 set -u -o pipefail
 OUT=${OUT:-/tmp/gpu-session-out}
 mkdir -p "$OUT"
@@ -21,6 +22,10 @@ timeout "${GPU_BENCH_TIMEOUT:-420}" python3 benchmarks/gpu_throughput.py \
 if [ "${DEVIATION:-1}" = 1 ]; then
     timeout 75 python3 benchmarks/decode_deviation.py --device cuda --sizes 800x600 4032x3024 \
         --count 8 2>&1 | tee "$OUT/deviation.log"
+fi
+if [ "${TRAIN:-0}" = 1 ]; then
+    timeout "${TRAIN_TIMEOUT:-150}" python3 benchmarks/train_throughput.py --device cuda \
+        --workdir /tmp/vft 2>&1 | tee "$OUT/train.log"
 fi
 cp "$WORK"/results/*.json "$OUT/" 2>/dev/null
 # vitflow's logs, job files, manifests and Ray Data's per-operator logs of each run.
