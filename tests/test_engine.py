@@ -146,6 +146,16 @@ def test_gpu_decode_without_cuda_actors_decodes_in_cpu_tasks(caplog):
     assert plan_actors({"CPU": 8.0, "GPU": 1.0}, 8.0, ComputeConfig(decode="auto")).decode == "gpu"
 
 
+def listing_rows(paths: list[str]) -> dict[str, np.ndarray]:
+    """A batch of listing rows for ``paths``, as the decode stage gets one."""
+    return {
+        columns.ID: np.array([str(i) for i in range(len(paths))], dtype=object),
+        columns.PATH: np.array(paths, dtype=object),
+        columns.LABEL: np.array([None] * len(paths), dtype=object),
+        columns.SPLIT: np.array([None] * len(paths), dtype=object),
+    }
+
+
 @pytest.mark.ray
 @pytest.mark.timeout(300)
 def test_actor_side_decode_falls_back_to_the_exact_path_without_cuda(corpus, ray_local):
@@ -160,12 +170,7 @@ def test_actor_side_decode_falls_back_to_the_exact_path_without_cuda(corpus, ray
     bb = create_backbone(cfg.model)
     ref = ray_local.put(backbone_bytes(bb))
     paths = sorted(str(p) for p in (corpus / "images" / "train" / "cat").iterdir())  # + bad files
-    batch = {
-        columns.ID: np.array([str(i) for i in range(len(paths))], dtype=object),
-        columns.PATH: np.array(paths, dtype=object),
-        columns.LABEL: np.array([None] * len(paths), dtype=object),
-        columns.SPLIT: np.array([None] * len(paths), dtype=object),
-    }
+    batch = listing_rows(paths)
     common = {
         "resize": Preprocessor(bb.data_config).resize_spec(),
         "max_pixels": cfg.source.max_pixels,
@@ -272,13 +277,9 @@ def test_two_batches_at_once_in_one_model_actor_give_the_rows_of_one_at_a_time(c
     batches = []
     for i in range(0, len(paths), 6):
         chunk = paths[i : i + 6]
-        raw = {
-            columns.ID: np.array([str(j) for j in range(len(chunk))], dtype=object),
-            columns.PATH: np.array(chunk, dtype=object),
-            columns.LABEL: np.array([None] * len(chunk), dtype=object),
-            columns.SPLIT: np.array([None] * len(chunk), dtype=object),
-        }
-        batches.append(decode_batch(raw, resize=spec, max_pixels=cfg.source.max_pixels))
+        batches.append(
+            decode_batch(listing_rows(chunk), resize=spec, max_pixels=cfg.source.max_pixels)
+        )
 
     class Counters:  # the run's stats actor, as far as the actor talks to it
         def __init__(self):
@@ -338,12 +339,7 @@ def test_models_sharing_an_input_embed_one_decoded_batch_as_each_would_alone(cor
     bb = create_backbone(jobs[0].model)
     ref = ray_local.put(backbone_bytes(bb))
     paths = sorted(str(p) for p in (corpus / "images" / "train" / "cat").iterdir())  # + bad files
-    batch = {
-        columns.ID: np.array([str(i) for i in range(len(paths))], dtype=object),
-        columns.PATH: np.array(paths, dtype=object),
-        columns.LABEL: np.array([None] * len(paths), dtype=object),
-        columns.SPLIT: np.array([None] * len(paths), dtype=object),
-    }
+    batch = listing_rows(paths)
     common = {"resize": Preprocessor(bb.data_config).resize_spec(), "max_pixels": 10**8}
     on_cpu = decode_batch(dict(batch), **common, mode="cpu")
     as_bytes = decode_batch(dict(batch), **common, mode="gpu")
